@@ -1,0 +1,94 @@
+"""Wiring: read the configuration once and build the ledger and the projection paths.
+
+Entrypoints (cli.py, tests, benchmarks) call `Settings.from_env()` and `open_ledger()`;
+nothing else reads the environment. Every variable is documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+from domain.ledger import Ledger
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("ledger-data")
+    event_store: str | None = None  # postgresql://user:pass@host:port/db?schema=s
+    reporting_currency: str = "EUR"
+    cipher_key: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, data_dir: Path | None = None) -> Settings:
+        env = os.environ
+        return cls(
+            data_dir=data_dir or Path(env.get("LEDGER_DATA_DIR", "ledger-data")),
+            event_store=env.get("LEDGER_EVENT_STORE") or None,
+            reporting_currency=env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper(),
+            cipher_key=env.get("LEDGER_CIPHER_KEY") or None,
+        )
+
+    @property
+    def projections_path(self) -> Path:
+        return self.data_dir / "projections.duckdb"
+
+    @property
+    def rejects_dir(self) -> Path:
+        return self.data_dir / "rejects"
+
+    @property
+    def event_store_label(self) -> str:
+        if self.event_store:
+            url = urlparse(self.event_store)
+            return f"postgresql://{url.hostname}:{url.port or 5432}{url.path}"
+        return f"sqlite:{self.data_dir / 'events.sqlite3'}"
+
+    def ledger_env(self) -> dict[str, str]:
+        """The `eventsourcing` environment for this configuration."""
+        env: dict[str, str] = {}
+        if self.event_store:
+            env.update(_postgres_env(self.event_store))
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            env.update(
+                PERSISTENCE_MODULE="eventsourcing.sqlite",
+                SQLITE_DBNAME=str(self.data_dir / "events.sqlite3"),
+                SQLITE_LOCK_TIMEOUT="30",
+            )
+        if self.cipher_key:
+            env.update(CIPHER_TOPIC="eventsourcing.cipher:AESCipher", CIPHER_KEY=self.cipher_key)
+        env.update(self.extra_env)
+        return env
+
+
+def _postgres_env(dsn: str) -> dict[str, str]:
+    url = urlparse(dsn)
+    if url.scheme not in ("postgresql", "postgres") or not url.path.strip("/"):
+        raise ConfigError(
+            f"LEDGER_EVENT_STORE={dsn!r} is not a PostgreSQL URL; expected "
+            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME[?schema=SCHEMA]"
+        )
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(url.path.strip("/")),
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+    }
+    schema = parse_qs(url.query).get("schema")
+    if schema:
+        env["POSTGRES_SCHEMA"] = schema[0]
+    return env
+
+
+def open_ledger(settings: Settings) -> Ledger:
+    return Ledger(env=settings.ledger_env(), reporting_currency=settings.reporting_currency)

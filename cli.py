@@ -1,0 +1,401 @@
+"""The `ledger` command: parses arguments and delegates; no business logic lives here.
+
+Exit status: 0 success; 1 some input was rejected (the rest landed); 2 usage error;
+3 the store or the projections could not be used (the message says why).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bootstrap import ConfigError, Settings, open_ledger
+from consumers import ingest as ingest_files
+from consumers import store_follower
+from domain.events import EVENT_MODELS, INCOMING
+from domain.intake import Rejected, parse_record
+from domain.ledger import Ledger
+from projections import reports
+from projections.projector import BatchResult
+from projections.schema import ProjectionsBusy, connect
+
+EXIT_REJECTED = 1
+EXIT_UNAVAILABLE = 3
+
+app = typer.Typer(
+    name="ledger",
+    help="Event-sourced customer-interaction ledger: record, project, query and audit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class State:
+    settings: Settings = Settings()
+
+
+@app.callback()
+def _global(
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            envvar="LEDGER_DATA_DIR",
+            help="Holds the SQLite event store, projections.duckdb and rejects/.",
+        ),
+    ] = Path("ledger-data"),
+) -> None:
+    State.settings = Settings.from_env(data_dir=data_dir)
+
+
+def _ledger() -> Ledger:
+    try:
+        return open_ledger(State.settings)
+    except ConfigError as error:
+        _fail(str(error))
+    except Exception as error:  # the store's driver errors vary by backend
+        _fail(f"cannot open the event store {State.settings.event_store_label}: {error}")
+
+
+def _fail(message: str, code: int = EXIT_UNAVAILABLE) -> Any:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _parse_as_of(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    if value == "now":
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--as-of {value!r} is not 'now' or an ISO-8601 date-time", code=2)
+    if moment.tzinfo is None:
+        _fail(f"--as-of {value!r} has no UTC offset (write e.g. {value}+00:00)", code=2)
+    return moment
+
+
+def _project(ledger: Ledger, as_of: datetime | None = None, follow: bool = False) -> int:
+    """Bring the projections up to date from the store, with a progress bar on a terminal."""
+    with _progress() as progress:
+        task = progress.add_task("projecting", total=None)
+
+        def on_batch(result: BatchResult, position: int, head: int) -> None:
+            progress.update(task, completed=position, total=head)
+
+        try:
+            return store_follower.catch_up(
+                ledger,
+                State.settings.projections_path,
+                as_of=as_of,
+                follow=follow,
+                on_batch=on_batch,
+            )
+        except ProjectionsBusy as error:
+            _fail(str(error))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+class InputFormat(StrEnum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+@app.command()
+def ingest(
+    files: Annotated[list[str], typer.Argument(help="JSON Lines or CSV files; '-' reads stdin.")],
+    fmt: Annotated[
+        InputFormat | None,
+        typer.Option("--format", help="Input format (default: by extension; stdin is jsonl)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Events saved per atomic write.")] = 5000,
+    project: Annotated[
+        bool, typer.Option(help="Bring the projections up to date before returning.")
+    ] = True,
+) -> None:
+    """Validate and record events; bad lines are kept in DATA_DIR/rejects/ with reasons."""
+    ledger = _ledger()
+    total = ingest_files.IngestReport()
+    for name in files:
+        try:
+            stream, size = ingest_files.open_source(name)
+        except OSError as error:
+            _fail(f"cannot read {name}: {error.strerror}", code=2)
+        with stream, _progress() as progress:
+            task = progress.add_task(f"ingesting {name}", total=size or None)
+            report = ingest_files.ingest_stream(
+                ledger,
+                stream,
+                name,
+                State.settings.rejects_dir,
+                fmt=ingest_files.detect_format(name, fmt.value if fmt else None),
+                batch_size=batch_size,
+                on_batch=lambda done, _report: progress.update(task, completed=done),
+            )
+        total.add(report)
+        err.print(
+            f"{name}: {report.lines:,} lines, {report.accepted:,} accepted, "
+            f"{report.duplicates:,} duplicates, {report.rejected:,} rejected"
+        )
+    if project:
+        _project(ledger)
+    out.print(
+        f"accepted {total.accepted:,}, duplicates {total.duplicates:,}, rejected {total.rejected:,}"
+    )
+    for path in total.rejects_files:
+        err.print(f"rejects kept in {path}")
+    if total.rejected:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+@app.command()
+def record(
+    event_type: Annotated[
+        str, typer.Argument(metavar="TYPE", help="An event type, e.g. ContactLogged.")
+    ],
+    customer: Annotated[str, typer.Option(help="The customer id.")],
+    data: Annotated[str, typer.Option(help="The event's data as a JSON object.")] = "{}",
+    occurred_at: Annotated[
+        str | None, typer.Option(help="ISO-8601 with offset (default: now).")
+    ] = None,
+    source_event_id: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    actor: Annotated[str | None, typer.Option(help="Who records it.")] = None,
+) -> None:
+    """Record one event (and update the projections)."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        _fail(f"--data is not valid JSON: {error}", code=2)
+    candidate = {
+        "type": event_type,
+        "customer_id": customer,
+        "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
+        "source_event_id": source_event_id,
+        "source": "cli",
+        "actor": actor,
+        "data": payload,
+    }
+    parsed = parse_record(candidate)
+    if isinstance(parsed, Rejected):
+        _fail(parsed.reason, code=EXIT_REJECTED)
+    ledger = _ledger()
+    (outcome,) = ledger.record([parsed])
+    if outcome.status == "rejected":
+        _fail(outcome.reason or "rejected", code=EXIT_REJECTED)
+    _project(ledger)
+    out.print(f"{outcome.status} {outcome.event_id}")
+
+
+# --- projections ---------------------------------------------------------------------------
+
+
+@app.command()
+def project(
+    follow: Annotated[bool, typer.Option(help="Keep following new events until Ctrl-C.")] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option(help="Move the as-of clock (SLA states) to 'now' or an ISO time."),
+    ] = None,
+) -> None:
+    """Project stored events into DuckDB from where the projections left off."""
+    ledger = _ledger()
+    try:
+        position = _project(ledger, as_of=_parse_as_of(as_of), follow=follow)
+    except KeyboardInterrupt:
+        return
+    out.print(f"projections at position {position:,} of {ledger.head():,}")
+
+
+@app.command()
+def rebuild() -> None:
+    """Rebuild every projection from position 0 into a new file, then swap it in."""
+    ledger = _ledger()
+    with _progress() as progress:
+        task = progress.add_task("rebuilding", total=ledger.head())
+        position = store_follower.rebuild(
+            ledger,
+            State.settings.projections_path,
+            on_batch=lambda _r, pos, head: progress.update(task, completed=pos, total=head),
+        )
+    out.print(f"rebuilt projections up to position {position:,}")
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="Read-only SQL over the projections.")],
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="Output format.")
+    ] = OutputFormat.table,
+) -> None:
+    """Run read-only SQL on the projections (events, customer_profiles, complaint_sla, ...)."""
+    path = State.settings.projections_path
+    if not path.exists():
+        _fail(f"no projections at {path}; run `ledger ingest` or `ledger project` first")
+    try:
+        con = connect(path, read_only=True)
+    except ProjectionsBusy as error:
+        _fail(str(error))
+    try:
+        result = con.execute(sql)
+    except Exception as error:  # DuckDB reports SQL errors as several exception types
+        _fail(f"query failed: {error}", code=2)
+    columns = [d[0] for d in result.description or []]
+    rows = result.fetchall()
+    con.close()
+    if fmt is OutputFormat.json:
+        sys.stdout.buffer.write(
+            orjson.dumps(
+                [dict(zip(columns, r, strict=True)) for r in rows],
+                default=str,
+                option=orjson.OPT_INDENT_2,
+            )
+            + b"\n"
+        )
+    elif fmt is OutputFormat.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        table = Table(*columns, show_lines=False)
+        for r in rows:
+            table.add_row(*("" if v is None else str(v) for v in r))
+        out.print(table)
+
+
+# --- auditors ------------------------------------------------------------------------------
+
+
+@app.command()
+def history(
+    customer_id: Annotated[str, typer.Argument(help="The customer whose timeline to print.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Print a customer's full timeline from the event store, in business-time order."""
+    facts = _ledger().timeline(customer_id)
+    if not facts:
+        _fail(f"no events for customer {customer_id!r}", code=EXIT_REJECTED)
+    facts.sort(key=lambda f: (datetime.fromisoformat(f["occurred_at"]), f["recorded_at"]))
+    if as_json:
+        for fact in facts:
+            sys.stdout.buffer.write(orjson.dumps(fact) + b"\n")
+        return
+    table = Table("occurred_at", "type", "details", "recorded_at", "source")
+    for fact in facts:
+        details = ", ".join(f"{k}={v}" for k, v in fact["data"].items())
+        table.add_row(
+            fact["occurred_at"],
+            fact["type"],
+            details,
+            fact["recorded_at"],
+            fact.get("source") or "",
+        )
+    out.print(table)
+
+
+@app.command()
+def schema(
+    event_type: Annotated[
+        str | None, typer.Argument(metavar="[TYPE]", help="One type only.")
+    ] = None,
+) -> None:
+    """Print the JSON Schema of every event type (the subscribers' contract)."""
+    models = {m.__name__: m for m in EVENT_MODELS}
+    if event_type is not None and event_type not in models:
+        _fail(f"unknown event type {event_type!r}; known: {', '.join(models)}", code=2)
+    document: dict[str, Any]
+    if event_type:
+        document = models[event_type].model_json_schema()
+    else:
+        document = INCOMING.json_schema()
+        document["title"] = "customer-ledger events (schema_version 1)"
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(min=1, help="How many customers to simulate.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed, the same history.")] = 7,
+) -> None:
+    """Generate a realistic two-year CRM history, ingest it, and summarise the projections."""
+    from domain.demo_history import generate_history
+
+    events = generate_history(customers=customers, seed=seed)
+    settings = State.settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / f"demo-{customers}-{seed}.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    err.print(f"generated {len(events):,} events for {customers:,} customers in {path}")
+    ledger = _ledger()
+    with path.open("rb") as stream, _progress() as progress:
+        task = progress.add_task("ingesting", total=path.stat().st_size)
+        report = ingest_files.ingest_stream(
+            ledger,
+            stream,
+            path.name,
+            settings.rejects_dir,
+            on_batch=lambda done, _r: progress.update(task, completed=done),
+        )
+    _project(ledger)
+    out.print(
+        f"ingested {report.accepted:,} events ({report.duplicates:,} duplicates, "
+        f"{report.rejected:,} rejected)"
+    )
+    con = connect(settings.projections_path, read_only=True)
+    try:
+        for title, columns, rows in reports.summary(con):
+            table = Table(*columns, title=title, title_justify="left")
+            for r in rows:
+                table.add_row(*(str(v) for v in r))
+            out.print(table)
+    finally:
+        con.close()
+    out.print(
+        f"explore: ledger --data-dir {settings.data_dir} query 'SELECT * FROM customer_profiles LIMIT 5'"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

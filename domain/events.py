@@ -1,0 +1,413 @@
+"""The event catalogue: the public contract of customer-ledger.
+
+Every fact about a customer is one of the event types below. Producers send them to
+`ledger ingest` as JSON Lines (or CSV with `data.`-prefixed columns); subscribers receive
+the same shape on Kafka with the ledger's own fields added (`event_id`, `recorded_at`).
+
+The envelope, shared by every type::
+
+    {"type": "PurchaseRecorded",          # one of EVENT_TYPES
+     "customer_id": "C-1001",             # your id for the customer
+     "occurred_at": "2025-03-01T09:30:00+08:00",  # business time, offset required
+     "source_event_id": "pos-7781",       # optional idempotency key
+     "source": "pos", "actor": "agent-17",  # optional: system and person
+     "data": {...}}                       # the type's own fields, below
+
+Rules that hold for every version of this contract (schema_version 1):
+- fields are only ever added, optional, never renamed or retyped;
+- money is a decimal string or number, never rounded through binary floats;
+- fields marked `x-personal` in the JSON Schema are personal data: the analytics copy
+  (DuckDB) never holds them; only the event store does.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic_extra_types.currency_code import ISO4217
+
+SCHEMA_VERSION = 1
+
+# Short free text (names, ids) and long free text (notes) have hard limits so that one
+# runaway field cannot bloat the store or a Kafka record.
+Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Text = Annotated[str, StringConstraints(max_length=10_000)]
+Money = Annotated[Decimal, Field(max_digits=18, decimal_places=4)]
+PositiveMoney = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=4)]
+
+
+def personal(**kwargs: Any) -> Any:
+    """A field holding personal data: kept in the event store, never copied to analytics."""
+    return Field(default=None, json_schema_extra={"x-personal": True}, **kwargs)
+
+
+class Channel(StrEnum):
+    """Touch points of the unified customer record."""
+
+    PHONE = "phone"
+    EMAIL = "email"
+    SMS = "sms"
+    CHAT = "chat"
+    WEB = "web"
+    STORE = "store"
+    VISIT = "visit"
+    LETTER = "letter"
+    SOCIAL = "social"
+    CALL_CENTER = "call_center"
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    URGENT = "urgent"
+
+
+class SurveyKind(StrEnum):
+    """Survey instruments and their score scales (see SURVEY_SCALES)."""
+
+    CSAT = "csat"
+    NPS = "nps"
+    CES = "ces"
+    CALLBACK = "callback"
+
+
+#: Inclusive (lowest, highest) score of each survey kind; highest is always best.
+SURVEY_SCALES: dict[SurveyKind, tuple[int, int]] = {
+    SurveyKind.CSAT: (1, 5),
+    SurveyKind.NPS: (0, 10),
+    SurveyKind.CES: (1, 7),
+    SurveyKind.CALLBACK: (1, 5),
+}
+
+
+class RootCause(StrEnum):
+    """Where a resolved complaint is fed back: product issues to R&D, process to management."""
+
+    PRODUCT = "product"
+    PROCESS = "process"
+    SERVICE = "service"
+    DELIVERY = "delivery"
+    BILLING = "billing"
+    OTHER = "other"
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Event(BaseModel):
+    """The envelope every event type shares; subclasses add `type` and `data`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    customer_id: Id
+    occurred_at: AwareDatetime
+    source_event_id: Id | None = Field(
+        default=None, description="idempotency key: the same key twice is recorded once"
+    )
+    source: Label | None = Field(default=None, description="the system that sent it")
+    actor: Label | None = Field(default=None, description="the person who recorded it")
+
+
+# --- customers -------------------------------------------------------------------------
+
+
+class ProfileData(_Data):
+    name: Label | None = personal()
+    email: EmailStr | None = personal()
+    phone: Annotated[str, StringConstraints(max_length=40)] | None = personal()
+    address: Annotated[str, StringConstraints(max_length=500)] | None = personal()
+    birthday: date | None = personal()
+    region: Label | None = None
+    province: Label | None = None
+    city: Label | None = None
+    segment: Label | None = Field(default=None, description="e.g. retail, fleet, vip")
+    preferred_channel: Channel | None = None
+
+
+class CustomerRegistered(Event):
+    """A customer file was opened. Every field is optional: collect only what they give."""
+
+    type: Literal["CustomerRegistered"]
+    data: ProfileData = ProfileData()
+
+
+class ProfileUpdate(ProfileData):
+    @model_validator(mode="after")
+    def _something_changes(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("a profile update must change at least one field")
+        return self
+
+
+class CustomerProfileUpdated(Event):
+    """Some profile fields changed; fields not named keep their value."""
+
+    type: Literal["CustomerProfileUpdated"]
+    data: ProfileUpdate
+
+
+class ConsentData(_Data):
+    purpose: Label = Field(description="e.g. marketing, analytics, profiling, contact_email")
+    granted: bool
+    channel: Channel | None = None
+
+
+class ConsentChanged(Event):
+    """The customer granted or withdrew consent for one purpose."""
+
+    type: Literal["ConsentChanged"]
+    data: ConsentData
+
+
+# --- contacts --------------------------------------------------------------------------
+
+
+class ContactData(_Data):
+    channel: Channel
+    direction: Direction
+    topic: Label | None = None
+    agent: Label | None = None
+    notes: Text | None = None
+    duration_seconds: Annotated[int, Field(ge=0, le=86_400)] | None = None
+    complaint_id: Id | None = Field(default=None, description="the complaint it concerns")
+
+
+class ContactLogged(Event):
+    """Any touch: a call, email, chat, visit or letter, in either direction."""
+
+    type: Literal["ContactLogged"]
+    data: ContactData
+
+
+# --- purchases -------------------------------------------------------------------------
+
+
+class LineItem(_Data):
+    sku: Id
+    name: Label | None = None
+    quantity: Annotated[int, Field(ge=1)] = 1
+    unit_price: Money | None = None
+
+
+class PurchaseData(_Data):
+    order_id: Id
+    amount: PositiveMoney
+    currency: ISO4217
+    quantity: Annotated[int, Field(ge=1)] = 1
+    items: list[LineItem] | None = Field(default=None, max_length=1000)
+    channel: Channel | None = None
+    store: Label | None = Field(default=None, description="store, branch or dealer")
+    reporting_amount: PositiveMoney | None = Field(
+        default=None,
+        description="amount in the ledger's reporting currency, when `currency` differs",
+    )
+
+
+class PurchaseRecorded(Event):
+    """The customer bought something; `order_id` is unique per customer."""
+
+    type: Literal["PurchaseRecorded"]
+    data: PurchaseData
+
+
+class RefundData(_Data):
+    order_id: Id
+    amount: PositiveMoney
+    reason: Label | None = None
+
+
+class PurchaseRefunded(Event):
+    """Money went back for a recorded order; refunds never exceed the order's amount."""
+
+    type: Literal["PurchaseRefunded"]
+    data: RefundData
+
+
+# --- complaints ------------------------------------------------------------------------
+
+
+class ComplaintFiledData(_Data):
+    complaint_id: Id
+    channel: Channel
+    category: Label
+    priority: Priority = Priority.NORMAL
+    summary: Text | None = None
+    order_id: Id | None = None
+
+
+class ComplaintFiled(Event):
+    """A complaint arrived (greet, listen). Starts the first-response and resolution clocks."""
+
+    type: Literal["ComplaintFiled"]
+    data: ComplaintFiledData
+
+
+class ComplaintStep(_Data):
+    complaint_id: Id
+    agent: Label | None = None
+    note: Text | None = None
+
+
+class ComplaintAcknowledged(Event):
+    """The first response to the customer (calm): stops the first-response clock."""
+
+    type: Literal["ComplaintAcknowledged"]
+    data: ComplaintStep
+
+
+class EscalationData(ComplaintStep):
+    to_team: Label | None = None
+    reason: Label | None = None
+
+
+class ComplaintEscalated(Event):
+    """Handed to a higher level or another team; the SLA targets stay those of filing."""
+
+    type: Literal["ComplaintEscalated"]
+    data: EscalationData
+
+
+class HoldData(ComplaintStep):
+    reason: Label | None = None
+
+
+class ComplaintOnHold(Event):
+    """Waiting on the customer: the resolution clock pauses until resumed."""
+
+    type: Literal["ComplaintOnHold"]
+    data: HoldData
+
+
+class ComplaintResumed(Event):
+    """The customer answered; the resolution clock runs again."""
+
+    type: Literal["ComplaintResumed"]
+    data: ComplaintStep
+
+
+class ResolutionData(ComplaintStep):
+    resolution: Text
+    compensation: Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)] | None = None
+    root_cause: RootCause | None = None
+
+
+class ComplaintResolved(Event):
+    """A resolution was given (resolve): stops the resolution clock."""
+
+    type: Literal["ComplaintResolved"]
+    data: ResolutionData
+
+
+class ReopenData(ComplaintStep):
+    reason: Label | None = None
+
+
+class ComplaintReopened(Event):
+    """The customer was not satisfied with the resolution; the complaint is open again."""
+
+    type: Literal["ComplaintReopened"]
+    data: ReopenData
+
+
+class ClosingData(ComplaintStep):
+    outcome: Literal["resolved", "withdrawn", "rejected", "unreachable"] = "resolved"
+
+
+class ComplaintClosed(Event):
+    """The complaint is closed (close); only a reopening may follow."""
+
+    type: Literal["ComplaintClosed"]
+    data: ClosingData
+
+
+# --- surveys ---------------------------------------------------------------------------
+
+
+class SurveyData(_Data):
+    survey_id: Id
+    kind: SurveyKind
+    score: int
+    comment: Text | None = None
+    order_id: Id | None = None
+    complaint_id: Id | None = None
+
+    @model_validator(mode="after")
+    def _score_on_scale(self) -> Self:
+        low, high = SURVEY_SCALES[self.kind]
+        if not low <= self.score <= high:
+            raise ValueError(f"a {self.kind.value} score must be from {low} to {high}")
+        return self
+
+
+class SurveyAnswered(Event):
+    """A survey or satisfaction callback answer; highest score is always best."""
+
+    type: Literal["SurveyAnswered"]
+    data: SurveyData
+
+
+# --- the envelope ----------------------------------------------------------------------
+
+EVENT_MODELS: tuple[type[Event], ...] = (
+    CustomerRegistered,
+    CustomerProfileUpdated,
+    ConsentChanged,
+    ContactLogged,
+    PurchaseRecorded,
+    PurchaseRefunded,
+    ComplaintFiled,
+    ComplaintAcknowledged,
+    ComplaintEscalated,
+    ComplaintOnHold,
+    ComplaintResumed,
+    ComplaintResolved,
+    ComplaintReopened,
+    ComplaintClosed,
+    SurveyAnswered,
+)
+EVENT_TYPES: tuple[str, ...] = tuple(m.__name__ for m in EVENT_MODELS)
+COMPLAINT_EVENT_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("Complaint"))
+
+
+IncomingEvent = Annotated[
+    CustomerRegistered
+    | CustomerProfileUpdated
+    | ConsentChanged
+    | ContactLogged
+    | PurchaseRecorded
+    | PurchaseRefunded
+    | ComplaintFiled
+    | ComplaintAcknowledged
+    | ComplaintEscalated
+    | ComplaintOnHold
+    | ComplaintResumed
+    | ComplaintResolved
+    | ComplaintReopened
+    | ComplaintClosed
+    | SurveyAnswered,
+    Field(discriminator="type"),
+]
+
+#: Validates one incoming event (JSON text or a dict) into its catalogue class.
+INCOMING: TypeAdapter[IncomingEvent] = TypeAdapter(IncomingEvent)

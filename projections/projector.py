@@ -1,0 +1,116 @@
+"""The projector: applies one batch of recorded events to every projection, atomically.
+
+It does not know where events come from (the event store's notification log or a Kafka
+consumer group): the caller passes the batch and the checkpoints to store with it. The
+projection writes and the checkpoints commit in one DuckDB transaction, so a crash at any
+instant leaves either the whole batch applied and acknowledged, or none of it.
+
+Per batch: bulk-append to `events`, then set-based SQL over the customers the batch
+touched (loyalty history, profiles, SLA), then the ABC split across all customers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+
+from domain.ledger import Fact
+from domain.policy import LadderPolicy, SlaPolicy
+from projections import loyalty, mirror, profiles, sla
+from projections.schema import create_schema, one, run
+
+Checkpoint = tuple[str, str]
+"""(source, stream): ('event-store', '') or ('kafka:<group>', '<topic>:<partition>')."""
+
+EVENT_STORE: Checkpoint = ("event-store", "")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    events: int
+    new_events: int
+    customers: int
+    as_of: datetime
+
+
+class Projector:
+    """Owns one read-write connection to the projections file."""
+
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        sla_policy: SlaPolicy | None = None,
+        ladder: LadderPolicy | None = None,
+    ) -> None:
+        self.con = con
+        self.ladder = ladder or LadderPolicy()
+        create_schema(con, sla_policy, self.ladder)
+
+    def checkpoint(self, source: str, stream: str = "") -> int | None:
+        row = one(
+            self.con,
+            "SELECT position FROM projection_checkpoints WHERE source = ? AND stream = ?",
+            [source, stream],
+        )
+        return int(row[0]) if row else None
+
+    def checkpoints(self, source: str) -> dict[str, int]:
+        rows = self.con.execute(
+            "SELECT stream, position FROM projection_checkpoints WHERE source = ?", [source]
+        ).fetchall()
+        return {stream: int(position) for stream, position in rows}
+
+    def apply(
+        self,
+        batch: Sequence[tuple[int, Fact]],
+        checkpoints: Mapping[Checkpoint, int],
+        as_of: datetime | None = None,
+    ) -> BatchResult:
+        """Project `batch` and store `checkpoints` in one transaction.
+
+        `as_of` may only move the clock forward; by default the clock is the latest
+        business time seen (the event-time watermark).
+        """
+        con = self.con
+        con.begin()
+        try:
+            new_events = mirror.append(con, batch) if batch else 0
+            touched = pa.table({"customer_id": sorted({f["customer_id"] for _, f in batch})})
+            con.register("touched_batch", touched)
+            run(con, "CREATE OR REPLACE TEMP TABLE touched AS SELECT * FROM touched_batch")
+            con.unregister("touched_batch")
+            clock = self._advance_clock(as_of)
+            loyalty.refresh(con, self.ladder)
+            profiles.refresh(con)
+            sla.refresh(con, clock)
+            for (source, stream), position in checkpoints.items():
+                run(
+                    con,
+                    "INSERT OR REPLACE INTO projection_checkpoints VALUES (?, ?, ?)",
+                    [source, stream, position],
+                )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        return BatchResult(len(batch), new_events, touched.num_rows, clock)
+
+    def _advance_clock(self, requested: datetime | None) -> datetime:
+        row = one(
+            self.con,
+            """
+            SELECT greatest(
+                (SELECT max(as_of) FROM projection_clock),
+                (SELECT max(occurred_at) FROM events),
+                ?::TIMESTAMPTZ)
+            """,
+            [requested],
+        )
+        clock: datetime = row[0] if row and row[0] is not None else EPOCH
+        run(self.con, "INSERT OR REPLACE INTO projection_clock VALUES (TRUE, ?)", [clock])
+        return clock

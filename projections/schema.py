@@ -1,0 +1,217 @@
+"""The DuckDB schema of the projections, and opening the file.
+
+Tables are created here once; each projection family fills its own tables. Reference
+tables (`sla_targets`, `survey_scales`, `loyalty_stages`) copy the domain's rules so SQL
+can join them and analysts can read them.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from domain.events import SURVEY_SCALES
+from domain.policy import STAGES, LadderPolicy, SlaPolicy
+
+DDL = """
+CREATE TABLE IF NOT EXISTS events (
+    position        BIGINT NOT NULL,          -- the event store's position
+    event_id        UUID PRIMARY KEY,
+    type            VARCHAR NOT NULL,
+    schema_version  INTEGER NOT NULL,
+    customer_id     VARCHAR NOT NULL,
+    occurred_at     TIMESTAMPTZ NOT NULL,     -- business time
+    recorded_at     TIMESTAMPTZ NOT NULL,     -- when the ledger stored it
+    source          VARCHAR,
+    actor           VARCHAR,
+    source_event_id VARCHAR,
+    data            JSON NOT NULL             -- the type's fields, personal data removed
+);
+
+CREATE TABLE IF NOT EXISTS customer_profiles (
+    customer_id         VARCHAR PRIMARY KEY,
+    registered_at       TIMESTAMPTZ,
+    region              VARCHAR,
+    province            VARCHAR,
+    city                VARCHAR,
+    segment             VARCHAR,
+    first_seen_at       TIMESTAMPTZ NOT NULL,
+    last_seen_at        TIMESTAMPTZ NOT NULL,
+    event_count         BIGINT NOT NULL,
+    first_contact_at    TIMESTAMPTZ,
+    last_contact_at     TIMESTAMPTZ,
+    contact_count       BIGINT NOT NULL,
+    inbound_contacts    BIGINT NOT NULL,
+    outbound_contacts   BIGINT NOT NULL,
+    purchase_count      BIGINT NOT NULL,
+    gross_spend         DECIMAL(18, 4) NOT NULL,
+    refunded            DECIMAL(18, 4) NOT NULL,
+    total_spend         DECIMAL(18, 4) NOT NULL,  -- gross minus refunds, reporting currency
+    avg_order_value     DECIMAL(18, 4),
+    first_purchase_at   TIMESTAMPTZ,
+    last_purchase_at    TIMESTAMPTZ,
+    complaint_count     BIGINT NOT NULL,
+    open_complaints     BIGINT NOT NULL,
+    survey_count        BIGINT NOT NULL,
+    avg_satisfaction    DECIMAL(6, 4),            -- mean survey score on a 0..1 scale
+    last_satisfaction   DECIMAL(6, 4),
+    marketing_consent   BOOLEAN,
+    abc_class           VARCHAR,                  -- A: first 80 % of spend, B: to 95 %, C: rest
+    loyalty_stage       VARCHAR NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS loyalty_stage_history (
+    customer_id       VARCHAR NOT NULL,
+    stage             VARCHAR NOT NULL,
+    entered_at        TIMESTAMPTZ NOT NULL,
+    exited_at         TIMESTAMPTZ,               -- NULL: the current stage
+    previous_stage    VARCHAR,
+    reason            VARCHAR NOT NULL,
+    trigger_event_id  UUID NOT NULL,
+    PRIMARY KEY (customer_id, trigger_event_id)
+);
+
+CREATE TABLE IF NOT EXISTS complaint_sla (
+    customer_id                  VARCHAR NOT NULL,
+    complaint_id                 VARCHAR NOT NULL,
+    priority                     VARCHAR NOT NULL,
+    category                     VARCHAR NOT NULL,
+    channel                      VARCHAR NOT NULL,
+    status                       VARCHAR NOT NULL,  -- open | on_hold | resolved | closed
+    filed_at                     TIMESTAMPTZ NOT NULL,
+    first_response_due           TIMESTAMPTZ NOT NULL,
+    first_response_warning_at    TIMESTAMPTZ NOT NULL,
+    first_response_at            TIMESTAMPTZ,
+    first_response_status        VARCHAR NOT NULL,  -- pending | met | breached
+    paused_hours                 DECIMAL(12, 4) NOT NULL,
+    resolution_due               TIMESTAMPTZ NOT NULL,
+    resolution_warning_at        TIMESTAMPTZ NOT NULL,
+    resolved_at                  TIMESTAMPTZ,
+    resolution_status            VARCHAR NOT NULL,  -- pending | met | breached
+    escalations                  BIGINT NOT NULL,
+    reopened                     BIGINT NOT NULL,
+    closed_at                    TIMESTAMPTZ,
+    root_cause                   VARCHAR,
+    compensation                 DECIMAL(18, 4),
+    PRIMARY KEY (customer_id, complaint_id)
+);
+
+CREATE TABLE IF NOT EXISTS projection_clock (
+    singleton  BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+    as_of      TIMESTAMPTZ NOT NULL             -- the clock time-dependent values use
+);
+
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    source     VARCHAR NOT NULL,                -- 'event-store' or 'kafka:<group>'
+    stream     VARCHAR NOT NULL,                -- '' or '<topic>:<partition>'
+    position   BIGINT NOT NULL,                 -- last store position / next Kafka offset
+    PRIMARY KEY (source, stream)
+);
+"""
+
+
+def _reference_tables(con: duckdb.DuckDBPyConnection, sla: SlaPolicy, ladder: LadderPolicy) -> None:
+    run(
+        con,
+        "CREATE OR REPLACE TABLE sla_targets (priority VARCHAR PRIMARY KEY, "
+        "first_response_hours INTEGER, resolution_hours INTEGER, warning_fraction DECIMAL(4,2))",
+    )
+    for priority, target in sla.targets.items():
+        run(
+            con,
+            "INSERT INTO sla_targets VALUES (?, ?, ?, ?)",
+            [
+                priority.value,
+                target.first_response_hours,
+                target.resolution_hours,
+                sla.warning_fraction,
+            ],
+        )
+    run(
+        con,
+        "CREATE OR REPLACE TABLE survey_scales (kind VARCHAR PRIMARY KEY, "
+        "lowest INTEGER, highest INTEGER)",
+    )
+    for kind, (low, high) in SURVEY_SCALES.items():
+        run(con, "INSERT INTO survey_scales VALUES (?, ?, ?)", [kind.value, low, high])
+    run(
+        con,
+        "CREATE OR REPLACE TABLE loyalty_stages (stage VARCHAR PRIMARY KEY, rank INTEGER, "
+        "rule VARCHAR)",
+    )
+    for rank, stage in enumerate(STAGES):
+        run(
+            con, "INSERT INTO loyalty_stages VALUES (?, ?, ?)", [stage, rank, _RULES[stage](ladder)]
+        )
+
+
+_RULES = {
+    "potential": lambda p: "known to the ledger, nothing bought yet",
+    "new": lambda p: "at least one purchase",
+    "satisfied": lambda p: f"a purchase and latest survey >= {p.positive_satisfaction}",
+    "retained": lambda p: (
+        f"a purchase {p.repeat_after_days}+ days after the first; latest survey (if any) "
+        f">= {p.content_satisfaction}"
+    ),
+    "loyal": lambda p: (
+        f"{p.loyal_purchases}+ purchases over {p.loyal_span_days}+ days; latest survey "
+        f"(if any) >= {p.content_satisfaction}"
+    ),
+}
+
+
+def run(con: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> None:
+    """Execute statements and drain the result: DuckDB wants it finished before more work."""
+    con.execute(sql, params).fetchall()
+
+
+def one(con: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> tuple[Any, ...] | None:
+    """The first row of a query (drained, like `run`), or None."""
+    rows = con.execute(sql, params).fetchall()
+    return rows[0] if rows else None
+
+
+class ProjectionsBusy(RuntimeError):
+    """Another process holds the projections file for writing."""
+
+
+def connect(
+    path: Path | str, *, read_only: bool = False, wait_seconds: float = 30.0
+) -> duckdb.DuckDBPyConnection:
+    """Open the projections file; waits while another process holds the write lock."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower() or time.monotonic() > deadline:
+                raise ProjectionsBusy(
+                    f"{path} is locked by another process (a running `ledger project "
+                    f"--follow` or ingest); try again when it is idle: {error}"
+                ) from error
+            time.sleep(0.05)
+    run(con, "SET TimeZone = 'UTC'")
+    return con
+
+
+def stored_clock(con: duckdb.DuckDBPyConnection) -> datetime | None:
+    """The as-of clock a projections file was computed at (None for a new file)."""
+    try:
+        row = one(con, "SELECT as_of FROM projection_clock")
+    except duckdb.CatalogException:
+        return None
+    return row[0] if row else None
+
+
+def create_schema(
+    con: duckdb.DuckDBPyConnection,
+    sla: SlaPolicy | None = None,
+    ladder: LadderPolicy | None = None,
+) -> None:
+    run(con, DDL)
+    _reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())

@@ -1,0 +1,136 @@
+"""`complaint_sla`: first-response and resolution clocks of every complaint.
+
+Targets come from `sla_targets` (domain.policy.SlaPolicy), by the priority the complaint was
+filed with. Definitions (pinned by tests/test_sla.py):
+- the first response is the first acknowledgement, resolution or close;
+- the resolution is the first resolution or close after the last reopening;
+- time on hold, from ComplaintOnHold to the next resume, resolution or close (or the
+  as-of clock while still on hold), moves the resolution due time later;
+- a clock that stopped by its due time is `met`, after it `breached`; a running clock is
+  `breached` once the as-of clock passes its due time, else `pending`.
+The as-of clock is explicit (`projection_clock`), never the wall clock, so a rebuild at
+the same clock gives the same table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import duckdb
+
+from projections.schema import run
+
+DELETE_IN_SCOPE = """
+DELETE FROM complaint_sla WHERE customer_id IN (SELECT customer_id FROM sla_scope)
+"""
+
+INSERT_IN_SCOPE = """
+INSERT INTO complaint_sla
+WITH steps AS (
+    SELECT customer_id, data->>'complaint_id' AS complaint_id, type, occurred_at, position,
+           data
+    FROM events
+    WHERE type LIKE 'Complaint%' AND customer_id IN (SELECT customer_id FROM sla_scope)
+),
+filed AS (
+    SELECT s.customer_id, s.complaint_id, s.occurred_at AS filed_at,
+           coalesce(s.data->>'priority', 'normal') AS priority,
+           s.data->>'category' AS category, s.data->>'channel' AS channel,
+           t.first_response_hours, t.resolution_hours, t.warning_fraction
+    FROM steps AS s JOIN sla_targets AS t ON t.priority = coalesce(s.data->>'priority', 'normal')
+    WHERE s.type = 'ComplaintFiled'
+),
+status_steps AS (
+    SELECT *, lead(occurred_at) OVER (PARTITION BY customer_id, complaint_id
+                                      ORDER BY occurred_at, position) AS next_status_at
+    FROM steps
+    WHERE type IN ('ComplaintFiled', 'ComplaintOnHold', 'ComplaintResumed',
+                   'ComplaintResolved', 'ComplaintReopened', 'ComplaintClosed')
+),
+paused AS (
+    SELECT customer_id, complaint_id,
+           CAST(sum(epoch_us(coalesce(next_status_at, $as_of)) - epoch_us(occurred_at)) AS BIGINT)
+               AS paused_us
+    FROM status_steps WHERE type = 'ComplaintOnHold'
+    GROUP BY customer_id, complaint_id
+),
+summary AS (
+    SELECT customer_id, complaint_id,
+        min(occurred_at) FILTER (WHERE type IN ('ComplaintAcknowledged', 'ComplaintResolved',
+                                                'ComplaintClosed')) AS first_response_at,
+        count(*) FILTER (WHERE type = 'ComplaintEscalated') AS escalations,
+        count(*) FILTER (WHERE type = 'ComplaintReopened') AS reopened,
+        max(occurred_at) FILTER (WHERE type = 'ComplaintReopened') AS last_reopened_at,
+        max(occurred_at) FILTER (WHERE type = 'ComplaintClosed') AS last_closed_at,
+        first(type ORDER BY occurred_at DESC, position DESC)
+            FILTER (WHERE type IN ('ComplaintFiled', 'ComplaintOnHold', 'ComplaintResumed',
+                                   'ComplaintResolved', 'ComplaintReopened', 'ComplaintClosed'))
+            AS last_status_step,
+        first(data->>'root_cause' ORDER BY occurred_at DESC, position DESC)
+            FILTER (WHERE type = 'ComplaintResolved') AS root_cause,
+        sum(CAST(data->>'compensation' AS DECIMAL(18, 4)))
+            FILTER (WHERE type = 'ComplaintResolved') AS compensation
+    FROM steps GROUP BY customer_id, complaint_id
+),
+resolution AS (
+    SELECT s.customer_id, s.complaint_id, min(s.occurred_at) AS resolved_at
+    FROM steps AS s JOIN summary AS m USING (customer_id, complaint_id)
+    WHERE s.type IN ('ComplaintResolved', 'ComplaintClosed')
+      AND (m.last_reopened_at IS NULL OR s.occurred_at >= m.last_reopened_at)
+    GROUP BY s.customer_id, s.complaint_id
+),
+clocks AS (
+    SELECT f.*, m.*, coalesce(p.paused_us, 0) AS paused_us,
+        CASE m.last_status_step WHEN 'ComplaintOnHold' THEN 'on_hold'
+                                WHEN 'ComplaintResolved' THEN 'resolved'
+                                WHEN 'ComplaintClosed' THEN 'closed'
+                                ELSE 'open' END AS status,
+        f.filed_at + to_hours(f.first_response_hours) AS first_response_due,
+        f.filed_at + to_microseconds(CAST(f.first_response_hours * 3600000000
+                                          * f.warning_fraction AS BIGINT))
+            AS first_response_warning_at,
+        f.filed_at + to_hours(f.resolution_hours) + to_microseconds(coalesce(p.paused_us, 0))
+            AS resolution_due,
+        f.filed_at + to_microseconds(CAST(f.resolution_hours * 3600000000
+                                          * f.warning_fraction AS BIGINT))
+                   + to_microseconds(coalesce(p.paused_us, 0)) AS resolution_warning_at
+    FROM filed AS f
+    JOIN summary AS m USING (customer_id, complaint_id)
+    LEFT JOIN paused AS p USING (customer_id, complaint_id)
+)
+SELECT
+    c.customer_id, c.complaint_id, c.priority, c.category, c.channel, c.status, c.filed_at,
+    c.first_response_due, c.first_response_warning_at, c.first_response_at,
+    CASE WHEN c.first_response_at IS NOT NULL THEN
+              CASE WHEN c.first_response_at <= c.first_response_due THEN 'met' ELSE 'breached' END
+         WHEN $as_of > c.first_response_due THEN 'breached'
+         ELSE 'pending' END AS first_response_status,
+    CAST(CAST(c.paused_us AS DECIMAL(18, 0)) / 3600000000 AS DECIMAL(12, 4)) AS paused_hours,
+    c.resolution_due, c.resolution_warning_at,
+    CASE WHEN c.status IN ('resolved', 'closed') THEN r.resolved_at END AS resolved_at,
+    CASE WHEN c.status IN ('resolved', 'closed') THEN
+              CASE WHEN r.resolved_at <= c.resolution_due THEN 'met' ELSE 'breached' END
+         WHEN $as_of > c.resolution_due THEN 'breached'
+         ELSE 'pending' END AS resolution_status,
+    c.escalations, c.reopened,
+    CASE WHEN c.status = 'closed' THEN c.last_closed_at END AS closed_at,
+    c.root_cause, c.compensation
+FROM clocks AS c
+LEFT JOIN resolution AS r USING (customer_id, complaint_id)
+"""
+
+# Customers whose complaints need recomputing: those the batch touched, and those with a
+# clock still running, whose state depends on the as-of clock.
+SCOPE = """
+CREATE OR REPLACE TEMP TABLE sla_scope AS
+SELECT customer_id FROM touched
+UNION
+SELECT DISTINCT customer_id FROM complaint_sla
+WHERE first_response_status = 'pending' OR resolution_status = 'pending' OR status = 'on_hold'
+"""
+
+
+def refresh(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
+    run(con, SCOPE)
+    run(con, DELETE_IN_SCOPE)
+    run(con, INSERT_IN_SCOPE, {"as_of": as_of})
