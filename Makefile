@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy domain projections consumers cli.py
+	$(BIN)/mypy domain projections consumers cli.py bootstrap.py
 
 clean:
 	rm -rf $(VENV) ledger-data demo-data .pytest_cache .mypy_cache .ruff_cache

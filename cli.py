@@ -11,12 +11,19 @@ import sys
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from bootstrap import ConfigError, Settings, open_ledger
@@ -69,7 +76,7 @@ def _ledger() -> Ledger:
         _fail(f"cannot open the event store {State.settings.event_store_label}: {error}")
 
 
-def _fail(message: str, code: int = EXIT_UNAVAILABLE) -> Any:
+def _fail(message: str, code: int = EXIT_UNAVAILABLE) -> NoReturn:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 
@@ -151,6 +158,10 @@ def ingest(
             _fail(f"cannot read {name}: {error.strerror}", code=2)
         with stream, _progress() as progress:
             task = progress.add_task(f"ingesting {name}", total=size or None)
+
+            def show(done: int, _report: ingest_files.IngestReport, task: TaskID = task) -> None:
+                progress.update(task, completed=done)
+
             report = ingest_files.ingest_stream(
                 ledger,
                 stream,
@@ -158,7 +169,7 @@ def ingest(
                 State.settings.rejects_dir,
                 fmt=ingest_files.detect_format(name, fmt.value if fmt else None),
                 batch_size=batch_size,
-                on_batch=lambda done, _report: progress.update(task, completed=done),
+                on_batch=show,
             )
         total.add(report)
         err.print(
@@ -389,7 +400,8 @@ def demo(
     finally:
         con.close()
     out.print(
-        f"explore: ledger --data-dir {settings.data_dir} query 'SELECT * FROM customer_profiles LIMIT 5'"
+        f"explore: ledger --data-dir {settings.data_dir} query "
+        "'SELECT * FROM customer_profiles LIMIT 5'"
     )
 
 

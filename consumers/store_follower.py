@@ -48,10 +48,10 @@ def catch_up(
             if caught_up and as_of is not None:
                 projector.apply([], {EVENT_STORE: position}, as_of)
             while position < head:
-                last, facts = ledger.facts_after(position, batch_size)
+                last, documents = ledger.documents_after(position, batch_size)
                 if last == position:
                     break
-                result = projector.apply(facts, {EVENT_STORE: last}, as_of)
+                result = projector.apply(documents, {EVENT_STORE: last}, as_of)
                 position = last
                 if on_batch:
                     on_batch(result, position, head)

@@ -66,10 +66,18 @@ class Customer(Aggregate):
     ) -> None:
         """Check `incoming` against the invariants; keep `fact` (its stored form) if it holds."""
         self._check(incoming, reporting_currency)
-        self.fact_recorded(fact)
+        self.trigger_event(self.Recorded, fact=fact)
 
-    @event("Recorded")
-    def fact_recorded(self, fact: dict[str, Any]) -> None:
+    class Recorded(Aggregate.Event):
+        """One catalogue event, stored in its public JSON form (see domain.ledger.to_fact)."""
+
+        fact: dict[str, Any]
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Customer)
+            aggregate._absorb(self.fact)
+
+    def _absorb(self, fact: dict[str, Any]) -> None:
         """Applies one stored fact; also runs on replay, so it must not check anything."""
         self.event_ids.add(fact["event_id"])
         kind, data = fact["type"], fact["data"]
@@ -127,7 +135,7 @@ class Customer(Aggregate):
             )
 
     def _check_complaint_step(self, step: IncomingEvent) -> None:
-        complaint_id: str = step.data.complaint_id  # type: ignore[union-attr]
+        complaint_id: str = step.data.complaint_id  # type: ignore[union-attr,assignment]
         complaint = self.complaints.get(complaint_id)
         if step.type == "ComplaintFiled":
             if complaint is not None:

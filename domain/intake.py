@@ -104,7 +104,7 @@ def _explain_one(detail: ErrorDetails) -> str:
         return f"{field} is missing"
     if kind == "extra_forbidden":
         name = loc[-1] if loc else "?"
-        options = _ENVELOPE_FIELDS + ("data",) if len(loc) == 1 else ()
+        options = (*_ENVELOPE_FIELDS, "data") if len(loc) == 1 else ()
         hint = difflib.get_close_matches(name, options, n=1)
         return f"unknown field {field}" + (f" (did you mean {hint[0]}?)" if hint else "")
     if kind in ("datetime_parsing", "datetime_from_date_parsing", "datetime_type"):

@@ -26,7 +26,7 @@ from domain.events import SCHEMA_VERSION, IncomingEvent
 Fact = dict[str, Any]
 """A recorded event in its public JSON form: the envelope, `event_id`, `recorded_at`, `data`."""
 
-_FACT_TOPIC_SUFFIX = "Customer.Recorded"
+_FACT_TOPIC = "Customer.Recorded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class Outcome:
     """What became of one event handed to `Ledger.record`."""
 
     status: Literal["accepted", "duplicate", "rejected"]
-    event_id: UUID | None = None
+    event_id: str
     reason: str | None = None
 
 
@@ -42,26 +42,28 @@ class ConcurrencyExhausted(RuntimeError):
     """Other writers kept winning the race for the same customers; nothing was saved."""
 
 
-def to_fact(incoming: IncomingEvent, recorded_at: datetime) -> Fact:
+def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
     """The stored and published form of an event (the contract's recorded shape).
 
     The event id is stable: derived from the source's idempotency key when given, else
     from the content, so the same input recorded twice is recognised as a duplicate.
     """
+    dumped = incoming.model_dump(mode="json", exclude_none=True)
     fact: Fact = {
         "event_id": "",
         "type": incoming.type,
         "schema_version": SCHEMA_VERSION,
         "customer_id": incoming.customer_id,
-        "occurred_at": incoming.occurred_at.isoformat(),
-        "recorded_at": recorded_at.isoformat(),
+        "occurred_at": dumped["occurred_at"],
+        "recorded_at": recorded_at,
         "source_event_id": incoming.source_event_id,
         "source": incoming.source,
         "actor": incoming.actor,
-        "data": incoming.data.model_dump(mode="json", exclude_none=True),
+        "data": dumped["data"],
     }
     if incoming.source_event_id is not None:
-        key = f"key\x1f{incoming.customer_id}\x1f{incoming.source or ''}\x1f{incoming.source_event_id}"
+        parts = (incoming.customer_id, incoming.source or "", incoming.source_event_id)
+        key = "key\x1f" + "\x1f".join(parts)
     else:
         content = {k: v for k, v in fact.items() if k not in ("event_id", "recorded_at")}
         key = "content\x1f" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
@@ -87,15 +89,20 @@ class Ledger(Application[UUID]):
     def record(self, events: Sequence[IncomingEvent]) -> list[Outcome]:
         """Record a batch atomically; returns one outcome per event, in order."""
         for attempt in range(self.max_attempts):
-            outcomes, touched = self._apply(events)
+            outcomes, loaded = self._apply(events)
+            # The event store's put() rather than save(): save() runs two typing.Protocol
+            # isinstance checks per aggregate, a fifth of the ingest time on Python 3.11.
+            pending = [event for customer in loaded.values() for event in customer.collect_events()]
             try:
-                self.save(*touched.values())
+                self.events.put(pending)
             except IntegrityError:
-                for stream_id in touched:
+                # Another writer saved to one of these customers first: forget what we
+                # knew about all of them, re-read, and decide every event again.
+                for stream_id in loaded:
                     self._customers.pop(stream_id, None)
                 time.sleep(random.uniform(0, 0.02 * 2**attempt))
                 continue
-            self._remember(touched)
+            self._remember(loaded)
             return outcomes
         raise ConcurrencyExhausted(
             f"gave up after {self.max_attempts} attempts: other writers kept changing the "
@@ -103,15 +110,18 @@ class Ledger(Application[UUID]):
         )
 
     def _apply(self, events: Sequence[IncomingEvent]) -> tuple[list[Outcome], dict[UUID, Customer]]:
-        recorded_at = datetime.now(UTC)
-        touched: dict[UUID, Customer] = {}
+        """Decide every event against its customer; returns the outcomes and the customers."""
+        recorded_at = datetime.now(UTC).isoformat()
+        loaded: dict[UUID, Customer] = {}
         outcomes: list[Outcome] = []
         for incoming in events:
             stream_id = customer_stream_id(incoming.customer_id)
-            customer = touched.get(stream_id) or self._load(stream_id, incoming.customer_id)
+            customer = loaded.get(stream_id)
+            if customer is None:
+                customer = loaded[stream_id] = self._load(stream_id, incoming.customer_id)
             fact = to_fact(incoming, recorded_at)
-            event_id = UUID(fact["event_id"])
-            if customer.has_seen(fact["event_id"]):
+            event_id = fact["event_id"]
+            if customer.has_seen(event_id):
                 outcomes.append(Outcome("duplicate", event_id))
                 continue
             try:
@@ -119,9 +129,8 @@ class Ledger(Application[UUID]):
             except InvariantViolation as violation:
                 outcomes.append(Outcome("rejected", event_id, str(violation)))
                 continue
-            touched[stream_id] = customer
             outcomes.append(Outcome("accepted", event_id))
-        return outcomes, touched
+        return outcomes, loaded
 
     def _load(self, stream_id: UUID, customer_id: str) -> Customer:
         cached = self._customers.get(stream_id)
@@ -133,34 +142,53 @@ class Ledger(Application[UUID]):
             customer = Customer(customer_id)
         return customer
 
-    def _remember(self, touched: dict[UUID, Customer]) -> None:
-        if len(self._customers) + len(touched) > self.max_cached_customers:
+    def _remember(self, customers: dict[UUID, Customer]) -> None:
+        if len(self._customers) + len(customers) > self.max_cached_customers:
             self._customers.clear()
-        self._customers.update(touched)
+        self._customers.update(customers)
 
     # --- reading -----------------------------------------------------------------------
 
     def timeline(self, customer_id: str) -> list[Fact]:
         """Every fact about a customer, in the order the ledger recorded them."""
         stream = self.repository.event_store.get(customer_stream_id(customer_id))
-        return [e.fact for e in stream if type(e).__name__ == "Recorded"]  # type: ignore[attr-defined]
+        return [e.fact for e in stream if isinstance(e, Customer.Recorded)]
 
     def head(self) -> int:
         """The position of the newest event in the store (0 when empty)."""
         return self.recorder.max_notification_id() or 0
 
-    def facts_after(self, position: int, limit: int) -> tuple[int, list[tuple[int, Fact]]]:
-        """Up to `limit` stored events after `position`: (last position read, facts)."""
+    def documents_after(self, position: int, limit: int) -> tuple[int, list[tuple[int, bytes]]]:
+        """Up to `limit` stored facts after `position`, as (position, fact JSON) pairs.
+
+        Returns the last position read too (it may hold no fact: stream openings are
+        skipped). The JSON is the contract's recorded shape: what projections mirror and
+        what the relay publishes.
+        """
         notifications = self.recorder.select_notifications(
             start=position, limit=limit, inclusive_of_start=False
         )
-        facts = [
-            (n.id, self.mapper.to_domain_event(n).fact)  # type: ignore[attr-defined]
-            for n in notifications
-            if n.topic.endswith(_FACT_TOPIC_SUFFIX)
-        ]
         last = notifications[-1].id if notifications else position
-        return last, facts
+        return last, [
+            (n.id, orjson.dumps(self._state(n.state)["fact"]))
+            for n in notifications
+            if n.topic.endswith(_FACT_TOPIC)
+        ]
+
+    def _state(self, stored: bytes) -> dict[str, Any]:
+        """A Recorded event's state. Its `fact` holds JSON-native values only, so plain JSON
+        decoding (after the store's own decryption and decompression) gives it exactly."""
+        if self.mapper.cipher:
+            stored = self.mapper.cipher.decrypt(stored)
+        if self.mapper.compressor:
+            stored = self.mapper.compressor.decompress(stored)
+        state: dict[str, Any] = orjson.loads(stored)
+        return state
+
+    def facts_after(self, position: int, limit: int) -> tuple[int, list[tuple[int, Fact]]]:
+        """Like `documents_after`, with each fact decoded to a dict."""
+        last, documents = self.documents_after(position, limit)
+        return last, [(pos, orjson.loads(doc)) for pos, doc in documents]
 
     def all_facts(self, batch_size: int = 10_000) -> Iterator[tuple[int, Fact]]:
         """Every fact in store order, read in batches (for rebuilds and audits)."""

@@ -76,7 +76,8 @@ SELECT
             CASE stage
                 WHEN 'new' THEN 'first purchase'
                 WHEN 'satisfied' THEN 'positive survey after a purchase'
-                WHEN 'retained' THEN 'purchased again ' || $repeat_after_days || '+ days after the first'
+                WHEN 'retained'
+                    THEN 'purchased again ' || $repeat_after_days || '+ days after the first'
                 ELSE $loyal_purchases || '+ purchases over ' || $loyal_span_days || '+ days'
             END
         ELSE 'latest survey score ' || last_satisfaction || ' (' || type || ')'

@@ -1,8 +1,10 @@
 """The `events` table: a flat, queryable mirror of every recorded event.
 
-Rows are bulk-appended from an Arrow table (never one INSERT per event). Personal fields
-(marked `x-personal` in the catalogue) are dropped: analysts get behaviour, not identities.
-An event id already mirrored is skipped, so a redelivered event changes nothing.
+A batch arrives as (position, fact JSON) pairs, the exact bytes the ledger stores and
+publishes. They are bulk-appended as one Arrow table and parsed by DuckDB itself, so no
+per-event Python work happens here. Personal fields (marked `x-personal` in the catalogue)
+are removed: analysts get behaviour, not identities. An event id already mirrored is
+skipped, so a redelivered event changes nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import orjson
 import pyarrow as pa
 
 from domain.events import EVENT_MODELS
-from domain.ledger import Fact
 from projections.schema import one, run
 
 #: Personal data fields per event type, read from the catalogue's `x-personal` marks.
@@ -29,59 +30,64 @@ for _model in EVENT_MODELS:
     if _marked:
         PERSONAL_FIELDS[_model.__name__] = _marked
 
-_BATCH_SCHEMA = pa.schema(
-    [
-        ("position", pa.int64()),
-        ("event_id", pa.string()),
-        ("type", pa.string()),
-        ("schema_version", pa.int32()),
-        ("customer_id", pa.string()),
-        ("occurred_at", pa.string()),
-        ("recorded_at", pa.string()),
-        ("source", pa.string()),
-        ("actor", pa.string()),
-        ("source_event_id", pa.string()),
-        ("data", pa.string()),
-    ]
-)
+# A JSON merge patch setting every personal field to null removes it (RFC 7396).
+_REMOVE_PERSONAL = orjson.dumps(
+    {name: None for names in PERSONAL_FIELDS.values() for name in sorted(names)}
+).decode()
 
-_APPEND_NEW = """
-INSERT INTO events
-SELECT position, event_id::UUID, type, schema_version, customer_id,
-       occurred_at::TIMESTAMPTZ, recorded_at::TIMESTAMPTZ, source, actor, source_event_id,
-       data::JSON
-FROM (SELECT DISTINCT ON (event_id) * FROM incoming ORDER BY event_id, position) AS b
-WHERE b.event_id::UUID NOT IN (SELECT event_id FROM events)
+_FACT_SHAPE = orjson.dumps(
+    {
+        "event_id": "UUID",
+        "type": "VARCHAR",
+        "schema_version": "INTEGER",
+        "customer_id": "VARCHAR",
+        "occurred_at": "TIMESTAMPTZ",
+        "recorded_at": "TIMESTAMPTZ",
+        "source": "VARCHAR",
+        "actor": "VARCHAR",
+        "source_event_id": "VARCHAR",
+        "data": "JSON",
+    }
+).decode()
+
+_PERSONAL_TYPES = ", ".join(f"'{t}'" for t in sorted(PERSONAL_FIELDS))
+
+STAGE_BATCH = f"""
+CREATE OR REPLACE TEMP TABLE batch AS
+SELECT position, f.event_id, f.type, f.schema_version, f.customer_id, f.occurred_at,
+       f.recorded_at, f.source, f.actor, f.source_event_id,
+       CASE WHEN f.type IN ({_PERSONAL_TYPES or "''"})
+            THEN json_merge_patch(f.data, '{_REMOVE_PERSONAL}') ELSE f.data END AS data
+FROM (SELECT position, json_transform(fact, '{_FACT_SHAPE}') AS f FROM incoming)
 """
 
+APPEND_NEW = """
+INSERT INTO events
+SELECT * FROM (SELECT DISTINCT ON (event_id) * FROM batch ORDER BY event_id, position)
+WHERE event_id NOT IN (SELECT event_id FROM events)
+"""
 
-def _analytics_data(fact: Fact) -> str:
-    data = fact["data"]
-    personal = PERSONAL_FIELDS.get(fact["type"])
-    if personal:
-        data = {k: v for k, v in data.items() if k not in personal}
-    return orjson.dumps(data).decode()
+_INCOMING_SCHEMA = pa.schema([("position", pa.int64()), ("fact", pa.string())])
 
 
-def append(con: duckdb.DuckDBPyConnection, batch: Sequence[tuple[int, Fact]]) -> int:
-    """Mirror a batch of (position, fact); returns how many rows were new."""
-    columns: dict[str, list[object]] = {name: [] for name in _BATCH_SCHEMA.names}
-    for position, fact in batch:
-        columns["position"].append(position)
-        columns["data"].append(_analytics_data(fact))
-        for name in _ENVELOPE_COLUMNS:
-            columns[name].append(fact.get(name))
-    incoming = pa.table(columns, schema=_BATCH_SCHEMA)
+def append(con: duckdb.DuckDBPyConnection, batch: Sequence[tuple[int, bytes]]) -> int:
+    """Mirror (position, fact JSON) pairs; leaves them in temp table `batch`; returns how
+    many were new."""
+    incoming = pa.table(
+        [
+            pa.array([position for position, _ in batch], pa.int64()),
+            pa.array([document.decode() for _, document in batch], pa.string()),
+        ],
+        schema=_INCOMING_SCHEMA,
+    )
     con.register("incoming", incoming)
     try:
-        before = _count(con)
-        run(con, _APPEND_NEW)
-        return _count(con) - before
+        run(con, STAGE_BATCH)
     finally:
         con.unregister("incoming")
-
-
-_ENVELOPE_COLUMNS = [n for n in _BATCH_SCHEMA.names if n not in ("position", "data")]
+    before = _count(con)
+    run(con, APPEND_NEW)
+    return _count(con) - before
 
 
 def _count(con: duckdb.DuckDBPyConnection) -> int:

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
-import pyarrow as pa
 
-from domain.ledger import Fact
 from domain.policy import LadderPolicy, SlaPolicy
 from projections import loyalty, mirror, profiles, sla
 from projections.schema import create_schema, one, run
@@ -67,11 +65,11 @@ class Projector:
 
     def apply(
         self,
-        batch: Sequence[tuple[int, Fact]],
+        batch: Sequence[tuple[int, bytes]],
         checkpoints: Mapping[Checkpoint, int],
         as_of: datetime | None = None,
     ) -> BatchResult:
-        """Project `batch` and store `checkpoints` in one transaction.
+        """Project `batch` ((position, fact JSON) pairs) and store `checkpoints`, atomically.
 
         `as_of` may only move the clock forward; by default the clock is the latest
         business time seen (the event-time watermark).
@@ -79,11 +77,12 @@ class Projector:
         con = self.con
         con.begin()
         try:
-            new_events = mirror.append(con, batch) if batch else 0
-            touched = pa.table({"customer_id": sorted({f["customer_id"] for _, f in batch})})
-            con.register("touched_batch", touched)
-            run(con, "CREATE OR REPLACE TEMP TABLE touched AS SELECT * FROM touched_batch")
-            con.unregister("touched_batch")
+            new_events = mirror.append(con, batch)
+            run(
+                con,
+                "CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT customer_id FROM batch",
+            )
+            touched = one(con, "SELECT count(*) FROM touched")
             clock = self._advance_clock(as_of)
             loyalty.refresh(con, self.ladder)
             profiles.refresh(con)
@@ -98,7 +97,7 @@ class Projector:
         except BaseException:
             con.rollback()
             raise
-        return BatchResult(len(batch), new_events, touched.num_rows, clock)
+        return BatchResult(len(batch), new_events, int(touched[0]) if touched else 0, clock)
 
     def _advance_clock(self, requested: datetime | None) -> datetime:
         row = one(

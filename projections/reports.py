@@ -24,11 +24,11 @@ SUMMARIES: dict[str, str] = {
     """,
     "Complaint SLA compliance": """
         SELECT priority, count(*) AS complaints,
-               count(*) FILTER (WHERE first_response_status = 'met') AS response_met,
-               count(*) FILTER (WHERE first_response_status = 'breached') AS response_breached,
-               count(*) FILTER (WHERE resolution_status = 'met') AS resolution_met,
-               count(*) FILTER (WHERE resolution_status = 'breached') AS resolution_breached,
-               count(*) FILTER (WHERE status IN ('open', 'on_hold')) AS still_open
+               count(*) FILTER (WHERE first_response_status = 'met') AS resp_met,
+               count(*) FILTER (WHERE first_response_status = 'breached') AS resp_breached,
+               count(*) FILTER (WHERE resolution_status = 'met') AS res_met,
+               count(*) FILTER (WHERE resolution_status = 'breached') AS res_breached,
+               count(*) FILTER (WHERE status IN ('open', 'on_hold')) AS open
         FROM complaint_sla
         GROUP BY priority
         ORDER BY array_position(['urgent', 'high', 'normal', 'low'], priority)

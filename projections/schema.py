@@ -8,6 +8,7 @@ can join them and analysts can read them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def _reference_tables(con: duckdb.DuckDBPyConnection, sla: SlaPolicy, ladder: La
         )
 
 
-_RULES = {
+_RULES: dict[str, Callable[[LadderPolicy], str]] = {
     "potential": lambda p: "known to the ledger, nothing bought yet",
     "new": lambda p: "at least one purchase",
     "satisfied": lambda p: f"a purchase and latest survey >= {p.positive_satisfaction}",
