@@ -1,0 +1,99 @@
+"""Shared fixtures: a real SQLite ledger, a real PostgreSQL schema, real DuckDB projections.
+
+Nothing here is a mock. The PostgreSQL fixture fails (never skips) when the server is
+unreachable: CI must not pass without having tested the PostgreSQL event store.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from bootstrap import Settings, open_ledger
+from consumers.store_follower import catch_up
+from domain.events import INCOMING
+from domain.ledger import Ledger, Outcome
+from projections.schema import connect
+
+PG_DSN = os.environ.get("LEDGER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+EventFactory = Callable[..., dict[str, Any]]
+
+
+def event(
+    type_: str, customer: str, at: str, data: dict[str, Any] | None = None, **envelope: Any
+) -> dict[str, Any]:
+    """One event in the ingest format; `at` must carry an offset, e.g. '2025-01-01T09:00:00Z'."""
+    return {"type": type_, "customer_id": customer, "occurred_at": at, "data": data or {}, **envelope}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Ledger:
+    return open_ledger(settings)
+
+
+def record(ledger: Ledger, events: Sequence[dict[str, Any]]) -> list[Outcome]:
+    """Validate and record events as one batch."""
+    return ledger.record([INCOMING.validate_python(e) for e in events])
+
+
+def project(ledger: Ledger, settings: Settings, **kwargs: Any) -> duckdb.DuckDBPyConnection:
+    """Bring the projections up to date and open them read-only for assertions."""
+    catch_up(ledger, settings.projections_path, **kwargs)
+    return connect(settings.projections_path, read_only=True)
+
+
+@pytest.fixture
+def projected(
+    ledger: Ledger, settings: Settings
+) -> Iterator[Callable[[Sequence[dict[str, Any]]], duckdb.DuckDBPyConnection]]:
+    """Record events, project them, and hand back a read-only DuckDB connection."""
+    opened: list[duckdb.DuckDBPyConnection] = []
+
+    def run(events: Sequence[dict[str, Any]]) -> duckdb.DuckDBPyConnection:
+        for con in opened:
+            con.close()
+        outcomes = record(ledger, events)
+        rejected = [o.reason for o in outcomes if o.status == "rejected"]
+        assert not rejected, rejected
+        con = project(ledger, settings)
+        opened.append(con)
+        return con
+
+    yield run
+    for con in opened:
+        con.close()
+
+
+@pytest.fixture
+def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
+    """A fresh PostgreSQL schema per test; dropped afterwards."""
+    import psycopg
+
+    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        pytest.fail(
+            f"PostgreSQL is unreachable at {PG_DSN} ({error}); the PostgreSQL event store "
+            "must be tested. Start it or set LEDGER_TEST_POSTGRES_DSN."
+        )
+    with admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield Settings(
+                data_dir=tmp_path / "data", event_store=f"{PG_DSN}?schema={schema}"
+            )
+        finally:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
