@@ -54,17 +54,19 @@ class Settings:
     def ledger_env(self) -> dict[str, str]:
         """The `eventsourcing` environment for this configuration."""
         env: dict[str, str] = {}
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.event_store:
             env.update(_postgres_env(self.event_store))
         else:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
             env.update(
                 PERSISTENCE_MODULE="eventsourcing.sqlite",
                 SQLITE_DBNAME=str(self.data_dir / "events.sqlite3"),
                 SQLITE_LOCK_TIMEOUT="30",
             )
         if self.cipher_key:
-            env.update(CIPHER_TOPIC="eventsourcing.cipher:AESCipher", CIPHER_KEY=self.cipher_key)
+            env.update(
+                CIPHER_TOPIC="eventsourcing.cryptography:AESCipher", CIPHER_KEY=self.cipher_key
+            )
         env.update(self.extra_env)
         return env
 

@@ -169,7 +169,7 @@ def _read_csv(stream: IO[bytes]) -> Iterator[Parsed]:
     """CSV with a header row; a record may span lines (quoted newlines)."""
     feed = _RawLines(stream)
     reader = csv.reader(feed)
-    header = [column.strip() for column in next(reader, [])]
+    header = [column.strip().lstrip("\ufeff") for column in next(reader, [])]
     feed.raw.clear()
     for cells in reader:
         first = feed.number - len(feed.raw) + 1

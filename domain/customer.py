@@ -158,7 +158,8 @@ class Customer(Aggregate):
         if complaint.status not in allowed:
             raise InvariantViolation(
                 f"complaint {complaint_id} is {complaint.status.replace('_', ' ')}; "
-                f"{step.type} is only allowed when it is {' or '.join(sorted(allowed))}"
+                f"{step.type} is only allowed when it is "
+                + " or ".join(sorted(a.replace("_", " ") for a in allowed))
                 + (
                     "; only ComplaintReopened may follow a close"
                     if complaint.status == "closed"

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -48,6 +49,16 @@ Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, ma
 Text = Annotated[str, StringConstraints(max_length=10_000)]
 Money = Annotated[Decimal, Field(max_digits=18, decimal_places=4)]
 PositiveMoney = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=4)]
+
+
+def _not_a_number(value: object) -> object:
+    """Epoch numbers carry no offset: business time must be written out with one."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError("must be an ISO-8601 date-time with offset, not a number")
+    return value
+
+
+BusinessTime = Annotated[AwareDatetime, BeforeValidator(_not_a_number)]
 
 
 def personal(**kwargs: Any) -> Any:
@@ -121,7 +132,7 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     customer_id: Id
-    occurred_at: AwareDatetime
+    occurred_at: BusinessTime
     source_event_id: Id | None = Field(
         default=None, description="idempotency key: the same key twice is recorded once"
     )

@@ -185,12 +185,16 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """Open the projections file; waits while another process holds the write lock."""
     deadline = time.monotonic() + wait_seconds
+    if not read_only:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as error:
-            if "lock" not in str(error).lower() or time.monotonic() > deadline:
+            if "lock" not in str(error).lower():
+                raise
+            if time.monotonic() > deadline:
                 raise ProjectionsBusy(
                     f"{path} is locked by another process (a running `ledger project "
                     f"--follow` or ingest); try again when it is idle: {error}"

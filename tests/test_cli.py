@@ -1,0 +1,625 @@
+"""The `ledger` command end to end: real subprocesses, real files, real stores.
+
+Each test runs the installed console script with the LEDGER_* variables removed from the
+environment (unless a test sets one on purpose) and checks exit statuses, output and the
+files left behind. Subprocesses cost about a second each, so steps that belong together
+share one data directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bootstrap import Settings, open_ledger
+
+LEDGER = Path(sys.executable).parent / "ledger"
+
+EVENT_TYPES = {
+    "CustomerRegistered",
+    "CustomerProfileUpdated",
+    "ConsentChanged",
+    "ContactLogged",
+    "PurchaseRecorded",
+    "PurchaseRefunded",
+    "ComplaintFiled",
+    "ComplaintAcknowledged",
+    "ComplaintEscalated",
+    "ComplaintOnHold",
+    "ComplaintResumed",
+    "ComplaintResolved",
+    "ComplaintReopened",
+    "ComplaintClosed",
+    "SurveyAnswered",
+}
+COMMANDS = ("ingest", "record", "project", "rebuild", "query", "history", "schema", "demo")
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def message(self) -> str:
+        """stderr with rich's line wrapping undone."""
+        return " ".join(self.err.split())
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def run(
+    *args: str,
+    data_dir: Path | None = None,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+) -> Result:
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith("LEDGER_") and k != "FORCE_COLOR"
+    }
+    environment.update(COLUMNS="200", NO_COLOR="1")
+    environment.update(env or {})
+    command = [str(LEDGER)]
+    if data_dir is not None:
+        command += ["--data-dir", str(data_dir)]
+    completed = subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env=environment,
+        input=stdin or b"",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    return Result(
+        completed.returncode,
+        completed.stdout.decode(),
+        completed.stderr.decode(),
+    )
+
+
+def line(type_: str, customer: str, at: str, data: dict[str, Any], **envelope: Any) -> str:
+    return orjson.dumps(
+        {"type": type_, "customer_id": customer, "occurred_at": at, **envelope, "data": data}
+    ).decode()
+
+
+GOOD = [
+    line(
+        "CustomerRegistered",
+        "C1",
+        "2025-01-01T09:00:00+08:00",
+        {"name": "Alice Example", "region": "East", "segment": "retail"},
+        source_event_id="crm-1",
+        source="crm",
+    ),
+    line(
+        "PurchaseRecorded",
+        "C1",
+        "2025-01-02T10:00:00Z",
+        {"order_id": "O1", "amount": "120.00", "currency": "EUR"},
+    ),
+    line(
+        "PurchaseRecorded",
+        "C1",
+        "2025-03-02T10:00:00Z",
+        {"order_id": "O2", "amount": "30", "currency": "EUR"},
+        source_event_id="pos-2",
+    ),
+    line(
+        "ContactLogged", "C2", "2025-01-05T10:00:00Z", {"channel": "phone", "direction": "inbound"}
+    ),
+    line(
+        "ComplaintFiled",
+        "C2",
+        "2025-01-06T10:00:00Z",
+        {"complaint_id": "K1", "channel": "phone", "category": "billing", "priority": "high"},
+    ),
+]
+BAD = {  # text: what its reason must say
+    "this is not json": "not valid JSON",
+    line("PurchaseMade", "C1", "2025-01-02T10:00:00Z", {}): "unknown event type 'PurchaseMade'",
+    line(
+        "PurchaseRefunded", "C1", "2025-01-03T10:00:00Z", {"order_id": "O1", "amount": "500"}
+    ): "exceeds what remains refundable",
+    line(
+        "ContactLogged", "C2", "2025-01-05T10:00:00", {"channel": "sms", "direction": "outbound"}
+    ): "occurred_at has no UTC offset",
+}
+PROFILES_SQL = (
+    "SELECT customer_id, purchase_count, total_spend, complaint_count "
+    "FROM customer_profiles ORDER BY customer_id"
+)
+EXPECTED_PROFILES = [
+    {"customer_id": "C1", "purchase_count": 2, "total_spend": "150.0000", "complaint_count": 0},
+    {"customer_id": "C2", "purchase_count": 0, "total_spend": "0.0000", "complaint_count": 1},
+]
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{text}\n" for text in lines))
+    return path
+
+
+def rejects_in(data_dir: Path) -> dict[Path, list[dict[str, Any]]]:
+    return {
+        path: [json.loads(text) for text in path.read_text().splitlines()]
+        for path in sorted((data_dir / "rejects").glob("*"))
+    }
+
+
+# --- ingest --------------------------------------------------------------------------------
+
+
+def test_ingest_keeps_rejects_projects_and_recognises_a_replay(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    bad = list(BAD)
+    mixed = [GOOD[0], bad[0], GOOD[1], bad[1], GOOD[2], bad[2], GOOD[3], "", bad[3], GOOD[4]]
+    source = write_lines(tmp_path / "mixed.jsonl", mixed)
+
+    first = run("ingest", str(source), data_dir=data, cwd=tmp_path)
+    assert first.code == 1, first
+    assert first.out.strip() == "accepted 5, duplicates 0, rejected 4"
+
+    (rejects_file, rejects), *others = rejects_in(data).items()
+    assert not others
+    assert rejects_file.name.endswith("mixed.jsonl.jsonl")
+    assert str(rejects_file.name) in first.message
+    # Parse rejects are written as lines are read, invariant rejects when their batch is
+    # recorded: the file is not in line order.
+    rejects.sort(key=lambda r: r["line"])
+    assert [r["line"] for r in rejects] == [2, 4, 6, 9]
+    assert [r["text"] for r in rejects] == bad
+    assert {r["source"] for r in rejects} == {str(source)}
+    for reject, expected in zip(rejects, BAD.values(), strict=True):
+        assert expected in reject["reason"], reject
+
+    projected = run("query", PROFILES_SQL, "--format", "json", data_dir=data, cwd=tmp_path)
+    assert projected.code == 0, projected
+    assert projected.json() == EXPECTED_PROFILES
+
+    replay = run(
+        "ingest", str(write_lines(tmp_path / "good.jsonl", GOOD)), data_dir=data, cwd=tmp_path
+    )
+    assert replay.code == 0, replay
+    assert replay.out.strip() == "accepted 0, duplicates 5, rejected 0"
+    assert len(rejects_in(data)) == 1
+
+
+CSV_TEXT = """\
+type,customer_id,occurred_at,source_event_id,data.channel,data.direction,data.notes,data.order_id,data.amount,data.currency
+CustomerRegistered,S2,2025-02-01T09:00:00Z,r1,,,,,,
+ContactLogged,S2,2025-02-02T09:00:00Z,c1,phone,inbound,"multi, line
+note",,,
+PurchaseRecorded,S2,2025-02-03T09:00:00Z,p1,,,,O1,12.5,EUR
+ContactLogged,S2,2025-02-04T09:00:00Z,c2,phone
+PurchaseRecorded,S2,2025-02-05T09:00:00Z,p2,,,,O2,7,USD
+"""
+
+
+def test_ingest_from_stdin_and_csv(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    piped = [
+        line("CustomerRegistered", "S1", "2025-02-01T08:00:00Z", {"region": "West"}),
+        "{not json",
+        line(
+            "ContactLogged",
+            "S1",
+            "2025-02-02T08:00:00Z",
+            {"channel": "sms", "direction": "outbound"},
+        ),
+    ]
+    from_stdin = run(
+        "ingest", "-", data_dir=data, cwd=tmp_path, stdin="\n".join(piped).encode() + b"\n"
+    )
+    assert from_stdin.code == 1, from_stdin
+    assert from_stdin.out.strip() == "accepted 2, duplicates 0, rejected 1"
+    ((stdin_rejects, (reject,)),) = rejects_in(data).items()
+    assert "stdin" in stdin_rejects.name
+    assert (reject["line"], reject["text"]) == (2, "{not json")
+
+    source = tmp_path / "orders.csv"
+    source.write_text(CSV_TEXT)
+    from_csv = run("ingest", str(source), data_dir=data, cwd=tmp_path)
+    assert from_csv.code == 1, from_csv
+    assert from_csv.out.strip() == "accepted 3, duplicates 0, rejected 2"
+    (csv_rejects,) = [r for path, r in rejects_in(data).items() if "orders.csv" in path.name]
+    assert [r["line"] for r in csv_rejects] == [6, 7]
+    assert "header names 10 columns" in csv_rejects[0]["reason"]
+    assert "data.reporting_amount" in csv_rejects[1]["reason"]
+
+    events = run(
+        "query",
+        "SELECT customer_id, type, source_event_id, data->>'notes' AS notes, "
+        "data->>'amount' AS amount FROM events ORDER BY occurred_at",
+        "--format",
+        "json",
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert events.code == 0, events
+    assert [(e["customer_id"], e["type"]) for e in events.json()] == [
+        ("S1", "CustomerRegistered"),
+        ("S2", "CustomerRegistered"),
+        ("S1", "ContactLogged"),
+        ("S2", "ContactLogged"),
+        ("S2", "PurchaseRecorded"),
+    ]
+    assert events.json()[3]["notes"] == "multi, line\nnote"
+    assert events.json()[4]["amount"] == "12.5"
+
+
+# --- record and history --------------------------------------------------------------------
+
+
+def test_record_then_history_in_business_time_order(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    late = run(
+        "record",
+        "ContactLogged",
+        "--customer",
+        "C9",
+        "--data",
+        '{"channel": "phone", "direction": "inbound", "topic": "late"}',
+        "--occurred-at",
+        "2025-01-05T09:30:00Z",
+        "--source-event-id",
+        "call-2",
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert late.code == 0, late
+    match = re.fullmatch(r"accepted ([0-9a-f-]{36})", late.out.strip())
+    assert match, late.out
+    late_id = match.group(1)
+
+    # Recorded second, but earlier in business time (09:00Z), though later as a string.
+    early = run(
+        "record",
+        "ContactLogged",
+        "--customer",
+        "C9",
+        "--data",
+        '{"channel": "email", "direction": "outbound", "topic": "early"}',
+        "--occurred-at",
+        "2025-01-05T10:00:00+01:00",
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert early.code == 0, early
+
+    again = run(
+        "record",
+        "ContactLogged",
+        "--customer",
+        "C9",
+        "--data",
+        '{"channel": "phone", "direction": "inbound", "topic": "late"}',
+        "--occurred-at",
+        "2025-01-05T09:30:00Z",
+        "--source-event-id",
+        "call-2",
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert (again.code, again.out.strip()) == (0, f"duplicate {late_id}")
+
+    refused = run(
+        "record",
+        "PurchaseRefunded",
+        "--customer",
+        "C9",
+        "--data",
+        '{"order_id": "NOPE", "amount": "1"}',
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert refused.code == 1, refused
+    assert "order NOPE was never recorded for customer C9" in refused.message
+
+    timeline = run("history", "C9", "--json", data_dir=data, cwd=tmp_path)
+    assert timeline.code == 0, timeline
+    facts = [json.loads(text) for text in timeline.out.splitlines()]
+    assert [f["data"]["topic"] for f in facts] == ["early", "late"]
+    assert [f["type"] for f in facts] == ["ContactLogged", "ContactLogged"]
+    assert facts[1]["event_id"] == late_id
+    assert facts[1]["source_event_id"] == "call-2"
+    assert {f["source"] for f in facts} == {"cli"}
+
+    table = run("history", "C9", data_dir=data, cwd=tmp_path)
+    assert table.code == 0, table
+    assert table.out.count("ContactLogged") == 2
+    assert table.out.index("topic=early") < table.out.index("topic=late")
+
+    projected = run(
+        "query",
+        "SELECT count(*) AS n FROM events WHERE customer_id = 'C9'",
+        "--format",
+        "csv",
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert projected.out == "n\n2\n"
+
+    unknown = run("history", "NOBODY", data_dir=data, cwd=tmp_path)
+    assert unknown.code != 0
+    assert "no events for customer 'NOBODY'" in unknown.message
+    assert unknown.out == ""
+
+
+# --- query ---------------------------------------------------------------------------------
+
+
+def test_query_formats_and_errors(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    source = write_lines(tmp_path / "good.jsonl", GOOD)
+    assert run("ingest", str(source), data_dir=data, cwd=tmp_path).code == 0
+
+    as_csv = run("query", PROFILES_SQL, "--format", "csv", data_dir=data, cwd=tmp_path)
+    assert as_csv.code == 0, as_csv
+    assert list(csv.DictReader(io.StringIO(as_csv.out))) == [
+        {k: str(v) for k, v in row.items()} for row in EXPECTED_PROFILES
+    ]
+    assert as_csv.out.splitlines()[0] == "customer_id,purchase_count,total_spend,complaint_count"
+
+    as_json = run("query", PROFILES_SQL, "--format", "json", data_dir=data, cwd=tmp_path)
+    assert as_json.code == 0, as_json
+    assert as_json.json() == EXPECTED_PROFILES
+
+    as_table = run("query", PROFILES_SQL, data_dir=data, cwd=tmp_path)
+    assert as_table.code == 0, as_table
+    header = next(text for text in as_table.out.splitlines() if "customer_id" in text)
+    assert re.search(r"customer_id\W+purchase_count\W+total_spend\W+complaint_count", header)
+    rows = [re.findall(r"[\w.]+", text) for text in as_table.out.splitlines()]
+    assert ["C1", "2", "150.0000", "0"] in rows
+    assert ["C2", "0", "0.0000", "1"] in rows
+
+    broken = run("query", "SELECT * FROM no_such_table", data_dir=data, cwd=tmp_path)
+    assert broken.code == 2, broken
+    assert "query failed" in broken.message
+    assert "no_such_table" in broken.message
+
+    writing = run("query", "DELETE FROM customer_profiles", data_dir=data, cwd=tmp_path)
+    assert writing.code == 2, writing
+    still = run("query", PROFILES_SQL, "--format", "json", data_dir=data, cwd=tmp_path)
+    assert still.json() == EXPECTED_PROFILES
+
+    missing = tmp_path / "missing"
+    nothing = run("query", "SELECT 1", data_dir=missing, cwd=tmp_path)
+    assert nothing.code == 3, nothing
+    assert "no projections at" in nothing.message
+    assert "ledger ingest" in nothing.message
+    assert not missing.exists()
+
+
+# --- schema --------------------------------------------------------------------------------
+
+
+def test_schema_prints_the_contract(tmp_path: Path) -> None:
+    everything = run("schema", cwd=tmp_path)
+    assert everything.code == 0, everything
+    document = everything.json()
+    assert set(document["discriminator"]["mapping"]) == EVENT_TYPES
+    assert len(document["oneOf"]) == 15
+    assert set(document["$defs"]) >= EVENT_TYPES
+
+    one = run("schema", "PurchaseRecorded", cwd=tmp_path)
+    assert one.code == 0, one
+    purchase = one.json()
+    assert purchase["title"] == "PurchaseRecorded"
+    assert "oneOf" not in purchase
+    assert {"customer_id", "occurred_at", "type", "data"} <= set(purchase["properties"])
+    assert "ComplaintFiled" not in purchase.get("$defs", {})
+
+    unknown = run("schema", "Nope", cwd=tmp_path)
+    assert unknown.code == 2, unknown
+    assert "unknown event type 'Nope'" in unknown.message
+    assert unknown.out == ""
+
+
+# --- projections ---------------------------------------------------------------------------
+
+
+SLA_SQL = (
+    "SELECT complaint_id, first_response_status, resolution_status FROM complaint_sla "
+    "ORDER BY complaint_id"
+)
+
+
+def test_project_as_of_moves_pending_sla_to_breached(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    events = [
+        line(
+            "ComplaintFiled",
+            "C3",
+            "2025-01-01T08:00:00Z",
+            {"complaint_id": "K0", "channel": "email", "category": "delivery"},
+        ),
+        line("ComplaintAcknowledged", "C3", "2025-01-01T09:00:00Z", {"complaint_id": "K0"}),
+        line(
+            "ComplaintResolved",
+            "C3",
+            "2025-01-02T09:00:00Z",
+            {"complaint_id": "K0", "resolution": "redelivered"},
+        ),
+        # Filed last (so the event-time clock stands at its filing), never acknowledged.
+        line(
+            "ComplaintFiled",
+            "C2",
+            "2025-01-06T10:00:00Z",
+            {"complaint_id": "K1", "channel": "phone", "category": "billing", "priority": "high"},
+        ),
+    ]
+    assert (
+        run(
+            "ingest", str(write_lines(tmp_path / "in.jsonl", events)), data_dir=data, cwd=tmp_path
+        ).code
+        == 0
+    )
+
+    before = run("query", SLA_SQL, "--format", "json", data_dir=data, cwd=tmp_path)
+    assert before.json() == [
+        {"complaint_id": "K0", "first_response_status": "met", "resolution_status": "met"},
+        {"complaint_id": "K1", "first_response_status": "pending", "resolution_status": "pending"},
+    ]
+
+    moved = run("project", "--as-of", "2030-01-01T00:00:00+00:00", data_dir=data, cwd=tmp_path)
+    assert moved.code == 0, moved
+    assert re.fullmatch(r"projections at position ([\d,]+) of \1", moved.out.strip()), moved.out
+
+    after = run(
+        "query",
+        f"SELECT *, (SELECT as_of FROM projection_clock) AS clock FROM ({SLA_SQL})",
+        "--format",
+        "json",
+        data_dir=data,
+        cwd=tmp_path,
+    )
+    assert [{k: v for k, v in row.items() if k != "clock"} for row in after.json()] == [
+        {"complaint_id": "K0", "first_response_status": "met", "resolution_status": "met"},
+        {
+            "complaint_id": "K1",
+            "first_response_status": "breached",
+            "resolution_status": "breached",
+        },
+    ]
+    assert after.json()[0]["clock"].startswith("2030-01-01T00:00:00")
+
+    naive = run("project", "--as-of", "2030-01-01T00:00:00", data_dir=data, cwd=tmp_path)
+    assert naive.code == 2, naive
+    assert "has no UTC offset" in naive.message
+
+
+EVERY_TABLE_SQL = (
+    " UNION ALL ".join(
+        f"SELECT '{table}' AS t, to_json(x)::VARCHAR AS row FROM {table} AS x"
+        for table in ("events", "customer_profiles", "loyalty_stage_history", "complaint_sla")
+    )
+    + " ORDER BY ALL"
+)
+SUMMARY_TITLES = (
+    "Customers per loyalty stage",
+    "ABC classification",
+    "Complaint SLA compliance",
+    "Top complaint categories",
+)
+
+
+def test_demo_is_deterministic_and_rebuild_changes_nothing(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for data in (first, second):
+        demo = run("demo", "--customers", "40", "--seed", "3", data_dir=data, cwd=tmp_path)
+        assert demo.code == 0, demo
+        for title in SUMMARY_TITLES:
+            assert title in demo.out
+        assert re.search(r"ingested [\d,]+ events \(0 duplicates, 0 rejected\)", demo.out)
+
+    profiles = "SELECT * FROM customer_profiles ORDER BY ALL"
+    one = run("query", profiles, "--format", "csv", data_dir=first, cwd=tmp_path)
+    two = run("query", profiles, "--format", "csv", data_dir=second, cwd=tmp_path)
+    assert one.code == two.code == 0
+    assert len(one.out.splitlines()) == 41
+    assert one.out == two.out
+
+    # Move the clock first: a rebuild must keep it (SLA states), not fall back to the
+    # event-time watermark.
+    assert (
+        run("project", "--as-of", "2030-01-01T00:00:00+00:00", data_dir=first, cwd=tmp_path).code
+        == 0
+    )
+    before = run("query", EVERY_TABLE_SQL, "--format", "csv", data_dir=first, cwd=tmp_path)
+    rebuilt = run("rebuild", data_dir=first, cwd=tmp_path)
+    assert rebuilt.code == 0, rebuilt
+    assert re.fullmatch(r"rebuilt projections up to position [\d,]+", rebuilt.out.strip())
+    after = run("query", EVERY_TABLE_SQL, "--format", "csv", data_dir=first, cwd=tmp_path)
+    assert before.code == after.code == 0
+    assert len(before.out.splitlines()) > 1000
+    assert after.out == before.out
+    assert '""resolution_status"":""breached""' in after.out
+
+
+# --- the command line as a whole -----------------------------------------------------------
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    helped = run("--help", cwd=tmp_path)
+    assert helped.code == 0, helped
+    for command in COMMANDS:
+        assert re.search(rf"^\W*{command}\s", helped.out, re.MULTILINE), command
+
+
+def test_the_data_dir_comes_from_ledger_data_dir(tmp_path: Path) -> None:
+    data, cwd = tmp_path / "from-env", tmp_path / "cwd"
+    cwd.mkdir()
+    env = {"LEDGER_DATA_DIR": str(data)}
+    source = write_lines(tmp_path / "good.jsonl", GOOD)
+    ingested = run("ingest", str(source), cwd=cwd, env=env)
+    assert ingested.code == 0, ingested
+    assert (data / "events.sqlite3").is_file()
+    assert (data / "projections.duckdb").is_file()
+    assert list(cwd.iterdir()) == []
+
+    queried = run("query", PROFILES_SQL, "--format", "json", cwd=cwd, env=env)
+    assert queried.json() == EXPECTED_PROFILES
+
+
+def test_a_non_postgresql_event_store_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    source = write_lines(tmp_path / "good.jsonl", GOOD)
+    refused = run(
+        "ingest",
+        str(source),
+        data_dir=data,
+        cwd=tmp_path,
+        env={"LEDGER_EVENT_STORE": "mysql://user@db.example:3306/crm"},
+    )
+    assert refused.code == 3, refused
+    assert "LEDGER_EVENT_STORE" in refused.message
+    assert "not a PostgreSQL URL" in refused.message
+    assert not (data / "events.sqlite3").exists()
+
+
+@pytest.mark.postgres
+def test_ingest_into_postgresql_end_to_end(tmp_path: Path, postgres_settings: Settings) -> None:
+    assert postgres_settings.event_store
+    data = tmp_path / "fresh"
+    env = {"LEDGER_EVENT_STORE": postgres_settings.event_store}
+    source = write_lines(tmp_path / "good.jsonl", GOOD)
+
+    ingested = run("ingest", str(source), data_dir=data, cwd=tmp_path, env=env)
+    assert ingested.code == 0, ingested
+    assert ingested.out.strip() == "accepted 5, duplicates 0, rejected 0"
+    assert not (data / "events.sqlite3").exists()
+
+    queried = run("query", PROFILES_SQL, "--format", "json", data_dir=data, cwd=tmp_path, env=env)
+    assert queried.code == 0, queried
+    assert queried.json() == EXPECTED_PROFILES
+
+    timeline = run("history", "C1", "--json", data_dir=data, cwd=tmp_path, env=env)
+    assert timeline.code == 0, timeline
+    assert [json.loads(t)["type"] for t in timeline.out.splitlines()] == [
+        "CustomerRegistered",
+        "PurchaseRecorded",
+        "PurchaseRecorded",
+    ]
+
+    ledger = open_ledger(postgres_settings)  # the events are in PostgreSQL itself
+    try:
+        assert len(ledger.timeline("C1")) == 3
+        assert len(ledger.timeline("C2")) == 2
+    finally:
+        ledger.close()
