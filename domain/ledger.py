@@ -18,6 +18,7 @@ from uuid import UUID, uuid5
 
 import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import IntegrityError
 
 from domain.customer import LEDGER_NAMESPACE, Customer, InvariantViolation, customer_stream_id
@@ -44,7 +45,7 @@ class _Decision:
 
     outcomes: list[Outcome] = field(default_factory=list)
     customers: dict[UUID, Customer] = field(default_factory=dict)
-    to_save: list[Customer.Event] = field(default_factory=list)  # in the input's order
+    to_save: list[CanMutateAggregate[UUID]] = field(default_factory=list)  # input order
     changed: set[UUID] = field(default_factory=set)  # customers with accepted events
     created: set[UUID] = field(default_factory=set)  # customers not yet in the store
     from_cache: set[UUID] = field(default_factory=set)

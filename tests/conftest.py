@@ -30,7 +30,13 @@ def event(
     type_: str, customer: str, at: str, data: dict[str, Any] | None = None, **envelope: Any
 ) -> dict[str, Any]:
     """One event in the ingest format; `at` must carry an offset, e.g. '2025-01-01T09:00:00Z'."""
-    return {"type": type_, "customer_id": customer, "occurred_at": at, "data": data or {}, **envelope}
+    return {
+        "type": type_,
+        "customer_id": customer,
+        "occurred_at": at,
+        "data": data or {},
+        **envelope,
+    }
 
 
 @pytest.fixture
@@ -92,8 +98,6 @@ def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
     with admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
         try:
-            yield Settings(
-                data_dir=tmp_path / "data", event_store=f"{PG_DSN}?schema={schema}"
-            )
+            yield Settings(data_dir=tmp_path / "data", event_store=f"{PG_DSN}?schema={schema}")
         finally:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
