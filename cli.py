@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -19,7 +20,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
-    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
@@ -151,33 +151,17 @@ def ingest(
     """Validate and record events; bad lines are kept in DATA_DIR/rejects/ with reasons."""
     ledger = _ledger()
     total = ingest_files.IngestReport()
-    for name in files:
-        try:
-            stream, size = ingest_files.open_source(name)
-        except OSError as error:
-            _fail(f"cannot read {name}: {error.strerror}", code=2)
-        with stream, _progress() as progress:
-            task = progress.add_task(f"ingesting {name}", total=size or None)
-
-            def show(done: int, _report: ingest_files.IngestReport, task: TaskID = task) -> None:
-                progress.update(task, completed=done)
-
-            report = ingest_files.ingest_stream(
-                ledger,
-                stream,
-                name,
-                State.settings.rejects_dir,
-                fmt=ingest_files.detect_format(name, fmt.value if fmt else None),
-                batch_size=batch_size,
-                on_batch=show,
-            )
-        total.add(report)
-        err.print(
-            f"{name}: {report.lines:,} lines, {report.accepted:,} accepted, "
-            f"{report.duplicates:,} duplicates, {report.rejected:,} rejected"
-        )
-    if project:
-        _project(ledger)
+    alongside = (
+        store_follower.projecting_alongside(_ledger, State.settings.projections_path)
+        if project
+        else nullcontext()
+    )
+    try:
+        with alongside:
+            for name in files:
+                total.add(_ingest_one(ledger, name, fmt, batch_size))
+    except ProjectionsBusy as error:
+        _fail(str(error))
     out.print(
         f"accepted {total.accepted:,}, duplicates {total.duplicates:,}, rejected {total.rejected:,}"
     )
@@ -185,6 +169,35 @@ def ingest(
         err.print(f"rejects kept in {path}")
     if total.rejected:
         raise typer.Exit(EXIT_REJECTED)
+
+
+def _ingest_one(
+    ledger: Ledger, name: str, fmt: InputFormat | None, batch_size: int
+) -> ingest_files.IngestReport:
+    try:
+        stream, size = ingest_files.open_source(name)
+    except OSError as error:
+        _fail(f"cannot read {name}: {error.strerror}", code=2)
+    with stream, _progress() as progress:
+        task = progress.add_task(f"ingesting {name}", total=size or None)
+
+        def show(done: int, _report: ingest_files.IngestReport) -> None:
+            progress.update(task, completed=done)
+
+        report = ingest_files.ingest_stream(
+            ledger,
+            stream,
+            name,
+            State.settings.rejects_dir,
+            fmt=ingest_files.detect_format(name, fmt.value if fmt else None),
+            batch_size=batch_size,
+            on_batch=show,
+        )
+    err.print(
+        f"{name}: {report.lines:,} lines, {report.accepted:,} accepted, "
+        f"{report.duplicates:,} duplicates, {report.rejected:,} rejected"
+    )
+    return report
 
 
 @app.command()

@@ -5,7 +5,8 @@ Definitions (pinned by tests/test_profiles.py):
 - contacts are `ContactLogged` events; `last_seen_at` is the latest event of any type;
 - `purchase_count` counts purchases; refunds do not lower it but reduce `total_spend`;
 - money is in the reporting currency: `reporting_amount` when given, else `amount`; a
-  refund is converted at its order's rate;
+  refund is converted at its order's rate; divisions round half up to 4 decimals in exact
+  integer arithmetic (`money_div`), never through binary floats;
 - `open_complaints`: filed and neither resolved nor closed after the last reopening;
 - satisfaction is each survey score normalised to 0..1 on its scale (highest is best);
 - `marketing_consent`: the latest `ConsentChanged` for purpose `marketing`.
@@ -32,8 +33,9 @@ purchases AS (
 ),
 refunds AS (
     SELECT r.customer_id,
-           sum(round(CAST(r.data->>'amount' AS DECIMAL(18, 4)) * p.spend / p.amount, 4))
-               AS refunded
+           CAST(sum(CASE WHEN p.spend = p.amount THEN CAST(r.data->>'amount' AS DECIMAL(18, 4))
+                         ELSE money_div(CAST(r.data->>'amount' AS DECIMAL(18, 4)) * p.spend,
+                                        p.amount) END) AS DECIMAL(18, 4)) AS refunded
     FROM ev AS r
     JOIN purchases AS p ON p.customer_id = r.customer_id AND p.order_id = r.data->>'order_id'
     WHERE r.type = 'PurchaseRefunded'
@@ -111,7 +113,7 @@ SELECT
     coalesce(s.gross_spend, 0) AS gross_spend,
     coalesce(r.refunded, 0) AS refunded,
     coalesce(s.gross_spend, 0) - coalesce(r.refunded, 0) AS total_spend,
-    CAST(s.gross_spend / s.purchase_count AS DECIMAL(18, 4)) AS avg_order_value,
+    money_div(s.gross_spend, s.purchase_count) AS avg_order_value,
     b.first_purchase_at, b.last_purchase_at,
     coalesce(c.complaint_count, 0) AS complaint_count,
     coalesce(c.open_complaints, 0) AS open_complaints,

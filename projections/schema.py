@@ -19,6 +19,14 @@ from domain.events import SURVEY_SCALES
 from domain.policy import STAGES, LadderPolicy, SlaPolicy
 
 DDL = """
+-- round(a / b, 4), half up, in exact integer arithmetic: DuckDB's DECIMAL division
+-- returns a DOUBLE, and money must never pass through binary floats.
+CREATE OR REPLACE MACRO money_div(a, b) AS CAST(CAST(
+    (CAST(CAST(a AS DECIMAL(38, 8)) * 100000000 AS HUGEINT) * 2
+     + CAST(CAST(b AS DECIMAL(38, 4)) * 10000 AS HUGEINT))
+    // (2 * CAST(CAST(b AS DECIMAL(38, 4)) * 10000 AS HUGEINT))
+    AS DECIMAL(38, 0)) * 0.0001 AS DECIMAL(18, 4));
+
 CREATE TABLE IF NOT EXISTS events (
     position        BIGINT NOT NULL,          -- the event store's position
     event_id        UUID PRIMARY KEY,

@@ -1,0 +1,502 @@
+"""`complaint_sla` against hand-computed clocks (domain.policy.SlaPolicy defaults).
+
+Targets (first response / resolution, hours): urgent 1/24, high 4/72, normal 12/120,
+low 24/240; a warning is due at 75 % of a target. Every complaint below is filed at
+F = 2025-03-03 09:00 UTC and times are written as hours after F.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+import pytest
+from conftest import event, project, record
+
+from bootstrap import Settings
+from domain.ledger import Ledger
+
+F = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
+BEIJING = timezone(timedelta(hours=8))
+C = "S-1"
+
+
+def at(hours: float) -> datetime:
+    return F + timedelta(hours=hours)
+
+
+def step(type_: str, hours: float, complaint_id: str, **data: Any) -> dict[str, Any]:
+    """A complaint event `hours` after F (written with a +08:00 offset, as a producer might)."""
+    local = at(hours).astimezone(BEIJING)
+    payload: dict[str, Any] = {"complaint_id": complaint_id, **data}
+    if type_ == "ComplaintResolved":
+        payload.setdefault("resolution", "done")
+    return event(type_, C, local.isoformat(), payload)
+
+
+def filed(complaint_id: str, priority: str, hours: float = 0) -> dict[str, Any]:
+    return step(
+        "ComplaintFiled",
+        hours,
+        complaint_id,
+        channel="phone",
+        category="delivery",
+        priority=priority,
+    )
+
+
+def accept(ledger: Ledger, events: list[dict[str, Any]]) -> None:
+    outcomes = record(ledger, events)
+    assert [o.status for o in outcomes] == ["accepted"] * len(events), outcomes
+
+
+def sla(con: duckdb.DuckDBPyConnection, complaint_id: str) -> dict[str, Any]:
+    cursor = con.execute(
+        "SELECT * FROM complaint_sla WHERE customer_id = ? AND complaint_id = ?",
+        [C, complaint_id],
+    )
+    columns = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()
+    assert len(rows) == 1, f"{complaint_id}: {len(rows)} rows"
+    return dict(zip(columns, rows[0], strict=True))
+
+
+def pick(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: row[name] for name in names}
+
+
+def clock(con: duckdb.DuckDBPyConnection) -> datetime:
+    row = con.execute("SELECT as_of FROM projection_clock").fetchone()
+    assert row is not None
+    value: datetime = row[0]
+    return value
+
+
+CLOCKS = (
+    "first_response_due",
+    "first_response_warning_at",
+    "first_response_at",
+    "first_response_status",
+    "paused_hours",
+    "resolution_due",
+    "resolution_warning_at",
+    "resolved_at",
+    "resolution_status",
+)
+
+
+def test_met(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "normal"),
+            step("ComplaintAcknowledged", 2, "k"),
+            step("ComplaintEscalated", 3, "k", to_team="tier-2"),
+            step("ComplaintResolved", 100, "k", compensation="25.50", root_cause="billing"),
+        ],
+    )
+    row = sla(project(ledger, settings), "k")
+    assert pick(row, "priority", "category", "channel", "status", "filed_at") == {
+        "priority": "normal",
+        "category": "delivery",
+        "channel": "phone",
+        "status": "resolved",
+        "filed_at": F,
+    }
+    assert pick(row, *CLOCKS) == {
+        "first_response_due": at(12),  # normal: 12 h
+        "first_response_warning_at": at(9),  # 0.75 * 12
+        "first_response_at": at(2),
+        "first_response_status": "met",  # 2 ≤ 12
+        "paused_hours": Decimal(0),
+        "resolution_due": at(120),  # normal: 120 h
+        "resolution_warning_at": at(90),  # 0.75 * 120
+        "resolved_at": at(100),
+        "resolution_status": "met",  # 100 ≤ 120
+    }
+    assert pick(row, "escalations", "reopened", "closed_at", "root_cause", "compensation") == {
+        "escalations": 1,
+        "reopened": 0,
+        "closed_at": None,
+        "root_cause": "billing",
+        "compensation": Decimal("25.50"),
+    }
+
+
+def test_breached_by_late_response_and_late_resolution(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "high"),
+            step("ComplaintAcknowledged", 5, "k"),
+            step("ComplaintResolved", 80, "k"),
+        ],
+    )
+    row = sla(project(ledger, settings), "k")
+    assert pick(row, *CLOCKS) == {
+        "first_response_due": at(4),  # high: 4 h
+        "first_response_warning_at": at(3),  # 0.75 * 4
+        "first_response_at": at(5),
+        "first_response_status": "breached",  # 5 > 4
+        "paused_hours": Decimal(0),
+        "resolution_due": at(72),  # high: 72 h
+        "resolution_warning_at": at(54),  # 0.75 * 72
+        "resolved_at": at(80),
+        "resolution_status": "breached",  # 80 > 72
+    }
+
+
+def test_stopping_exactly_at_the_due_time_is_met(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "low"),
+            step("ComplaintAcknowledged", 24, "k"),  # low: due at 24 h exactly
+            step("ComplaintResolved", 240, "k"),  # low: due at 240 h exactly
+        ],
+    )
+    row = sla(project(ledger, settings), "k")
+    assert pick(row, "first_response_status", "resolution_status") == {
+        "first_response_status": "met",
+        "resolution_status": "met",
+    }
+
+
+def test_breached_and_pending_by_the_as_of_clock(ledger: Ledger, settings: Settings) -> None:
+    accept(ledger, [filed("k", "urgent")])
+    con = project(ledger, settings)
+    # the clock is the latest business time: F itself
+    assert clock(con) == F
+    assert pick(sla(con, "k"), "status", "first_response_status", "resolution_status") == {
+        "status": "open",
+        "first_response_status": "pending",
+        "resolution_status": "pending",
+    }
+    con.close()
+
+    # exactly at the due time the clock has not passed it yet
+    con = project(ledger, settings, as_of=at(1))
+    assert sla(con, "k")["first_response_status"] == "pending"
+    con.close()
+
+    events_before = ledger.head()
+    con = project(ledger, settings, as_of=at(2))  # urgent first response due at 1 h
+    row = sla(con, "k")
+    assert clock(con) == at(2)
+    assert pick(row, *CLOCKS) == {
+        "first_response_due": at(1),
+        "first_response_warning_at": at(0.75),  # 45 min
+        "first_response_at": None,
+        "first_response_status": "breached",  # 2 > 1, no response
+        "paused_hours": Decimal(0),
+        "resolution_due": at(24),
+        "resolution_warning_at": at(18),  # 0.75 * 24
+        "resolved_at": None,
+        "resolution_status": "pending",  # 2 ≤ 24
+    }
+    con.close()
+
+    con = project(ledger, settings, as_of=at(25))
+    assert sla(con, "k")["resolution_status"] == "breached"  # 25 > 24
+    # no event was added to move it
+    assert ledger.head() == events_before
+    assert con.execute("SELECT count(*) FROM events").fetchone() == (1,)
+
+
+def test_the_latest_business_time_is_the_default_clock(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("a", "normal"),  # first response due at 12 h
+            filed("b", "low"),  # first response due at 24 h
+            event(
+                "ContactLogged",
+                "S-2",
+                at(13).isoformat(),
+                {"channel": "sms", "direction": "inbound"},
+            ),
+        ],
+    )
+    con = project(ledger, settings)
+    assert clock(con) == at(13)
+    assert sla(con, "a")["first_response_status"] == "breached"  # 13 > 12
+    assert sla(con, "b")["first_response_status"] == "pending"  # 13 ≤ 24
+
+
+@pytest.mark.parametrize(
+    ("priority", "first_response", "resolution"),
+    [("urgent", 1, 24), ("high", 4, 72), ("normal", 12, 120), ("low", 24, 240)],
+)
+def test_targets_and_warnings(
+    ledger: Ledger, settings: Settings, priority: str, first_response: int, resolution: int
+) -> None:
+    accept(ledger, [filed("k", priority)])
+    row = sla(project(ledger, settings), "k")
+    assert pick(
+        row,
+        "first_response_due",
+        "first_response_warning_at",
+        "resolution_due",
+        "resolution_warning_at",
+    ) == {
+        "first_response_due": at(first_response),
+        "first_response_warning_at": at(0.75 * first_response),
+        "resolution_due": at(resolution),
+        "resolution_warning_at": at(0.75 * resolution),
+    }
+
+
+def test_time_on_hold_extends_the_resolution_due_time(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "normal"),
+            step("ComplaintAcknowledged", 1, "k"),
+            step("ComplaintOnHold", 10, "k", reason="waiting for photos"),
+            step("ComplaintResumed", 34, "k"),  # 24 h on hold
+            step("ComplaintOnHold", 40, "k"),
+            step("ComplaintResumed", 46, "k"),  # 6 h more: 30 h
+            step("ComplaintResolved", 130, "k"),
+            # a hold ended by the resolution itself
+            filed("r", "normal"),
+            step("ComplaintOnHold", 2, "r"),
+            step("ComplaintResolved", 12, "r"),  # 10 h on hold; also the first response
+        ],
+    )
+    con = project(ledger, settings)
+    assert pick(sla(con, "k"), *CLOCKS) == {
+        "first_response_due": at(12),  # holds never move the first response
+        "first_response_warning_at": at(9),
+        "first_response_at": at(1),
+        "first_response_status": "met",
+        "paused_hours": Decimal(30),  # (34 - 10) + (46 - 40)
+        "resolution_due": at(150),  # 120 + 30
+        "resolution_warning_at": at(120),  # 90 + 30
+        "resolved_at": at(130),
+        "resolution_status": "met",  # 130 ≤ 150 (it would be breached at 120)
+    }
+    r = sla(con, "r")
+    assert pick(r, "paused_hours", "resolution_due", "first_response_at", "status") == {
+        "paused_hours": Decimal(10),  # 12 - 2
+        "resolution_due": at(130),  # 120 + 10
+        "first_response_at": at(12),
+        "status": "resolved",
+    }
+    assert r["first_response_status"] == "met"  # 12 ≤ 12
+
+
+def test_an_ongoing_hold_extends_to_the_as_of_clock(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "normal"),
+            step("ComplaintAcknowledged", 1, "k"),
+            step("ComplaintOnHold", 10, "k"),
+        ],
+    )
+    con = project(ledger, settings, as_of=at(50))
+    row = sla(con, "k")
+    assert pick(row, "status", "paused_hours", "resolution_due", "resolution_warning_at") == {
+        "status": "on_hold",
+        "paused_hours": Decimal(40),  # 50 - 10
+        "resolution_due": at(160),  # 120 + 40
+        "resolution_warning_at": at(130),  # 90 + 40
+    }
+    assert row["resolution_status"] == "pending"
+    con.close()
+
+    con = project(ledger, settings, as_of=at(70))
+    row = sla(con, "k")
+    assert pick(row, "paused_hours", "resolution_due") == {
+        "paused_hours": Decimal(60),  # 70 - 10
+        "resolution_due": at(180),
+    }
+    con.close()
+
+    accept(ledger, [step("ComplaintResumed", 80, "k")])
+    con = project(ledger, settings)  # the clock moves to the resume, 80 h
+    row = sla(con, "k")
+    assert pick(row, "status", "paused_hours", "resolution_due") == {
+        "status": "open",
+        "paused_hours": Decimal(70),  # 80 - 10
+        "resolution_due": at(190),
+    }
+    con.close()
+
+    con = project(ledger, settings, as_of=at(300))
+    row = sla(con, "k")
+    assert pick(row, "paused_hours", "resolution_due", "resolution_status") == {
+        "paused_hours": Decimal(70),  # the hold ended at 80: the clock no longer adds
+        "resolution_due": at(190),
+        "resolution_status": "breached",  # 300 > 190, unresolved
+    }
+
+
+def test_reopened_complaints_are_measured_from_the_last_reopening(
+    ledger: Ledger, settings: Settings
+) -> None:
+    accept(
+        ledger,
+        [
+            # a: resolved, reopened, resolved again, then closed
+            filed("a", "normal"),
+            step("ComplaintAcknowledged", 1, "a"),
+            step("ComplaintResolved", 20, "a"),
+            step("ComplaintReopened", 30, "a"),
+            step("ComplaintResolved", 40, "a"),
+            step("ComplaintClosed", 45, "a"),
+            # b: resolved on time, reopened, resolved again too late
+            filed("b", "normal"),
+            step("ComplaintAcknowledged", 1, "b"),
+            step("ComplaintResolved", 20, "b"),
+            step("ComplaintReopened", 110, "b"),
+            step("ComplaintResolved", 130, "b"),
+            # c: resolved on time, reopened, still open when the clock passes the due time
+            filed("c", "normal"),
+            step("ComplaintAcknowledged", 1, "c"),
+            step("ComplaintResolved", 20, "c"),
+            step("ComplaintReopened", 30, "c"),
+            # d: reopened twice (once after a close)
+            filed("d", "normal"),
+            step("ComplaintAcknowledged", 1, "d"),
+            step("ComplaintResolved", 5, "d"),
+            step("ComplaintReopened", 6, "d"),
+            step("ComplaintClosed", 7, "d"),
+            step("ComplaintReopened", 8, "d"),
+            step("ComplaintResolved", 9, "d"),
+        ],
+    )
+    con = project(ledger, settings)
+    assert clock(con) == at(130)  # the latest business time, b's second resolution
+
+    fields = ("status", "resolved_at", "resolution_status", "reopened", "closed_at")
+    # a: the resolution after the (last) reopening at 30 is the one at 40, not 20 nor the
+    # close at 45
+    assert pick(sla(con, "a"), *fields) == {
+        "status": "closed",
+        "resolved_at": at(40),
+        "resolution_status": "met",  # 40 ≤ 120
+        "reopened": 1,
+        "closed_at": at(45),
+    }
+    # b: the on-time resolution at 20 no longer counts; 130 > 120
+    assert pick(sla(con, "b"), *fields) == {
+        "status": "resolved",
+        "resolved_at": at(130),
+        "resolution_status": "breached",
+        "reopened": 1,
+        "closed_at": None,
+    }
+    # c: open again; the clock (130) is past its due time (120)
+    assert pick(sla(con, "c"), *fields) == {
+        "status": "open",
+        "resolved_at": None,
+        "resolution_status": "breached",
+        "reopened": 1,
+        "closed_at": None,
+    }
+    # d: the last reopening is at 8, the resolution after it at 9
+    assert pick(sla(con, "d"), *fields) == {
+        "status": "resolved",
+        "resolved_at": at(9),
+        "resolution_status": "met",
+        "reopened": 2,
+        "closed_at": None,
+    }
+    # the first response stays the first one, whatever happened later
+    assert sla(con, "b")["first_response_at"] == at(1)
+
+
+def test_first_response_by_resolution_or_close(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("res", "high"),
+            step("ComplaintResolved", 3, "res"),  # no acknowledgement: the resolution is it
+            filed("close", "normal"),
+            step("ComplaintClosed", 13, "close", outcome="withdrawn"),
+            filed("late-ack", "normal"),
+            step("ComplaintResolved", 5, "late-ack"),
+            step("ComplaintAcknowledged", 6, "late-ack"),  # after the resolution: not first
+        ],
+    )
+    con = project(ledger, settings)
+    assert pick(sla(con, "res"), "first_response_at", "first_response_status") == {
+        "first_response_at": at(3),
+        "first_response_status": "met",  # 3 ≤ 4
+    }
+    assert pick(sla(con, "res"), "resolved_at", "resolution_status", "status") == {
+        "resolved_at": at(3),
+        "resolution_status": "met",
+        "status": "resolved",
+    }
+    assert pick(
+        sla(con, "close"),
+        "first_response_at",
+        "first_response_status",
+        "resolved_at",
+        "resolution_status",
+        "status",
+        "closed_at",
+    ) == {
+        "first_response_at": at(13),
+        "first_response_status": "breached",  # 13 > 12
+        "resolved_at": at(13),  # a close stops the resolution clock too
+        "resolution_status": "met",  # 13 ≤ 120
+        "status": "closed",
+        "closed_at": at(13),
+    }
+    assert sla(con, "late-ack")["first_response_at"] == at(5)
+
+
+def test_resolved_then_closed_keeps_the_resolution_time(ledger: Ledger, settings: Settings) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "normal"),
+            step("ComplaintAcknowledged", 1, "k"),
+            step("ComplaintResolved", 100, "k"),
+            step("ComplaintClosed", 130, "k"),  # closed after the due time: still met
+        ],
+    )
+    row = sla(project(ledger, settings), "k")
+    assert pick(row, "status", "resolved_at", "resolution_status", "closed_at") == {
+        "status": "closed",
+        "resolved_at": at(100),
+        "resolution_status": "met",
+        "closed_at": at(130),
+    }
+
+
+def test_the_clock_never_goes_backwards(ledger: Ledger, settings: Settings) -> None:
+    accept(ledger, [filed("a", "normal"), step("ComplaintAcknowledged", 10, "a")])
+    con = project(ledger, settings)
+    assert clock(con) == at(10)
+    assert sla(con, "a")["resolution_status"] == "pending"
+    con.close()
+
+    con = project(ledger, settings, as_of=at(200))
+    assert clock(con) == at(200)
+    assert sla(con, "a")["resolution_status"] == "breached"  # 200 > 120
+    before = con.execute("SELECT * FROM complaint_sla ORDER BY ALL").fetchall()
+    con.close()
+
+    # an earlier as-of is ignored
+    con = project(ledger, settings, as_of=at(50))
+    assert clock(con) == at(200)
+    assert con.execute("SELECT * FROM complaint_sla ORDER BY ALL").fetchall() == before
+    con.close()
+
+    # so is an event from before the clock; it is judged at the clock (200)
+    accept(ledger, [filed("b", "normal", hours=20)])
+    con = project(ledger, settings)
+    assert clock(con) == at(200)
+    row = sla(con, "b")
+    assert pick(row, "first_response_due", "first_response_status", "resolution_status") == {
+        "first_response_due": at(32),  # 20 + 12
+        "first_response_status": "breached",  # 200 > 32
+        "resolution_status": "breached",  # 200 > 140
+    }
+    assert sla(con, "a")["resolution_status"] == "breached"
