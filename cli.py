@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -151,17 +150,10 @@ def ingest(
     """Validate and record events; bad lines are kept in DATA_DIR/rejects/ with reasons."""
     ledger = _ledger()
     total = ingest_files.IngestReport()
-    alongside = (
-        store_follower.projecting_alongside(_ledger, State.settings.projections_path)
-        if project
-        else nullcontext()
-    )
-    try:
-        with alongside:
-            for name in files:
-                total.add(_ingest_one(ledger, name, fmt, batch_size))
-    except ProjectionsBusy as error:
-        _fail(str(error))
+    for name in files:
+        total.add(_ingest_one(ledger, name, fmt, batch_size))
+    if project:
+        _project(ledger)
     out.print(
         f"accepted {total.accepted:,}, duplicates {total.duplicates:,}, rejected {total.rejected:,}"
     )

@@ -8,10 +8,8 @@ same transaction as the projection writes: exactly-once effect across crashes.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -62,44 +60,6 @@ def catch_up(
         if not follow or should_stop():
             return position
         time.sleep(poll_seconds)
-
-
-@contextmanager
-def projecting_alongside(
-    open_reader: Callable[[], Ledger], projections_path: Path, *, poll_seconds: float = 0.2
-) -> Iterator[None]:
-    """Project in a background thread while the caller records; caught up on exit.
-
-    DuckDB and SQLite do their work without holding the GIL, so projecting overlaps
-    recording on the second core instead of running after it. The thread reads through
-    its own ledger instance (`open_reader`): store connections are not shared.
-    """
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def follow() -> None:
-        try:
-            reader = open_reader()
-            catch_up(
-                reader,
-                projections_path,
-                follow=True,
-                poll_seconds=poll_seconds,
-                should_stop=stop.is_set,
-            )
-            catch_up(reader, projections_path)  # what was recorded after the last poll
-        except BaseException as failure:  # handed to the caller's thread below
-            failures.append(failure)
-
-    thread = threading.Thread(target=follow, name="projector", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-    if failures:
-        raise failures[0]
 
 
 def rebuild(

@@ -19,7 +19,7 @@ from uuid import UUID, uuid5
 import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import CanMutateAggregate
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, Transcoder
 
 from domain.customer import LEDGER_NAMESPACE, Customer, InvariantViolation, customer_stream_id
 from domain.events import SCHEMA_VERSION, IncomingEvent
@@ -86,6 +86,28 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
     return fact
 
 
+class OrjsonTranscoder(JSONTranscoder):
+    """The library's JSON format (`_type_`/`_data_` for datetimes, decimals, UUIDs), written
+    and read with orjson: the store's encoding and decoding run several times faster.
+
+    orjson writes UUIDs as plain strings, so state must not hold UUID values (ours holds
+    JSON-native facts and the event timestamp only).
+    """
+
+    def encode(self, obj: Any) -> bytes:
+        return orjson.dumps(obj, default=self._encode_obj, option=orjson.OPT_PASSTHROUGH_DATETIME)
+
+    def decode(self, data: bytes) -> Any:
+        return self._revive(orjson.loads(data))
+
+    def _revive(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return self._decode_obj({key: self._revive(item) for key, item in value.items()})
+        if isinstance(value, list):
+            return [self._revive(item) for item in value]
+        return value
+
+
 class Ledger(Application[UUID]):
     """Customer streams in an `eventsourcing` event store (SQLite or PostgreSQL)."""
 
@@ -98,6 +120,11 @@ class Ledger(Application[UUID]):
         self.reporting_currency = reporting_currency
         # Our own cache: aggregates saved by this process, dropped on any conflict.
         self._customers: dict[UUID, Customer] = {}
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = OrjsonTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     # --- writing -----------------------------------------------------------------------
 
