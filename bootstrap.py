@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+from consumers.kafka import KafkaSettings
 from domain.ledger import Ledger
 
 
@@ -24,6 +25,7 @@ class Settings:
     event_store: str | None = None  # postgresql://user:pass@host:port/db?schema=s
     reporting_currency: str = "EUR"
     cipher_key: str | None = None
+    kafka: KafkaSettings | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -34,11 +36,16 @@ class Settings:
             event_store=env.get("LEDGER_EVENT_STORE") or None,
             reporting_currency=env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper(),
             cipher_key=env.get("LEDGER_CIPHER_KEY") or None,
+            kafka=KafkaSettings.from_env(env),
         )
 
     @property
     def projections_path(self) -> Path:
         return self.data_dir / "projections.duckdb"
+
+    @property
+    def relay_state_path(self) -> Path:
+        return self.data_dir / "relay-position.json"
 
     @property
     def rejects_dir(self) -> Path:

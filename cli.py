@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
+from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,13 +28,16 @@ from rich.table import Table
 
 from bootstrap import ConfigError, Settings, open_ledger
 from consumers import ingest as ingest_files
-from consumers import store_follower
+from consumers import kafka as kafka_tools
+from consumers import kafka_projection, store_follower
+from consumers import relay as relay_tools
+from consumers.kafka import KafkaSettings
 from domain.events import EVENT_MODELS, INCOMING
 from domain.intake import Rejected, parse_record
 from domain.ledger import Ledger
 from projections import reports
 from projections.projector import BatchResult
-from projections.schema import ProjectionsBusy, connect
+from projections.schema import ProjectionsBusy, connect, stored_clock
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
@@ -152,8 +156,10 @@ def ingest(
     total = ingest_files.IngestReport()
     for name in files:
         total.add(_ingest_one(ledger, name, fmt, batch_size))
-    if project:
+    if project and State.settings.kafka is None:
         _project(ledger)
+    elif project:
+        err.print("projections follow through Kafka: run `ledger relay` and `ledger consume`")
     out.print(
         f"accepted {total.accepted:,}, duplicates {total.duplicates:,}, rejected {total.rejected:,}"
     )
@@ -251,14 +257,26 @@ def project(
 
 
 @app.command()
-def rebuild() -> None:
-    """Rebuild every projection from position 0 into a new file, then swap it in."""
+def rebuild(
+    from_kafka: Annotated[
+        bool, typer.Option("--from-kafka", help="Read the events topic from offset 0.")
+    ] = False,
+    group: Annotated[str, typer.Option(help="With --from-kafka: the consumer group.")] = (
+        "ledger-projections"
+    ),
+) -> None:
+    """Rebuild every projection from the start into a new file, then swap it in atomically."""
+    path = State.settings.projections_path
+    if from_kafka:
+        events = kafka_projection.rebuild_from_kafka(path, _kafka(), group)
+        out.print(f"rebuilt projections from {events:,} events on Kafka")
+        return
     ledger = _ledger()
     with _progress() as progress:
         task = progress.add_task("rebuilding", total=ledger.head())
         position = store_follower.rebuild(
             ledger,
-            State.settings.projections_path,
+            path,
             on_batch=lambda _r, pos, head: progress.update(task, completed=pos, total=head),
         )
     out.print(f"rebuilt projections up to position {position:,}")
@@ -361,6 +379,171 @@ def schema(
         document = INCOMING.json_schema()
         document["title"] = "customer-ledger events (schema_version 1)"
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+# --- Kafka ---------------------------------------------------------------------------------
+
+kafka_app = typer.Typer(help="Topics on the configured broker.", no_args_is_help=True)
+dlq_app = typer.Typer(help="The dead-letter topic.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _kafka() -> KafkaSettings:
+    if State.settings.kafka is None:
+        _fail("no broker configured: set LEDGER_KAFKA_BOOTSTRAP (e.g. 127.0.0.1:9092)", code=2)
+    return State.settings.kafka
+
+
+@kafka_app.command("init")
+def kafka_init() -> None:
+    """Create the events, derived-events and dead-letter topics (when missing)."""
+    settings = _kafka()
+    try:
+        created = kafka_tools.ensure_topics(settings)
+    except KafkaError as error:
+        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
+    out.print(f"created: {', '.join(created)}" if created else "topics already exist")
+
+
+@app.command()
+def relay(
+    follow: Annotated[bool, typer.Option(help="Keep publishing new events until Ctrl-C.")] = False,
+    republish: Annotated[
+        bool, typer.Option(help="Publish again from --from (after the topic lost data).")
+    ] = False,
+    from_position: Annotated[
+        int, typer.Option("--from", min=0, help="With --republish: the store position.")
+    ] = 0,
+) -> None:
+    """Publish every stored event, in order, to the events topic (CloudEvents on Kafka)."""
+    settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
+    try:
+        if republish:
+            relay_tools.republish_from(settings, state_path, from_position)
+        with _progress() as progress:
+            task = progress.add_task("publishing", total=ledger.head())
+            state = relay_tools.run(
+                ledger,
+                settings,
+                state_path,
+                follow=follow,
+                on_batch=lambda st, head: progress.update(task, completed=st.position, total=head),
+            )
+    except relay_tools.TopicDataLost as error:
+        _fail(str(error))
+    except KafkaError as error:
+        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
+    except KeyboardInterrupt:
+        return
+    out.print(f"relay at position {state.position:,}; {state.published:,} records acknowledged")
+
+
+@app.command()
+def consume(
+    follow: Annotated[bool, typer.Option(help="Keep consuming until Ctrl-C.")] = False,
+    group: Annotated[str, typer.Option(help="The consumer group.")] = "ledger-projections",
+) -> None:
+    """Project the events topic into DuckDB as a member of a consumer group."""
+    settings = _kafka()
+    try:
+        report = kafka_projection.consume(
+            State.settings.projections_path, settings, group, follow=follow
+        )
+    except KafkaError as error:
+        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
+    except ProjectionsBusy as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        return
+    out.print(
+        f"projected {report.events:,} events in {report.batches:,} batches; "
+        f"{report.dead_letters:,} dead letters"
+    )
+
+
+@dlq_app.command("list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(min=1, help="At most this many records.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Show the dead letters with the topic, partition, offset and error of each."""
+    letters = kafka_projection.list_dead_letters(_kafka(), limit)
+    if as_json:
+        for letter in letters:
+            sys.stdout.buffer.write(orjson.dumps(letter) + b"\n")
+        return
+    table = Table("original", "error", "message", "key", "value")
+    for letter in letters:
+        table.add_row(
+            f"{letter['original_topic']}:{letter['original_partition']}@{letter['original_offset']}",
+            letter["error_class"] or "",
+            letter["error_message"] or "",
+            letter["key"],
+            letter["value"][:80],
+        )
+    out.print(table)
+    out.print(f"{len(letters)} dead letters")
+
+
+@app.command()
+def status(
+    group: Annotated[str, typer.Option(help="The consumer group to report.")] = (
+        "ledger-projections"
+    ),
+) -> None:
+    """Store head, projection positions, relay position, and consumer lag per partition."""
+    settings = State.settings
+    ledger = _ledger()
+    table = Table("what", "position", title="customer-ledger status", title_justify="left")
+    table.add_row(f"event store head ({settings.event_store_label})", f"{ledger.head():,}")
+    stored: dict[str, int] = {}
+    if settings.projections_path.exists():
+        con = connect(settings.projections_path, read_only=True)
+        try:
+            for source, stream, position in con.execute(
+                "SELECT source, stream, position FROM projection_checkpoints ORDER BY ALL"
+            ).fetchall():
+                table.add_row(f"projections from {source} {stream}".strip(), f"{position:,}")
+                if source == kafka_projection.source_name(group):
+                    stored[stream] = position
+            clock = stored_clock(con)
+            table.add_row("projection as-of clock", str(clock))
+        finally:
+            con.close()
+    if settings.kafka is not None:
+        relay_state = relay_tools.RelayState.load(settings.relay_state_path)
+        table.add_row("relay (acknowledged)", f"{relay_state.position:,}")
+        try:
+            lags = kafka_projection.partition_lag(settings.kafka, stored)
+        except KafkaError as error:
+            _fail(f"cannot reach the broker at {settings.kafka.bootstrap}: {error}")
+        for lag in lags:
+            table.add_row(
+                f"{settings.kafka.topic}[{lag.partition}] group {group}: projected/highwater/lag",
+                f"{lag.projected or 0:,}/{lag.highwater}/{lag.lag}",
+            )
+    out.print(table)
+
+
+@app.command("dev-broker")
+def dev_broker(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 9092,
+) -> None:
+    """Run the bundled Tansu broker (memory storage: nothing survives a restart)."""
+    broker = kafka_tools.DevBroker(port)
+    try:
+        broker.start()
+    except RuntimeError as error:
+        _fail(str(error))
+    err.print(f"broker on {broker.bootstrap}; export LEDGER_KAFKA_BOOTSTRAP={broker.bootstrap}")
+    try:
+        assert broker.process is not None
+        broker.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
 
 
 # --- demo ----------------------------------------------------------------------------------

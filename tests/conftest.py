@@ -16,6 +16,7 @@ import duckdb
 import pytest
 
 from bootstrap import Settings, open_ledger
+from consumers.kafka import KafkaSettings, dev_broker, ensure_topics
 from consumers.store_follower import catch_up
 from domain.events import INCOMING
 from domain.ledger import Ledger, Outcome
@@ -101,3 +102,28 @@ def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
             yield Settings(data_dir=tmp_path / "data", event_store=f"{PG_DSN}?schema={schema}")
         finally:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+# --- Kafka ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """A real Kafka-protocol broker: LEDGER_TEST_KAFKA_BOOTSTRAP when set (e.g. Apache
+    Kafka), else the bundled Tansu broker on a free 127.0.0.1 port for the session."""
+    external = os.environ.get("LEDGER_TEST_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    with dev_broker() as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
+    """Fresh topics per test (a unique name), created with 3 partitions."""
+    settings = KafkaSettings(
+        bootstrap=kafka_bootstrap, topic=f"ledger-test-{uuid.uuid4().hex[:10]}", partitions=3
+    )
+    ensure_topics(settings)
+    return settings

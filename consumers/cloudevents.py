@@ -1,0 +1,84 @@
+"""Kafka records in CloudEvents 1.0 binary content mode: the subscribers' wire contract.
+
+- key: the customer id (UTF-8), so each customer's events share a partition and keep order;
+- value: the event as JSON, the recorded shape of `domain.events` (`ledger schema`);
+- headers: `ce_specversion`, `ce_id` (the event id), `ce_source`, `ce_type`, `ce_time`
+  (business time), `ce_subject` (customer id), `ce_dataschema`, `content-type`, and the
+  extensions `ce_ledgerposition` (the event store's position) and `ce_recordedtime`.
+
+Any Kafka client can read the topic with these rules alone; `decode` is the inverse used
+by this project's consumer groups, and rejects what a subscriber could not trust.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from domain.events import INCOMING, SCHEMA_VERSION
+from domain.intake import explain
+
+SPEC_VERSION = b"1.0"
+TYPE_PREFIX = "customer_ledger."
+_LEDGER_FIELDS = ("event_id", "recorded_at", "schema_version")
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    key: bytes
+    value: bytes
+    headers: Headers
+
+
+def encode(fact: dict[str, Any], document: bytes, position: int | None) -> KafkaRecord:
+    """The record for one recorded (or derived) event; `document` is its JSON."""
+    headers: Headers = [
+        ("ce_specversion", SPEC_VERSION),
+        ("ce_id", fact["event_id"].encode()),
+        ("ce_source", f"urn:customer-ledger:{fact.get('source') or 'ledger'}".encode()),
+        ("ce_type", f"{TYPE_PREFIX}{fact['type']}".encode()),
+        ("ce_time", fact["occurred_at"].encode()),
+        ("ce_subject", fact["customer_id"].encode()),
+        ("ce_dataschema", f"urn:customer-ledger:schema:{fact['type']}:v{SCHEMA_VERSION}".encode()),
+        ("content-type", b"application/json"),
+    ]
+    if position is not None:
+        headers.append(("ce_ledgerposition", str(position).encode()))
+    if fact.get("recorded_at"):
+        headers.append(("ce_recordedtime", fact["recorded_at"].encode()))
+    return KafkaRecord(fact["customer_id"].encode(), document, headers)
+
+
+class UndecodableRecord(ValueError):
+    """A record a subscriber cannot trust; the message says why (for the dead letters)."""
+
+
+def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes]:
+    """(store position, event JSON) of a record on the events topic, validated."""
+    found = dict(headers)
+    if found.get("ce_specversion") != SPEC_VERSION:
+        raise UndecodableRecord("not a CloudEvents 1.0 record (ce_specversion header)")
+    try:
+        position = int(found["ce_ledgerposition"])
+    except (KeyError, ValueError):
+        raise UndecodableRecord("ce_ledgerposition header missing or not a number") from None
+    if value is None:
+        raise UndecodableRecord("the record has no value")
+    try:
+        fact = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        raise UndecodableRecord(f"the value is not JSON: {error}") from None
+    if not isinstance(fact, dict) or any(f not in fact for f in _LEDGER_FIELDS):
+        raise UndecodableRecord("the value is not a recorded event (event_id, recorded_at)")
+    if found.get("ce_id", b"").decode(errors="replace") != fact["event_id"]:
+        raise UndecodableRecord("ce_id does not match the event's event_id")
+    try:
+        INCOMING.validate_python({k: v for k, v in fact.items() if k not in _LEDGER_FIELDS})
+    except ValidationError as error:
+        raise UndecodableRecord(explain(error)) from None
+    return position, value

