@@ -32,7 +32,7 @@ from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
-from domain.events import EVENT_MODELS, INCOMING
+from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING
 from domain.intake import Rejected, parse_record
 from domain.ledger import Ledger
 from projections import reports
@@ -264,11 +264,14 @@ def rebuild(
     group: Annotated[str, typer.Option(help="With --from-kafka: the consumer group.")] = (
         "ledger-projections"
     ),
+    realert: Annotated[
+        bool, typer.Option(help="Publish every derived event again (default: only new ones).")
+    ] = False,
 ) -> None:
     """Rebuild every projection from the start into a new file, then swap it in atomically."""
     path = State.settings.projections_path
     if from_kafka:
-        events = kafka_projection.rebuild_from_kafka(path, _kafka(), group)
+        events = kafka_projection.rebuild_from_kafka(path, _kafka(), group, realert=realert)
         out.print(f"rebuilt projections from {events:,} events on Kafka")
         return
     ledger = _ledger()
@@ -277,6 +280,7 @@ def rebuild(
         position = store_follower.rebuild(
             ledger,
             path,
+            realert=realert,
             on_batch=lambda _r, pos, head: progress.update(task, completed=pos, total=head),
         )
     out.print(f"rebuilt projections up to position {position:,}")
@@ -369,7 +373,7 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of every event type (the subscribers' contract)."""
-    models = {m.__name__: m for m in EVENT_MODELS}
+    models = {m.__name__: m for m in (*EVENT_MODELS, *DERIVED_MODELS)}
     if event_type is not None and event_type not in models:
         _fail(f"unknown event type {event_type!r}; known: {', '.join(models)}", code=2)
     document: dict[str, Any]
@@ -378,6 +382,9 @@ def schema(
     else:
         document = INCOMING.json_schema()
         document["title"] = "customer-ledger events (schema_version 1)"
+        document["derived"] = {
+            name: m.model_json_schema() for name, m in ((m.__name__, m) for m in DERIVED_MODELS)
+        }
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
@@ -458,7 +465,7 @@ def consume(
         return
     out.print(
         f"projected {report.events:,} events in {report.batches:,} batches; "
-        f"{report.dead_letters:,} dead letters"
+        f"{report.dead_letters:,} dead letters; {report.derived:,} derived events published"
     )
 
 

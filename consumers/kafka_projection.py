@@ -13,7 +13,6 @@ topic with headers naming where they came from and why, and the consumer moves o
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers import cloudevents
 from consumers.kafka import KafkaSettings, consumer, producer
+from projections import derived
 from projections.projector import BatchResult, Checkpoint, Projector
-from projections.schema import connect, stored_clock
+from projections.rebuild import rebuilding
+from projections.schema import connect
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class ConsumeReport:
     events: int = 0
     dead_letters: int = 0
     batches: int = 0
+    derived: int = 0
 
 
 BatchCallback = Callable[[BatchResult, ConsumeReport], None]
@@ -134,6 +137,10 @@ def consume(
                     break
                 continue
             result = _project_batch(projections, source, polled, dead_letters, report)
+            report.derived += publish_derived(
+                projections.projector(), dead_letters.producer(), settings
+            )
+            projections.after_batch()
             kafka_consumer.commit(
                 {
                     tp: OffsetAndMetadata(records[-1].offset + 1, None, -1)
@@ -167,11 +174,35 @@ def _project_batch(
         checkpoints[(source, f"{tp.topic}:{tp.partition}")] = records[-1].offset + 1
     dead_letters.flush()  # acknowledged before the offsets move past the poison records
     result = projections.projector().apply(batch, checkpoints)
-    projections.after_batch()
     report.events += len(batch)
     report.dead_letters = dead_letters.count
     report.batches += 1
     return result
+
+
+def publish_derived(
+    projector: Projector, kafka_producer: KafkaProducer, settings: KafkaSettings
+) -> int:
+    """Publish the derived events not yet acknowledged, then remember them as published.
+
+    A crash between the acknowledgement and the remembering re-sends them (same event
+    ids); nothing is skipped.
+    """
+    pending = derived.unpublished(projector.con)
+    futures = []
+    for fact in pending:
+        document = orjson.dumps(fact)
+        record = cloudevents.encode(fact, document, None)
+        futures.append(
+            kafka_producer.send(
+                settings.derived_topic, key=record.key, value=record.value, headers=record.headers
+            )
+        )
+    kafka_producer.flush()
+    for future in futures:
+        future.get(timeout=0)
+    derived.mark_published(projector.con, [fact["event_id"] for fact in pending])
+    return len(pending)
 
 
 def _caught_up(kafka_consumer: KafkaConsumer) -> bool:
@@ -193,9 +224,12 @@ class _DeadLetters:
         self._producer: KafkaProducer | None = None
         self._pending: list[Any] = []
 
-    def send(self, record: Any, error: Exception) -> None:
+    def producer(self) -> KafkaProducer:
         if self._producer is None:
             self._producer = producer(self.settings)
+        return self._producer
+
+    def send(self, record: Any, error: Exception) -> None:
         log.warning(
             "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error
         )
@@ -208,7 +242,7 @@ class _DeadLetters:
             ("dlq_error_message", str(error)[:2000].encode()),
         ]
         self._pending.append(
-            self._producer.send(
+            self.producer().send(
                 self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
             )
         )
@@ -256,48 +290,38 @@ def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[st
 
 
 def rebuild_from_kafka(
-    projections_path: Path, settings: KafkaSettings, group: str = "ledger-projections"
+    projections_path: Path,
+    settings: KafkaSettings,
+    group: str = "ledger-projections",
+    *,
+    realert: bool = False,
 ) -> int:
-    """Project the whole topic from offset 0 into a new file, then swap it in atomically.
-
-    The new file carries the old file's as-of clock (so it equals the live projection)
-    and the group's offsets at the topic's end, so `consume` continues from there.
-    """
-    previous_clock = None
-    if projections_path.exists():
-        old = connect(projections_path, read_only=True)
-        try:
-            previous_clock = stored_clock(old)
-        finally:
-            old.close()
-    staging = projections_path.with_name(projections_path.name + ".rebuild")
-    for leftover in (staging, Path(f"{staging}.wal")):
-        leftover.unlink(missing_ok=True)
-    reader: KafkaConsumer = consumer(settings, group_id=None)
-    projections = _Projections(staging, hold_seconds=float("inf"))
-    dead_letters = _DeadLetters(settings)
+    """Project the whole topic from offset 0 into a new file, then swap it in atomically
+    (see `projections.rebuild`). The new file holds the group's offsets at the topic's
+    end, so `consume` continues from there."""
+    source = source_name(group)
     report = ConsumeReport()
-    try:
-        partitions = reader.partitions_for_topic(settings.topic) or set()
-        tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
-        reader.assign(tps)
-        reader.seek_to_beginning(*tps)
-        ends = reader.end_offsets(tps)
-        projector = projections.projector()
-        source = source_name(group)
-        projector.apply([], {(source, f"{tp.topic}:{tp.partition}"): 0 for tp in tps})
-        while any(reader.position(tp) < ends[tp] for tp in tps):
-            polled = reader.poll(timeout_ms=1000)
-            if polled:
-                _project_batch(projections, source, polled, dead_letters, report)
-        if previous_clock is not None:
-            projections.projector().apply([], {}, previous_clock)
-    finally:
-        projections.release()
-        dead_letters.close()
-        reader.close()
-    os.replace(staging, projections_path)
-    Path(f"{projections_path}.wal").unlink(missing_ok=True)
+    with rebuilding(projections_path, realert=realert) as staging:
+        reader: KafkaConsumer = consumer(settings, group_id=None)
+        projections = _Projections(staging, hold_seconds=float("inf"))
+        dead_letters = _DeadLetters(settings)
+        try:
+            partitions = reader.partitions_for_topic(settings.topic) or set()
+            tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
+            reader.assign(tps)
+            reader.seek_to_beginning(*tps)
+            ends = reader.end_offsets(tps)
+            projections.projector().apply(
+                [], {(source, f"{tp.topic}:{tp.partition}"): 0 for tp in tps}
+            )
+            while any(reader.position(tp) < ends[tp] for tp in tps):
+                polled = reader.poll(timeout_ms=1000)
+                if polled:
+                    _project_batch(projections, source, polled, dead_letters, report)
+        finally:
+            projections.release()
+            dead_letters.close()
+            reader.close()
     return report.events
 
 

@@ -7,7 +7,6 @@ same transaction as the projection writes: exactly-once effect across crashes.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -15,7 +14,8 @@ from pathlib import Path
 
 from domain.ledger import Ledger
 from projections.projector import EVENT_STORE, BatchResult, Projector
-from projections.schema import connect, stored_clock
+from projections.rebuild import rebuilding
+from projections.schema import connect
 
 ProgressCallback = Callable[[BatchResult, int, int], None]
 """Called after each batch with (result, position reached, store head)."""
@@ -67,26 +67,10 @@ def rebuild(
     projections_path: Path,
     *,
     batch_size: int = 20_000,
+    realert: bool = False,
     on_batch: ProgressCallback | None = None,
 ) -> int:
-    """Rebuild every table from position 0 into a new file, then swap it in atomically.
-
-    The new file starts from the old file's as-of clock, so a rebuild equals the live
-    projection; readers of the old file never see a half-built table.
-    """
-    previous_clock = None
-    if projections_path.exists():
-        old = connect(projections_path, read_only=True)
-        try:
-            previous_clock = stored_clock(old)
-        finally:
-            old.close()
-    staging = projections_path.with_name(projections_path.name + ".rebuild")
-    for leftover in (staging, Path(f"{staging}.wal")):
-        leftover.unlink(missing_ok=True)
-    position = catch_up(ledger, staging, batch_size=batch_size, on_batch=on_batch)
-    if previous_clock is not None:
-        catch_up(ledger, staging, as_of=previous_clock)
-    os.replace(staging, projections_path)
-    Path(f"{projections_path}.wal").unlink(missing_ok=True)
-    return position
+    """Rebuild every table from position 0 into a new file, then swap it in atomically
+    (see `projections.rebuild`)."""
+    with rebuilding(projections_path, realert=realert) as staging:
+        return catch_up(ledger, staging, batch_size=batch_size, on_batch=on_batch)

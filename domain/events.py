@@ -401,6 +401,58 @@ EVENT_TYPES: tuple[str, ...] = tuple(m.__name__ for m in EVENT_MODELS)
 COMPLAINT_EVENT_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("Complaint"))
 
 
+# --- derived events (published on `<topic>.derived`, never ingested) ---------------------
+
+
+class StageChange(_Data):
+    from_stage: Literal["potential", "new", "satisfied", "retained", "loyal"] | None
+    to_stage: Literal["potential", "new", "satisfied", "retained", "loyal"]
+    reason: str
+    trigger_event_id: str
+
+
+class LoyaltyStageChanged(BaseModel):
+    """A customer entered a stage of the ladder; `occurred_at` is when (business time)."""
+
+    type: Literal["LoyaltyStageChanged"]
+    event_id: str
+    customer_id: Id
+    occurred_at: AwareDatetime
+    data: StageChange
+
+
+class SlaClock(_Data):
+    complaint_id: Id
+    clock: Literal["first_response", "resolution"]
+    priority: Priority
+    category: Label
+    due_at: AwareDatetime
+    warning_at: AwareDatetime
+
+
+class SlaWarning(BaseModel):
+    """75 % of a complaint's target elapsed with the clock running (at `warning_at`)."""
+
+    type: Literal["SlaWarning"]
+    event_id: str
+    customer_id: Id
+    occurred_at: AwareDatetime
+    data: SlaClock
+
+
+class SlaBreached(BaseModel):
+    """A complaint's target was missed (at `due_at`)."""
+
+    type: Literal["SlaBreached"]
+    event_id: str
+    customer_id: Id
+    occurred_at: AwareDatetime
+    data: SlaClock
+
+
+DERIVED_MODELS: tuple[type[BaseModel], ...] = (LoyaltyStageChanged, SlaWarning, SlaBreached)
+
+
 IncomingEvent = Annotated[
     CustomerRegistered
     | CustomerProfileUpdated

@@ -6,7 +6,8 @@ projection writes and the checkpoints commit in one DuckDB transaction, so a cra
 instant leaves either the whole batch applied and acknowledged, or none of it.
 
 Per batch: bulk-append to `events`, then set-based SQL over the customers the batch
-touched (loyalty history, profiles, SLA), then the ABC split across all customers.
+touched (loyalty history, profiles, SLA), then the ABC split across all customers, then
+the derived events (stage changes, SLA warnings and breaches) those changes revealed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 import duckdb
 
 from domain.policy import LadderPolicy, SlaPolicy
-from projections import loyalty, mirror, profiles, sla
+from projections import derived, loyalty, mirror, profiles, sla
 from projections.schema import create_schema, one, run
 
 Checkpoint = tuple[str, str]
@@ -87,6 +88,7 @@ class Projector:
             loyalty.refresh(con, self.ladder)
             profiles.refresh(con)
             sla.refresh(con, clock)
+            derived.refresh(con, clock)
             for (source, stream), position in checkpoints.items():
                 run(
                     con,

@@ -27,6 +27,9 @@ CREATE OR REPLACE MACRO money_div(a, b) AS CAST(CAST(
     // (2 * CAST(CAST(b AS DECIMAL(38, 4)) * 10000 AS HUGEINT))
     AS DECIMAL(38, 0)) * 0.0001 AS DECIMAL(18, 4));
 
+-- ISO-8601 in UTC with microseconds, as the JSON of derived events carries times.
+CREATE OR REPLACE MACRO iso(t) AS strftime(t AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ');
+
 CREATE TABLE IF NOT EXISTS events (
     position        BIGINT NOT NULL,          -- the event store's position
     event_id        UUID PRIMARY KEY,
@@ -107,6 +110,18 @@ CREATE TABLE IF NOT EXISTS complaint_sla (
     root_cause                   VARCHAR,
     compensation                 DECIMAL(18, 4),
     PRIMARY KEY (customer_id, complaint_id)
+);
+
+CREATE TABLE IF NOT EXISTS derived_events (
+    event_id     UUID PRIMARY KEY,                -- stable: the MD5 of what changed
+    type         VARCHAR NOT NULL,                -- LoyaltyStageChanged | SlaWarning | SlaBreached
+    customer_id  VARCHAR NOT NULL,
+    occurred_at  TIMESTAMPTZ NOT NULL,            -- when the transition happened
+    data         JSON NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS derived_published (
+    event_id     UUID PRIMARY KEY                 -- acknowledged by the broker
 );
 
 CREATE TABLE IF NOT EXISTS projection_clock (

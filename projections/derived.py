@@ -1,0 +1,105 @@
+"""`derived_events`: the facts the projections discover, for downstream systems.
+
+- `LoyaltyStageChanged` for every stage a customer enters (from loyalty_stage_history);
+- `SlaWarning` when 75 % of a target elapsed with its clock still running;
+- `SlaBreached` when a target was missed.
+
+Each transition has one deterministic event id (the MD5 of what changed, as a UUID), and is
+stamped with the business time it happened (entered_at, warning time, due time), not
+the moment it was noticed, so a rebuild derives the same events with the same ids.
+`derived_published` remembers which ids went out; a rebuild carries it over, so it does
+not alert again unless asked. Late events can reveal a transition earlier than ones
+already published: subscribers order by `occurred_at` when they need strict time order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from domain.events import SCHEMA_VERSION
+from projections.schema import run
+
+INSERT_NEW = """
+INSERT INTO derived_events
+WITH stage_changes AS (
+    SELECT md5('derived|stage|' || customer_id || '|' || trigger_event_id || '|' || stage)::UUID
+               AS event_id,
+           'LoyaltyStageChanged' AS type, customer_id, entered_at AS occurred_at,
+           json_object('from_stage', previous_stage, 'to_stage', stage, 'reason', reason,
+                       'trigger_event_id', trigger_event_id::VARCHAR) AS data
+    FROM loyalty_stage_history
+    WHERE customer_id IN (SELECT customer_id FROM touched)
+),
+clocks AS (
+    SELECT customer_id, complaint_id, priority, category, 'first_response' AS clock,
+           first_response_warning_at AS warning_at, first_response_due AS due_at,
+           first_response_at AS stopped_at, first_response_status AS status
+    FROM complaint_sla WHERE customer_id IN (SELECT customer_id FROM sla_scope)
+    UNION ALL
+    SELECT customer_id, complaint_id, priority, category, 'resolution',
+           resolution_warning_at, resolution_due, resolved_at, resolution_status
+    FROM complaint_sla WHERE customer_id IN (SELECT customer_id FROM sla_scope)
+),
+sla_transitions AS (
+    SELECT 'SlaWarning' AS type, warning_at AS occurred_at, *
+    FROM clocks
+    WHERE warning_at <= $as_of AND (stopped_at IS NULL OR stopped_at > warning_at)
+    UNION ALL
+    SELECT 'SlaBreached', due_at, *
+    FROM clocks WHERE status = 'breached'
+)
+SELECT * FROM (
+    SELECT * FROM stage_changes
+    UNION ALL
+    SELECT md5('derived|sla|' || customer_id || '|' || complaint_id || '|' || clock || '|'
+               || type)::UUID,
+           type, customer_id, occurred_at,
+           json_object('complaint_id', complaint_id, 'clock', clock, 'priority', priority,
+                       'category', category, 'due_at', iso(due_at),
+                       'warning_at', iso(warning_at))
+    FROM sla_transitions
+) AS found
+WHERE event_id NOT IN (SELECT event_id FROM derived_events)
+"""
+
+
+def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
+    """Add the transitions the latest batch revealed (needs `touched` and `sla_scope`)."""
+    run(con, INSERT_NEW, {"as_of": as_of})
+
+
+UNPUBLISHED = """
+SELECT d.event_id::VARCHAR, d.type, d.customer_id, iso(d.occurred_at), d.data
+FROM derived_events AS d
+WHERE d.event_id NOT IN (SELECT event_id FROM derived_published)
+ORDER BY d.occurred_at, d.event_id
+"""
+
+
+def unpublished(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Derived events the broker has not acknowledged yet, oldest first, in the
+    contract's recorded shape (see domain.events: the derived catalogue)."""
+    return [
+        {
+            "event_id": event_id,
+            "type": kind,
+            "schema_version": SCHEMA_VERSION,
+            "customer_id": customer_id,
+            "occurred_at": occurred_at,
+            "source": "customer-ledger",
+            "data": orjson.loads(data),
+        }
+        for event_id, kind, customer_id, occurred_at, data in con.execute(UNPUBLISHED).fetchall()
+    ]
+
+
+def mark_published(con: duckdb.DuckDBPyConnection, event_ids: list[str]) -> None:
+    con.register("acknowledged", pa.table({"event_id": pa.array(event_ids, pa.string())}))
+    try:
+        run(con, "INSERT OR IGNORE INTO derived_published SELECT event_id::UUID FROM acknowledged")
+    finally:
+        con.unregister("acknowledged")
