@@ -7,9 +7,12 @@
 Each transition has one deterministic event id (the MD5 of what changed, as a UUID), and is
 stamped with the business time it happened (entered_at, warning time, due time), not
 the moment it was noticed, so a rebuild derives the same events with the same ids.
-`derived_published` remembers which ids went out; a rebuild carries it over, so it does
-not alert again unless asked. Late events can reveal a transition earlier than ones
-already published: subscribers order by `occurred_at` when they need strict time order.
+`derived_events` is a projection like the others: recomputed for the customers a batch
+touched, so it always says what the events imply now, and a rebuild equals it row for
+row. `derived_published` remembers which ids went out; a rebuild carries it over, so it
+does not alert again unless asked. A late event can reveal a transition earlier than
+ones already published (subscribers order by `occurred_at` when they need strict time
+order), or retract one: a published id that no longer appears in `derived_events`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import pyarrow as pa
 from domain.events import SCHEMA_VERSION
 from projections.schema import run
 
-INSERT_NEW = """
+DELETE_IN_SCOPE = """
+DELETE FROM derived_events
+WHERE (type = 'LoyaltyStageChanged' AND customer_id IN (SELECT customer_id FROM touched))
+   OR (type IN ('SlaWarning', 'SlaBreached')
+       AND customer_id IN (SELECT customer_id FROM sla_scope))
+"""
+
+INSERT_IN_SCOPE = """
 INSERT INTO derived_events
 WITH stage_changes AS (
     SELECT md5('derived|stage|' || customer_id || '|' || trigger_event_id || '|' || stage)::UUID
@@ -63,13 +73,13 @@ SELECT * FROM (
                        'warning_at', iso(warning_at))
     FROM sla_transitions
 ) AS found
-WHERE event_id NOT IN (SELECT event_id FROM derived_events)
 """
 
 
 def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
-    """Add the transitions the latest batch revealed (needs `touched` and `sla_scope`)."""
-    run(con, INSERT_NEW, {"as_of": as_of})
+    """Recompute the transitions of the customers in `touched` and `sla_scope`."""
+    run(con, DELETE_IN_SCOPE)
+    run(con, INSERT_IN_SCOPE, {"as_of": as_of})
 
 
 UNPUBLISHED = """

@@ -34,6 +34,8 @@ TABLES = {
     "loyalty_stage_history",
     "complaint_sla",
     "projection_clock",
+    "derived_events",
+    "derived_published",
     "projection_checkpoints",
     "sla_targets",
     "survey_scales",
