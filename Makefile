@@ -4,14 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-kafka test test-faults bench bench-quick lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,8 +20,23 @@ demo: $(STAMP)
 	rm -rf ./demo-data
 	$(BIN)/ledger --data-dir ./demo-data demo
 
+# Runs the whole Kafka path against the bundled broker (Tansu, memory storage).
+demo-kafka: $(STAMP)
+	rm -rf ./demo-data-kafka
+	$(BIN)/ledger --data-dir ./demo-data-kafka demo --via-kafka
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The long fault-injection variants (kill -9 loops on 50k events, broker outages).
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -m long_faults
+
+bench: $(STAMP)
+	$(BIN)/python bench/benchmark.py --sizes 100000,1000000 --out bench-results
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/benchmark.py --sizes 20000 --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -560,27 +561,42 @@ def dev_broker(
 def demo(
     customers: Annotated[int, typer.Option(min=1, help="How many customers to simulate.")] = 500,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed, the same history.")] = 7,
+    via_kafka: Annotated[
+        bool,
+        typer.Option(
+            "--via-kafka",
+            help="Relay and consume through Kafka (LEDGER_KAFKA_BOOTSTRAP, else the bundled "
+            "dev broker on a free port).",
+        ),
+    ] = False,
 ) -> None:
     """Generate a realistic two-year CRM history, ingest it, and summarise the projections."""
     from domain.demo_history import generate_history
 
-    events = generate_history(customers=customers, seed=seed)
     settings = State.settings
+    events = generate_history(customers=customers, seed=seed)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     path = settings.data_dir / f"demo-{customers}-{seed}.jsonl"
     path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
     err.print(f"generated {len(events):,} events for {customers:,} customers in {path}")
     ledger = _ledger()
-    with path.open("rb") as stream, _progress() as progress:
-        task = progress.add_task("ingesting", total=path.stat().st_size)
-        report = ingest_files.ingest_stream(
-            ledger,
-            stream,
-            path.name,
-            settings.rejects_dir,
-            on_batch=lambda done, _r: progress.update(task, completed=done),
-        )
-    _project(ledger)
+    report = _ingest_one(ledger, str(path), None, 5000)
+    if via_kafka:
+        with ExitStack() as stack:
+            kafka = settings.kafka
+            if kafka is None:
+                broker = stack.enter_context(kafka_tools.dev_broker())
+                err.print(f"started the bundled broker on {broker.bootstrap}")
+                kafka = KafkaSettings(bootstrap=broker.bootstrap)
+            kafka_tools.ensure_topics(kafka)
+            relayed = relay_tools.run(ledger, kafka, settings.relay_state_path)
+            consumed = kafka_projection.consume(settings.projections_path, kafka)
+            err.print(
+                f"relayed up to position {relayed.position:,}; consumed {consumed.events:,} "
+                f"events; published {consumed.derived:,} derived events"
+            )
+    else:
+        _project(ledger)
     out.print(
         f"ingested {report.accepted:,} events ({report.duplicates:,} duplicates, "
         f"{report.rejected:,} rejected)"
