@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -29,7 +28,7 @@ from consumers.kafka import KafkaSettings, consumer, producer
 from projections import derived
 from projections.projector import BatchResult, Checkpoint, Projector
 from projections.rebuild import rebuilding
-from projections.schema import connect
+from projections.writer import ProjectionWriter
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +45,8 @@ def source_name(group: str) -> str:
     return f"kafka:{group}"
 
 
-class _Projections:
-    """The projections file, held open while batches keep coming and released when idle
-    or after `hold_seconds`, so analysts' read-only queries get their turn."""
-
-    def __init__(self, path: Path, hold_seconds: float = 1.0) -> None:
-        self.path = path
-        self.hold_seconds = hold_seconds
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._projector: Projector | None = None
-        self._opened_at = 0.0
-
-    def projector(self) -> Projector:
-        if self._projector is None:
-            self._con = connect(self.path)
-            self._projector = Projector(self._con)
-            self._opened_at = time.monotonic()
-        return self._projector
-
-    def after_batch(self) -> None:
-        if time.monotonic() - self._opened_at > self.hold_seconds:
-            self.release()
-
-    def release(self) -> None:
-        if self._con is not None:
-            self._con.close()
-        self._con, self._projector = None, None
-
-
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, kafka_consumer: KafkaConsumer, projections: _Projections, source: str):
+    def __init__(self, kafka_consumer: KafkaConsumer, projections: ProjectionWriter, source: str):
         self.consumer = kafka_consumer
         self.projections = projections
         self.source = source
@@ -121,7 +92,7 @@ def consume(
     watermark its last fetch reported.
     """
     source = source_name(group)
-    projections = _Projections(projections_path)
+    projections = ProjectionWriter(projections_path)
     kafka_consumer = consumer(settings, group_id=group, max_poll_records=max_records)
     dead_letters = _DeadLetters(settings)
     report = ConsumeReport()
@@ -157,7 +128,7 @@ def consume(
 
 
 def _project_batch(
-    projections: _Projections,
+    projections: ProjectionWriter,
     source: str,
     polled: dict[TopicPartition, list[Any]],
     dead_letters: _DeadLetters,
@@ -303,7 +274,7 @@ def rebuild_from_kafka(
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
         reader: KafkaConsumer = consumer(settings, group_id=None)
-        projections = _Projections(staging, hold_seconds=float("inf"))
+        projections = ProjectionWriter(staging, hold_seconds=float("inf"))
         dead_letters = _DeadLetters(settings)
         try:
             partitions = reader.partitions_for_topic(settings.topic) or set()

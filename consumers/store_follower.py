@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 
 from domain.ledger import Ledger
-from projections.projector import EVENT_STORE, BatchResult, Projector
+from projections.projector import EVENT_STORE, BatchResult
 from projections.rebuild import rebuilding
-from projections.schema import connect
+from projections.writer import ProjectionWriter
 
 ProgressCallback = Callable[[BatchResult, int, int], None]
 """Called after each batch with (result, position reached, store head)."""
@@ -34,32 +34,29 @@ def catch_up(
 ) -> int:
     """Project every stored event not yet projected; with `follow`, keep polling.
 
-    Returns the position reached. While following, the projections file is opened only
-    for the duration of a batch, so analysts can query it between batches.
+    Returns the position reached. The projections file is held only while batches come
+    (see `projections.writer`), so analysts can query it meanwhile.
     """
-    position = 0
-    while True:
-        con = connect(projections_path)
-        try:
-            projector = Projector(con)
-            position = projector.checkpoint(*EVENT_STORE) or 0
-            head = ledger.head()
-            caught_up = position >= head
-            if caught_up and as_of is not None:
-                projector.apply([], {EVENT_STORE: position}, as_of)
-            while position < head:
-                last, documents = ledger.documents_after(position, batch_size)
-                if last == position:
-                    break
-                result = projector.apply(documents, {EVENT_STORE: last}, as_of)
+    writer = ProjectionWriter(projections_path)
+    try:
+        position = writer.projector().checkpoint(*EVENT_STORE) or 0
+        if as_of is not None:
+            writer.projector().apply([], {EVENT_STORE: position}, as_of)
+        while True:
+            last, documents = ledger.documents_after(position, batch_size)
+            if last != position:
+                result = writer.projector().apply(documents, {EVENT_STORE: last}, as_of)
                 position = last
+                writer.after_batch()
                 if on_batch:
-                    on_batch(result, position, head)
-        finally:
-            con.close()
-        if not follow or should_stop():
-            return position
-        time.sleep(poll_seconds)
+                    on_batch(result, position, ledger.head())
+                continue
+            writer.release()
+            if not follow or should_stop():
+                return position
+            time.sleep(poll_seconds)
+    finally:
+        writer.release()
 
 
 def rebuild(

@@ -1,0 +1,43 @@
+"""Holding the projections file for writing, briefly.
+
+DuckDB allows one writing process per file, and a reading process only while no one
+writes. Projectors therefore hold the file while batches keep coming, but release it
+when idle and at least every `hold_seconds`, so analysts' read-only queries get their
+turn (`ledger query` waits for the lock) while ingestion keeps running.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import duckdb
+
+from projections.projector import Projector
+from projections.schema import connect
+
+
+class ProjectionWriter:
+    def __init__(self, path: Path, hold_seconds: float = 1.0) -> None:
+        self.path = path
+        self.hold_seconds = hold_seconds
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._projector: Projector | None = None
+        self._opened_at = 0.0
+
+    def projector(self) -> Projector:
+        """The projector on an open connection (opening the file when released)."""
+        if self._projector is None:
+            self._con = connect(self.path)
+            self._projector = Projector(self._con)
+            self._opened_at = time.monotonic()
+        return self._projector
+
+    def after_batch(self) -> None:
+        if time.monotonic() - self._opened_at > self.hold_seconds:
+            self.release()
+
+    def release(self) -> None:
+        if self._con is not None:
+            self._con.close()
+        self._con, self._projector = None, None
