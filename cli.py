@@ -500,38 +500,53 @@ def status(
         "ledger-projections"
     ),
 ) -> None:
-    """Store head, projection positions, relay position, and consumer lag per partition."""
+    """Store head, projection positions and clock, relay position, lag per partition."""
     settings = State.settings
     ledger = _ledger()
-    table = Table("what", "position", title="customer-ledger status", title_justify="left")
-    table.add_row(f"event store head ({settings.event_store_label})", f"{ledger.head():,}")
+    table = Table("what", "where", "position", title="customer-ledger", title_justify="left")
+    table.add_row("event store head", settings.event_store_label, f"{ledger.head():,}")
     stored: dict[str, int] = {}
     if settings.projections_path.exists():
         con = connect(settings.projections_path, read_only=True)
         try:
-            for source, stream, position in con.execute(
+            checkpoints = con.execute(
                 "SELECT source, stream, position FROM projection_checkpoints ORDER BY ALL"
-            ).fetchall():
-                table.add_row(f"projections from {source} {stream}".strip(), f"{position:,}")
-                if source == kafka_projection.source_name(group):
-                    stored[stream] = position
+            ).fetchall()
             clock = stored_clock(con)
-            table.add_row("projection as-of clock", str(clock))
         finally:
             con.close()
+        for source, stream, position in checkpoints:
+            if source == kafka_projection.source_name(group):
+                stored[stream] = position
+            elif not source.startswith("kafka:"):
+                table.add_row("projections", source, f"{position:,}")
+        table.add_row("projection as-of clock", "", str(clock))
     if settings.kafka is not None:
         relay_state = relay_tools.RelayState.load(settings.relay_state_path)
-        table.add_row("relay (acknowledged)", f"{relay_state.position:,}")
-        try:
-            lags = kafka_projection.partition_lag(settings.kafka, stored)
-        except KafkaError as error:
-            _fail(f"cannot reach the broker at {settings.kafka.bootstrap}: {error}")
-        for lag in lags:
-            table.add_row(
-                f"{settings.kafka.topic}[{lag.partition}] group {group}: projected/highwater/lag",
-                f"{lag.projected or 0:,}/{lag.highwater}/{lag.lag}",
-            )
+        table.add_row("relay (acknowledged)", settings.kafka.topic, f"{relay_state.position:,}")
     out.print(table)
+    if settings.kafka is None:
+        return
+    try:
+        lags = kafka_projection.partition_lag(settings.kafka, stored)
+    except KafkaError as error:
+        _fail(f"cannot reach the broker at {settings.kafka.bootstrap}: {error}")
+    lag_table = Table(
+        "partition",
+        "projected offset",
+        "high watermark",
+        "lag",
+        title=f"group {group} on {settings.kafka.topic}",
+        title_justify="left",
+    )
+    for lag in lags:
+        lag_table.add_row(
+            str(lag.partition),
+            f"{lag.projected or 0:,}",
+            "?" if lag.highwater is None else f"{lag.highwater:,}",
+            "?" if lag.lag is None else f"{lag.lag:,}",
+        )
+    out.print(lag_table)
 
 
 @app.command("dev-broker")
