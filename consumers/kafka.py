@@ -20,9 +20,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 
 _SECURITY_OPTIONS = {
     "LEDGER_KAFKA_SECURITY_PROTOCOL": "security_protocol",
@@ -108,6 +108,34 @@ def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
     }
     options.update(overrides)
     return KafkaConsumer(**settings.client_options(), **options)
+
+
+def high_watermarks(
+    settings: KafkaSettings, topic: str, wait_seconds: float = 10.0
+) -> dict[TopicPartition, int]:
+    """Each partition's high watermark, as fetch responses report it.
+
+    Not `end_offsets()`: some Kafka-protocol brokers (Tansu among them) answer ListOffsets
+    with the base offset of the last record batch, short of the true end. A fetch from
+    that offset returns the real high watermark.
+    """
+    probe: KafkaConsumer = consumer(settings, group_id=None)
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return {}
+        probe.assign(partitions)
+        probe.seek_to_end(*partitions)
+        deadline = time.monotonic() + wait_seconds
+        while any(probe.highwater(tp) is None for tp in partitions):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"no high watermark for {topic} within {wait_seconds}s")
+            probe.poll(timeout_ms=200)
+        return {tp: int(probe.highwater(tp)) for tp in partitions}
+    finally:
+        probe.close()
 
 
 def ensure_topics(settings: KafkaSettings) -> list[str]:

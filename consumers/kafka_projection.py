@@ -13,7 +13,6 @@ topic with headers naming where they came from and why, and the consumer moves o
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartitio
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, consumer, producer
+from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer
 from projections import derived
 from projections.projector import BatchResult, Checkpoint, Projector
 from projections.rebuild import rebuilding
@@ -96,6 +95,8 @@ def consume(
     kafka_consumer = consumer(settings, group_id=group, max_poll_records=max_records)
     dead_letters = _DeadLetters(settings)
     report = ConsumeReport()
+    projections.projector()  # creates the file and its tables before the group join
+    projections.release()
     try:
         kafka_consumer.subscribe(
             [settings.topic], listener=_SeekToStoredOffsets(kafka_consumer, projections, source)
@@ -236,11 +237,10 @@ def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[st
     """The dead-letter topic's records, oldest first, with their provenance headers."""
     reader: KafkaConsumer = consumer(settings, group_id=None, consumer_timeout_ms=2000)
     try:
-        partitions = reader.partitions_for_topic(settings.dlq_topic) or set()
-        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        ends = high_watermarks(settings, settings.dlq_topic)
+        tps = list(ends)
         reader.assign(tps)
         reader.seek_to_beginning(*tps)
-        ends = reader.end_offsets(tps)
         found: list[dict[str, Any]] = []
         while any(reader.position(tp) < ends[tp] for tp in tps) and len(found) < limit:
             for tp, records in reader.poll(timeout_ms=1000).items():
@@ -277,11 +277,10 @@ def rebuild_from_kafka(
         projections = ProjectionWriter(staging, hold_seconds=float("inf"))
         dead_letters = _DeadLetters(settings)
         try:
-            partitions = reader.partitions_for_topic(settings.topic) or set()
-            tps = [TopicPartition(settings.topic, p) for p in sorted(partitions)]
+            ends = high_watermarks(settings, settings.topic)
+            tps = list(ends)
             reader.assign(tps)
             reader.seek_to_beginning(*tps)
-            ends = reader.end_offsets(tps)
             projections.projector().apply(
                 [], {(source, f"{tp.topic}:{tp.partition}"): 0 for tp in tps}
             )
@@ -310,30 +309,9 @@ class PartitionLag:
 
 
 def partition_lag(settings: KafkaSettings, stored: dict[str, int]) -> list[PartitionLag]:
-    """Lag per partition of the events topic, from fetched high watermarks.
-
-    The probe fetches from each stored offset; the fetch responses carry the high
-    watermark, which is what a consumer really sees (ListOffsets answers can differ).
-    """
-    probe: KafkaConsumer = consumer(settings, group_id=None, max_poll_records=1)
-    try:
-        partitions = sorted(probe.partitions_for_topic(settings.topic) or set())
-        tps = [TopicPartition(settings.topic, p) for p in partitions]
-        probe.assign(tps)
-        for tp in tps:
-            offset = stored.get(f"{tp.topic}:{tp.partition}")
-            if offset is None:
-                probe.seek_to_beginning(tp)
-            else:
-                probe.seek(tp, offset)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(probe.highwater(tp) is None for tp in tps):
-            probe.poll(timeout_ms=200)
-        return [
-            PartitionLag(
-                tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), probe.highwater(tp)
-            )
-            for tp in tps
-        ]
-    finally:
-        probe.close()
+    """Lag per partition of the events topic: fetched high watermark minus the offset
+    the projections stored."""
+    return [
+        PartitionLag(tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), highwater)
+        for tp, highwater in high_watermarks(settings, settings.topic).items()
+    ]

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, consumer, producer
+from consumers.kafka import KafkaSettings, high_watermarks, producer
 from domain.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,8 @@ class TopicDataLost(RuntimeError):
 
 
 def topic_size(settings: KafkaSettings) -> int:
-    """Records on the events topic now: the sum of its partitions' end offsets."""
-    probe: KafkaConsumer = consumer(settings, group_id=None)
-    try:
-        partitions = probe.partitions_for_topic(settings.topic) or set()
-        ends = probe.end_offsets([TopicPartition(settings.topic, p) for p in partitions])
-        return int(sum(ends.values()))
-    finally:
-        probe.close()
+    """Records on the events topic now: the sum of its partitions' high watermarks."""
+    return sum(high_watermarks(settings, settings.topic).values())
 
 
 def check_topic(settings: KafkaSettings, state: RelayState) -> None:
