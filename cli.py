@@ -33,7 +33,7 @@ from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
-from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING
+from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
 from domain.intake import Rejected, parse_record
 from domain.ledger import Ledger
 from projections import reports
@@ -372,17 +372,26 @@ def schema(
     event_type: Annotated[
         str | None, typer.Argument(metavar="[TYPE]", help="One type only.")
     ] = None,
+    ingest_format: Annotated[
+        bool, typer.Option("--ingest", help="The shape producers send (without ledger fields).")
+    ] = False,
 ) -> None:
-    """Print the JSON Schema of every event type (the subscribers' contract)."""
-    models = {m.__name__: m for m in (*EVENT_MODELS, *DERIVED_MODELS)}
+    """Print the JSON Schema of every event type: by default the recorded shape that
+    subscribers receive (with event_id, schema_version, recorded_at), and the derived
+    events."""
+    shapes = EVENT_MODELS if ingest_format else RECORDED_MODELS
+    models = {m.__name__: m for m in (*shapes, *DERIVED_MODELS)}
     if event_type is not None and event_type not in models:
         _fail(f"unknown event type {event_type!r}; known: {', '.join(models)}", code=2)
     document: dict[str, Any]
     if event_type:
         document = models[event_type].model_json_schema()
     else:
-        document = INCOMING.json_schema()
-        document["title"] = "customer-ledger events (schema_version 1)"
+        document = (INCOMING if ingest_format else RECORDED).json_schema()
+        document["title"] = (
+            f"customer-ledger events, {'ingest' if ingest_format else 'recorded'} shape "
+            "(schema_version 1)"
+        )
         document["derived"] = {
             name: m.model_json_schema() for name, m in ((m.__name__, m) for m in DERIVED_MODELS)
         }

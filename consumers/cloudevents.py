@@ -4,7 +4,7 @@
 - value: the event as JSON, the recorded shape of `domain.events` (`ledger schema`);
 - headers: `ce_specversion`, `ce_id` (the event id), `ce_source`, `ce_type`, `ce_time`
   (business time), `ce_subject` (customer id), `ce_dataschema`, `content-type`, and the
-  extensions `ce_ledgerposition` (the event store's position) and `ce_recordedtime`.
+  extension `ce_ledgerposition` (the event store's position).
 
 Any Kafka client can read the topic with these rules alone; `decode` is the inverse used
 by this project's consumer groups, and rejects what a subscriber could not trust.
@@ -15,15 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
-from domain.events import INCOMING, SCHEMA_VERSION
+from domain.events import RECORDED, SCHEMA_VERSION
 from domain.intake import explain
 
 SPEC_VERSION = b"1.0"
 TYPE_PREFIX = "customer_ledger."
-_LEDGER_FIELDS = ("event_id", "recorded_at", "schema_version")
 
 Headers = list[tuple[str, bytes]]
 
@@ -49,8 +47,6 @@ def encode(fact: dict[str, Any], document: bytes, position: int | None) -> Kafka
     ]
     if position is not None:
         headers.append(("ce_ledgerposition", str(position).encode()))
-    if fact.get("recorded_at"):
-        headers.append(("ce_recordedtime", fact["recorded_at"].encode()))
     return KafkaRecord(fact["customer_id"].encode(), document, headers)
 
 
@@ -70,15 +66,9 @@ def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes]:
     if value is None:
         raise UndecodableRecord("the record has no value")
     try:
-        fact = orjson.loads(value)
-    except orjson.JSONDecodeError as error:
-        raise UndecodableRecord(f"the value is not JSON: {error}") from None
-    if not isinstance(fact, dict) or any(f not in fact for f in _LEDGER_FIELDS):
-        raise UndecodableRecord("the value is not a recorded event (event_id, recorded_at)")
-    if found.get("ce_id", b"").decode(errors="replace") != fact["event_id"]:
-        raise UndecodableRecord("ce_id does not match the event's event_id")
-    try:
-        INCOMING.validate_python({k: v for k, v in fact.items() if k not in _LEDGER_FIELDS})
+        event = RECORDED.validate_json(value)
     except ValidationError as error:
         raise UndecodableRecord(explain(error)) from None
+    if found.get("ce_id", b"").decode(errors="replace") != str(event.event_id):
+        raise UndecodableRecord("ce_id does not match the event's event_id")
     return position, value

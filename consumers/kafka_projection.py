@@ -81,7 +81,7 @@ def consume(
     *,
     follow: bool = False,
     poll_ms: int = 500,
-    max_records: int = 5_000,
+    max_records: int = 20_000,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> ConsumeReport:

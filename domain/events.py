@@ -25,7 +25,8 @@ from __future__ import annotations
 from datetime import date
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, Union
+from uuid import UUID
 
 from pydantic import (
     AwareDatetime,
@@ -474,3 +475,23 @@ IncomingEvent = Annotated[
 
 #: Validates one incoming event (JSON text or a dict) into its catalogue class.
 INCOMING: TypeAdapter[IncomingEvent] = TypeAdapter(IncomingEvent)
+
+
+class RecordedFields(BaseModel):
+    """What the ledger adds to every event it records: the shape subscribers receive."""
+
+    event_id: UUID = Field(description="stable: the same input always gets the same id")
+    schema_version: Literal[1]
+    recorded_at: AwareDatetime = Field(description="when the ledger stored the event")
+
+
+def _recorded(model: type[Event]) -> type[BaseModel]:
+    return type(model.__name__, (model, RecordedFields), {"__doc__": model.__doc__})
+
+
+RECORDED_MODELS: tuple[type[BaseModel], ...] = tuple(_recorded(m) for m in EVENT_MODELS)
+
+#: Validates one recorded event (the value of a record on the events topic).
+RECORDED: TypeAdapter[Any] = TypeAdapter(
+    Annotated[Union[RECORDED_MODELS], Field(discriminator="type")]  # type: ignore[arg-type]  # noqa: UP007
+)
