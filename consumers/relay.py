@@ -97,6 +97,7 @@ def run(
     batch_size: int = 5_000,
     poll_seconds: float = 0.5,
     max_backoff_seconds: float = 30.0,
+    check_every_seconds: float = 5.0,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> RelayState:
@@ -108,14 +109,14 @@ def run(
     state = RelayState.load(state_path)
     backoff = 0.5
     kafka_producer: KafkaProducer | None = None
-    checked = False
+    checked_at: float | None = None  # a broker can restart empty between two batches
     while not should_stop():
         try:
             if kafka_producer is None:
                 kafka_producer = producer(settings)
-            if not checked:
+            if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
                 check_topic(settings, state)
-                checked = True
+                checked_at = time.monotonic()
             last, documents = ledger.documents_after(state.position, batch_size)
             if last == state.position:
                 if not follow:
@@ -133,7 +134,7 @@ def run(
             if kafka_producer is not None:
                 kafka_producer.close(timeout=1)
                 kafka_producer = None
-            checked = False  # the broker may come back empty: look again
+            checked_at = None  # the broker may come back empty: look again
             time.sleep(backoff)
             backoff = min(backoff * 2, max_backoff_seconds)
     if kafka_producer is not None:
