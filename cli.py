@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -117,6 +118,20 @@ def _project(ledger: Ledger, as_of: datetime | None = None, follow: bool = False
             )
         except ProjectionsBusy as error:
             _fail(str(error))
+
+
+def _print_table(
+    columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None
+) -> None:
+    table = Table(*columns, title=title, title_justify="left")
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row))
+    out.print(table)
+
+
+def _print_json_lines(objects: Iterable[Any]) -> None:
+    for obj in objects:
+        sys.stdout.buffer.write(orjson.dumps(obj, default=str) + b"\n")
 
 
 def _progress() -> Progress:
@@ -331,10 +346,7 @@ def query(
         writer.writerow(columns)
         writer.writerows(rows)
     else:
-        table = Table(*columns, show_lines=False)
-        for r in rows:
-            table.add_row(*("" if v is None else str(v) for v in r))
-        out.print(table)
+        _print_table(columns, rows)
 
 
 # --- auditors ------------------------------------------------------------------------------
@@ -349,22 +361,22 @@ def history(
     facts = _ledger().timeline(customer_id)
     if not facts:
         _fail(f"no events for customer {customer_id!r}", code=EXIT_REJECTED)
-    facts.sort(key=lambda f: (datetime.fromisoformat(f["occurred_at"]), f["recorded_at"]))
     if as_json:
-        for fact in facts:
-            sys.stdout.buffer.write(orjson.dumps(fact) + b"\n")
+        _print_json_lines(facts)
         return
-    table = Table("occurred_at", "type", "details", "recorded_at", "source")
-    for fact in facts:
-        details = ", ".join(f"{k}={v}" for k, v in fact["data"].items())
-        table.add_row(
-            fact["occurred_at"],
-            fact["type"],
-            details,
-            fact["recorded_at"],
-            fact.get("source") or "",
-        )
-    out.print(table)
+    _print_table(
+        ["occurred_at", "type", "details", "recorded_at", "source"],
+        [
+            (
+                f["occurred_at"],
+                f["type"],
+                ", ".join(f"{k}={v}" for k, v in f["data"].items()),
+                f["recorded_at"],
+                f.get("source"),
+            )
+            for f in facts
+        ],
+    )
 
 
 @app.command()
@@ -487,8 +499,7 @@ def dlq_list(
     """Show the dead letters with the topic, partition, offset and error of each."""
     letters = kafka_projection.list_dead_letters(_kafka(), limit)
     if as_json:
-        for letter in letters:
-            sys.stdout.buffer.write(orjson.dumps(letter) + b"\n")
+        _print_json_lines(letters)
         return
     table = Table("original", "error", "message", "key", "value")
     for letter in letters:
@@ -628,10 +639,7 @@ def demo(
     con = connect(settings.projections_path, read_only=True)
     try:
         for title, columns, rows in reports.summary(con):
-            table = Table(*columns, title=title, title_justify="left")
-            for r in rows:
-                table.add_row(*(str(v) for v in r))
-            out.print(table)
+            _print_table(columns, rows, title)
     finally:
         con.close()
     out.print(

@@ -211,9 +211,11 @@ class Ledger(Application[UUID]):
     # --- reading -----------------------------------------------------------------------
 
     def timeline(self, customer_id: str) -> list[Fact]:
-        """Every fact about a customer, in the order the ledger recorded them."""
+        """Every fact about a customer in business-time order (then recording order)."""
         stream = self.repository.event_store.get(customer_stream_id(customer_id))
-        return [e.fact for e in stream if isinstance(e, Customer.Recorded)]
+        facts = [e.fact for e in stream if isinstance(e, Customer.Recorded)]
+        facts.sort(key=lambda f: datetime.fromisoformat(f["occurred_at"]))  # stable
+        return facts
 
     def head(self) -> int:
         """The position of the newest event in the store (0 when empty)."""
