@@ -48,7 +48,7 @@ class _Decision:
     to_save: list[CanMutateAggregate[UUID]] = field(default_factory=list)  # input order
     changed: set[UUID] = field(default_factory=set)  # customers with accepted events
     created: set[UUID] = field(default_factory=set)  # customers not yet in the store
-    from_cache: set[UUID] = field(default_factory=set)
+    from_cache: dict[UUID, int] = field(default_factory=dict)  # the version when read
     doubtful: set[UUID] = field(default_factory=set)  # cached customers with rejections
     unsaved: set[UUID] = field(default_factory=set)  # created, but nothing to save
 
@@ -132,10 +132,10 @@ class Ledger(Application[UUID]):
         """Record a batch atomically; returns one outcome per event, in order."""
         for attempt in range(self.max_attempts):
             decision = self._decide(events)
-            if decision.doubtful:
-                # A rejection judged on a cached customer may come from a stale copy
-                # (another process wrote since): re-read them and decide the batch again.
-                # Every customer of the attempt is forgotten: deciding changed them.
+            if self._any_stale(decision):
+                # A rejection was judged on a cached copy that another process has since
+                # outdated: re-read and decide the batch again. Every customer of the
+                # attempt is forgotten: deciding changed them.
                 self._forget(decision.customers)
                 continue
             # The event store's put() rather than save(): save() runs two typing.Protocol
@@ -186,11 +186,18 @@ class Ledger(Application[UUID]):
         decision.unsaved = decision.created - decision.changed
         return decision
 
+    def _any_stale(self, decision: _Decision) -> bool:
+        """Has any cached customer with a rejection gained events in the store since?"""
+        return any(
+            self.recorder.select_events(stream_id, gt=decision.from_cache[stream_id], limit=1)
+            for stream_id in decision.doubtful
+        )
+
     def _load(self, customer_id: str, decision: _Decision) -> Customer:
         stream_id = customer_stream_id(customer_id)
         cached = self._customers.get(stream_id)
         if cached is not None:
-            decision.from_cache.add(stream_id)
+            decision.from_cache[stream_id] = cached.version
             return cached
         try:
             customer: Customer = self.repository.get(stream_id)
