@@ -15,8 +15,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import duckdb
 import orjson
 import typer
+from eventsourcing.persistence import PersistenceError
 from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
@@ -36,7 +38,7 @@ from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
 from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
 from domain.intake import Rejected, parse_record
-from domain.ledger import Ledger
+from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
 from projections.projector import BatchResult
 from projections.schema import ProjectionsBusy, connect, stored_clock
@@ -649,7 +651,18 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """Runs the app; failures of the store, the projections, the disk or the broker end
+    with a message and exit status 3 instead of a traceback. What was recorded before
+    stays recorded (whole batches only), so the same command can simply be run again."""
+    try:
+        app()
+    except (PersistenceError, ConcurrencyExhausted, duckdb.Error, OSError, KafkaError) as error:
+        err.print(
+            f"[red]error:[/red] {type(error).__name__}: {error}\n"
+            "Everything recorded before this point is stored whole; fix the cause and run "
+            "the same command again (re-ingesting a file adds nothing twice)."
+        )
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 if __name__ == "__main__":

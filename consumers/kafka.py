@@ -102,6 +102,9 @@ def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
         "auto_offset_reset": "earliest",
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
+        # also the rebalance timeout: how long a join waits for members that died
+        # without leaving (a killed consumer), before the group moves on without them
+        "max_poll_interval_ms": 30_000,
         "max_poll_records": 5000,
         "fetch_max_bytes": 32 * 1024 * 1024,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,

@@ -81,22 +81,25 @@ def consume(
     *,
     follow: bool = False,
     poll_ms: int = 500,
-    max_records: int = 20_000,
+    max_records: int = 50_000,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> ConsumeReport:
     """Project the events topic as a member of `group`.
 
-    Without `follow` it stops once every assigned partition is read up to the high
-    watermark its last fetch reported.
+    Without `follow` it stops once the projections hold every partition of the topic up
+    to the high watermark it had at the start, whichever members the group assigned them
+    to meanwhile (a killed member keeps its partitions until its session expires).
     """
     source = source_name(group)
     projections = ProjectionWriter(projections_path)
     kafka_consumer = consumer(settings, group_id=group, max_poll_records=max_records)
     dead_letters = _DeadLetters(settings)
     report = ConsumeReport()
-    projections.projector()  # creates the file and its tables before the group join
+    # Creates the file and its tables before the group join; reads where it stands.
+    reached = projections.projector().checkpoints(source)
     projections.release()
+    targets = {} if follow else high_watermarks(settings, settings.topic)
     try:
         kafka_consumer.subscribe(
             [settings.topic], listener=_SeekToStoredOffsets(kafka_consumer, projections, source)
@@ -105,7 +108,7 @@ def consume(
             polled = kafka_consumer.poll(timeout_ms=poll_ms)
             if not polled:
                 projections.release()
-                if not follow and _caught_up(kafka_consumer):
+                if not follow and _reached(targets, reached):
                     break
                 continue
             result = _project_batch(projections, source, polled, dead_letters, report)
@@ -113,12 +116,9 @@ def consume(
                 projections.projector(), dead_letters.producer(), settings
             )
             projections.after_batch()
-            kafka_consumer.commit(
-                {
-                    tp: OffsetAndMetadata(records[-1].offset + 1, None, -1)
-                    for tp, records in polled.items()
-                }
-            )
+            offsets = {tp: records[-1].offset + 1 for tp, records in polled.items()}
+            reached.update({f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
+            kafka_consumer.commit({tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items()})
             if on_batch:
                 on_batch(result, report)
     finally:
@@ -177,16 +177,8 @@ def publish_derived(
     return len(pending)
 
 
-def _caught_up(kafka_consumer: KafkaConsumer) -> bool:
-    """Judged from the high watermarks the fetches reported (not a separate request)."""
-    assigned = kafka_consumer.assignment()
-    if not assigned:
-        return False
-    for tp in assigned:
-        highwater = kafka_consumer.highwater(tp)
-        if highwater is None or kafka_consumer.position(tp) < highwater:
-            return False
-    return True
+def _reached(targets: dict[TopicPartition, int], reached: dict[str, int]) -> bool:
+    return all(reached.get(f"{tp.topic}:{tp.partition}", 0) >= end for tp, end in targets.items())
 
 
 class _DeadLetters:

@@ -25,7 +25,7 @@ def catch_up(
     ledger: Ledger,
     projections_path: Path,
     *,
-    batch_size: int = 20_000,
+    batch_size: int = 100_000,
     as_of: datetime | None = None,
     follow: bool = False,
     poll_seconds: float = 0.5,
@@ -63,7 +63,7 @@ def rebuild(
     ledger: Ledger,
     projections_path: Path,
     *,
-    batch_size: int = 20_000,
+    batch_size: int = 100_000,
     realert: bool = False,
     on_batch: ProgressCallback | None = None,
 ) -> int:

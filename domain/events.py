@@ -48,8 +48,27 @@ SCHEMA_VERSION = 1
 Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
 Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=10_000)]
-Money = Annotated[Decimal, Field(max_digits=18, decimal_places=4)]
-PositiveMoney = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=4)]
+
+
+def _exact_money(value: object) -> object:
+    """JSON numbers arrive as binary floats: take them only while their shortest decimal
+    form is exact (up to 15 significant digits); longer amounts must be strings."""
+    if isinstance(value, float):
+        text = repr(value)
+        digits = text.lstrip("-").replace(".", "").lstrip("0")
+        if "e" in text or "n" in text or len(digits) > 15:
+            raise ValueError(
+                "write an amount with more than 15 significant digits as a string, e.g. "
+                '"12345678901234.5678": JSON numbers are binary floats and would round it'
+            )
+        return Decimal(text)
+    return value
+
+
+Money = Annotated[Decimal, BeforeValidator(_exact_money), Field(max_digits=18, decimal_places=4)]
+PositiveMoney = Annotated[
+    Decimal, BeforeValidator(_exact_money), Field(gt=0, max_digits=18, decimal_places=4)
+]
 
 
 def _not_a_number(value: object) -> object:
@@ -320,7 +339,7 @@ class ComplaintResumed(Event):
 
 class ResolutionData(ComplaintStep):
     resolution: Text
-    compensation: Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=4)] | None = None
+    compensation: Annotated[Money, Field(ge=0)] | None = None
     root_cause: RootCause | None = None
 
 

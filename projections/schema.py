@@ -222,7 +222,7 @@ def connect(
                     f"{path} is locked by another process (a running `ledger project "
                     f"--follow` or ingest); try again when it is idle: {error}"
                 ) from error
-            time.sleep(0.05)
+            time.sleep(0.01)
     run(con, "SET TimeZone = 'UTC'")
     return con
 

@@ -18,16 +18,24 @@ from projections.schema import connect
 
 
 class ProjectionWriter:
-    def __init__(self, path: Path, hold_seconds: float = 1.0) -> None:
+    def __init__(
+        self, path: Path, hold_seconds: float = 1.0, readers_turn_seconds: float = 0.15
+    ) -> None:
         self.path = path
         self.hold_seconds = hold_seconds
+        self.readers_turn_seconds = readers_turn_seconds
         self._con: duckdb.DuckDBPyConnection | None = None
         self._projector: Projector | None = None
         self._opened_at = 0.0
+        self._released_at = 0.0
 
     def projector(self) -> Projector:
-        """The projector on an open connection (opening the file when released)."""
+        """The projector on an open connection (opening the file when released; a writer
+        that released it only just now first leaves readers their turn)."""
         if self._projector is None:
+            wait = self._released_at + self.readers_turn_seconds - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             self._con = connect(self.path)
             self._projector = Projector(self._con)
             self._opened_at = time.monotonic()
@@ -40,4 +48,5 @@ class ProjectionWriter:
     def release(self) -> None:
         if self._con is not None:
             self._con.close()
+            self._released_at = time.monotonic()
         self._con, self._projector = None, None
