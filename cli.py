@@ -37,7 +37,7 @@ from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
 from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
-from domain.intake import Rejected, parse_record
+from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
 from projections.projector import BatchResult
@@ -231,8 +231,8 @@ def record(
 ) -> None:
     """Record one event (and update the projections)."""
     try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError as error:
+        payload = exact_json(data)
+    except ValueError as error:
         _fail(f"--data is not valid JSON: {error}", code=2)
     candidate = {
         "type": event_type,
@@ -658,11 +658,22 @@ def main() -> None:
         app()
     except (PersistenceError, ConcurrencyExhausted, duckdb.Error, OSError, KafkaError) as error:
         err.print(
-            f"[red]error:[/red] {type(error).__name__}: {error}\n"
+            f"[red]error:[/red] {_what_failed(error)}: {type(error).__name__}: {error}\n"
             "Everything recorded before this point is stored whole; fix the cause and run "
             "the same command again (re-ingesting a file adds nothing twice)."
         )
         sys.exit(EXIT_UNAVAILABLE)
+
+
+def _what_failed(error: BaseException) -> str:
+    settings = State.settings
+    if isinstance(error, PersistenceError | ConcurrencyExhausted):
+        return f"the event store ({settings.event_store_label}) failed"
+    if isinstance(error, duckdb.Error):
+        return f"the projections ({settings.projections_path}) failed"
+    if isinstance(error, KafkaError):
+        return "the Kafka broker failed"
+    return f"the data directory ({settings.data_dir}) failed"
 
 
 if __name__ == "__main__":

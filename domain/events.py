@@ -39,6 +39,7 @@ from pydantic import (
     TypeAdapter,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_extra_types.currency_code import ISO4217
 
 SCHEMA_VERSION = 1
@@ -51,15 +52,17 @@ Text = Annotated[str, StringConstraints(max_length=10_000)]
 
 
 def _exact_money(value: object) -> object:
-    """JSON numbers arrive as binary floats: take them only while their shortest decimal
-    form is exact (up to 15 significant digits); longer amounts must be strings."""
+    """JSON numbers arrive as binary floats: take one only while its shortest decimal form
+    is exact (up to 15 significant digits); a longer one raises `float_money`, and JSON
+    readers then parse the line again with exact decimals (domain.intake)."""
     if isinstance(value, float):
         text = repr(value)
         digits = text.lstrip("-").replace(".", "").lstrip("0")
         if "e" in text or "n" in text or len(digits) > 15:
-            raise ValueError(
-                "write an amount with more than 15 significant digits as a string, e.g. "
-                '"12345678901234.5678": JSON numbers are binary floats and would round it'
+            raise PydanticCustomError(
+                "float_money",
+                "a JSON number with more than 15 significant digits cannot be read exactly "
+                "as a float; write it as a string",
             )
         return Decimal(text)
     return value

@@ -8,8 +8,10 @@ rejects; this module decides what a line means and, when it means nothing valid,
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -40,7 +42,14 @@ def parse_json_line(raw: bytes) -> IncomingEvent | Rejected:
     try:
         return INCOMING.validate_json(raw)
     except ValidationError as error:
+        if any(e["type"] == "float_money" for e in error.errors()):
+            return parse_record(exact_json(raw))  # the slow, exact reading of numbers
         return Rejected(explain(error))
+
+
+def exact_json(raw: bytes | str) -> Any:
+    """JSON with every fractional number read as an exact Decimal, not a binary float."""
+    return json.loads(raw, parse_float=Decimal)
 
 
 def parse_record(record: Mapping[str, Any]) -> IncomingEvent | Rejected:

@@ -232,7 +232,7 @@ def test_a_json_number_becomes_the_decimal_it_spells_not_a_binary_float() -> Non
 
 def test_a_float_artefact_is_refused_not_rounded() -> None:
     line = json.dumps(_purchase("X")).replace('"X"', "0.30000000000000004")
-    assert _errors(line) == [("data.amount", "decimal_max_places")]
+    assert _errors(line) == [("data.amount", "float_money")]  # refused, never rounded
 
 
 def test_money_keeps_its_exact_digits_in_the_public_json_form() -> None:
