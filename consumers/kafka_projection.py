@@ -77,7 +77,7 @@ BatchCallback = Callable[[BatchResult, ConsumeReport], None]
 def consume(
     projections_path: Path,
     settings: KafkaSettings,
-    group: str = "ledger-projections",
+    group: str | None = None,
     *,
     follow: bool = False,
     poll_ms: int = 500,
@@ -85,25 +85,39 @@ def consume(
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> ConsumeReport:
-    """Project the events topic as a member of `group`.
+    """Project the events topic into DuckDB; offsets live in DuckDB under `group`.
 
-    Without `follow` it stops once the projections hold every partition of the topic up
-    to the high watermark it had at the start, whichever members the group assigned them
-    to meanwhile (a killed member keeps its partitions until its session expires).
+    With `follow` it joins the consumer group `group`, so several consumers can share the
+    partitions, and keeps going. Without it, it is a one-shot catch-up: it reads every
+    partition directly (no group join, so no waiting for members that died without
+    leaving) from the stored offsets up to the high watermarks at the start, then stops.
     """
+    group = group or settings.group
     source = source_name(group)
     projections = ProjectionWriter(projections_path)
-    kafka_consumer = consumer(settings, group_id=group, max_poll_records=max_records)
     dead_letters = _DeadLetters(settings)
     report = ConsumeReport()
-    # Creates the file and its tables before the group join; reads where it stands.
+    # Creates the file and its tables before reading; and where the projections stand.
     reached = projections.projector().checkpoints(source)
     projections.release()
     targets = {} if follow else high_watermarks(settings, settings.topic)
+    kafka_consumer = consumer(
+        settings, group_id=group if follow else None, max_poll_records=max_records
+    )
     try:
-        kafka_consumer.subscribe(
-            [settings.topic], listener=_SeekToStoredOffsets(kafka_consumer, projections, source)
-        )
+        if follow:
+            kafka_consumer.subscribe(
+                [settings.topic],
+                listener=_SeekToStoredOffsets(kafka_consumer, projections, source),
+            )
+        else:
+            kafka_consumer.assign(list(targets))
+            for tp in targets:
+                offset = reached.get(f"{tp.topic}:{tp.partition}")
+                if offset is None:
+                    kafka_consumer.seek_to_beginning(tp)
+                else:
+                    kafka_consumer.seek(tp, offset)
         while not should_stop():
             polled = kafka_consumer.poll(timeout_ms=poll_ms)
             if not polled:
@@ -118,7 +132,10 @@ def consume(
             projections.after_batch()
             offsets = {tp: records[-1].offset + 1 for tp, records in polled.items()}
             reached.update({f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
-            kafka_consumer.commit({tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items()})
+            if follow:  # for the group's lag tooling; the projections keep their own
+                kafka_consumer.commit(
+                    {tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items()}
+                )
             if on_batch:
                 on_batch(result, report)
     finally:
@@ -255,14 +272,14 @@ def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[st
 def rebuild_from_kafka(
     projections_path: Path,
     settings: KafkaSettings,
-    group: str = "ledger-projections",
+    group: str | None = None,
     *,
     realert: bool = False,
 ) -> int:
     """Project the whole topic from offset 0 into a new file, then swap it in atomically
     (see `projections.rebuild`). The new file holds the group's offsets at the topic's
     end, so `consume` continues from there."""
-    source = source_name(group)
+    source = source_name(group or settings.group)
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
         reader: KafkaConsumer = consumer(settings, group_id=None)

@@ -121,9 +121,11 @@ def kafka_bootstrap() -> Iterator[str]:
 
 @pytest.fixture
 def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
-    """Fresh topics per test (a unique name), created with 3 partitions."""
+    """Fresh topics and consumer group per test (unique names), topics with 3 partitions."""
+    topic = f"ledger-test-{uuid.uuid4().hex[:10]}"
+    # a group of its own too: members of one group on a shared broker rebalance together
     settings = KafkaSettings(
-        bootstrap=kafka_bootstrap, topic=f"ledger-test-{uuid.uuid4().hex[:10]}", partitions=3
+        bootstrap=kafka_bootstrap, topic=topic, partitions=3, group=f"group-{topic}"
     )
     ensure_topics(settings)
     return settings

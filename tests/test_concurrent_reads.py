@@ -101,7 +101,9 @@ def test_queries_succeed_while_a_consumer_group_follows(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     env.update(
-        LEDGER_KAFKA_BOOTSTRAP=kafka_settings.bootstrap, LEDGER_KAFKA_TOPIC=kafka_settings.topic
+        LEDGER_KAFKA_BOOTSTRAP=kafka_settings.bootstrap,
+        LEDGER_KAFKA_TOPIC=kafka_settings.topic,
+        LEDGER_KAFKA_GROUP=kafka_settings.group,
     )
     files, total = write_files(tmp_path, 3)
     data_dir = tmp_path / "data"

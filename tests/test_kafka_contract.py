@@ -1,0 +1,138 @@
+"""The topic's wire contract, read by a different client library (confluent-kafka, i.e.
+librdkafka) with none of this project's decoding code: every record carries the documented
+CloudEvents 1.0 binary-mode headers, its key is the customer id, its value is the recorded
+event as JSON, and each customer's events sit in one partition in store order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Message
+from conftest import record
+
+from consumers import relay
+from consumers.kafka import KafkaSettings
+from domain.demo_history import generate_history
+from domain.ledger import Ledger
+
+pytestmark = pytest.mark.kafka
+
+RECORDED_FIELDS = {
+    "event_id",
+    "type",
+    "schema_version",
+    "customer_id",
+    "occurred_at",
+    "recorded_at",
+    "data",
+}
+
+
+def read_everything(bootstrap: str, topic: str, expected: int) -> list[Message]:
+    """Poll with a fresh group until `expected` records arrived (and a little longer, to
+    notice extras), or fail after a deadline: the group join takes a few seconds."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"contract-{uuid.uuid4().hex[:10]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+    messages: list[Message] = []
+    try:
+        reader.subscribe([topic])
+        deadline = time.monotonic() + 60
+        quiet_until: float | None = None
+        while time.monotonic() < deadline:
+            message = reader.poll(0.5)
+            if message is None:
+                if quiet_until is not None and time.monotonic() > quiet_until:
+                    break
+                continue
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                pytest.fail(f"confluent-kafka reports {error}")
+            messages.append(message)
+            if len(messages) >= expected and quiet_until is None:
+                quiet_until = time.monotonic() + 1.0
+    finally:
+        reader.close()
+    assert len(messages) == expected, f"read {len(messages)} of {expected} records"
+    return messages
+
+
+def test_topic_follows_the_cloudevents_contract(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    outcomes = record(ledger, generate_history(customers=40))
+    assert all(o.status == "accepted" for o in outcomes)
+    stored: dict[str, tuple[int, dict[str, Any]]] = {
+        fact["event_id"]: (position, fact) for position, fact in ledger.all_facts()
+    }
+    store_order: dict[str, list[str]] = defaultdict(list)
+    for event_id, (_, fact) in sorted(stored.items(), key=lambda item: item[1][0]):
+        store_order[fact["customer_id"]].append(event_id)
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+
+    messages = read_everything(kafka_settings.bootstrap, kafka_settings.topic, len(stored))
+
+    seen: set[str] = set()
+    partitions_of: dict[str, set[int]] = defaultdict(set)
+    in_topic: dict[str, list[tuple[int, int, int, str]]] = defaultdict(list)
+    for message in messages:
+        pairs = cast(list[tuple[str, bytes]], message.headers() or [])
+        headers = dict(pairs)
+        assert len(headers) == len(pairs), "a header is repeated"
+        value = json.loads(message.value() or b"")
+        key = (message.key() or b"").decode()
+
+        assert set(value) >= RECORDED_FIELDS, sorted(RECORDED_FIELDS - set(value))
+        assert isinstance(value["data"], dict)
+        event_id = value["event_id"]
+        assert event_id in stored, f"{event_id} is not in the store"
+        assert event_id not in seen, f"{event_id} published twice"
+        seen.add(event_id)
+        position, fact = stored[event_id]
+        assert value == fact
+
+        assert headers["ce_specversion"] == b"1.0"
+        assert headers["ce_id"].decode() == event_id
+        assert headers["ce_type"].decode() == "customer_ledger." + value["type"]
+        assert headers["ce_subject"].decode() == key == value["customer_id"]
+        assert headers["ce_time"].decode() == value["occurred_at"]
+        assert headers["content-type"] == b"application/json"
+        assert headers["ce_source"].decode().startswith("urn:customer-ledger:")
+        assert headers["ce_dataschema"]
+        if "ce_recordedtime" in headers:  # in the README, but encode() no longer sends it
+            assert headers["ce_recordedtime"].decode() == value["recorded_at"]
+        ledger_position = headers["ce_ledgerposition"].decode()
+        assert ledger_position.isdigit(), ledger_position
+        assert int(ledger_position) == position
+
+        partition, offset = message.partition(), message.offset()
+        assert partition is not None and offset is not None
+        partitions_of[key].add(partition)
+        in_topic[key].append((partition, offset, position, event_id))
+
+    assert seen == set(stored)
+    for customer, records in in_topic.items():
+        assert len(partitions_of[customer]) == 1, (customer, partitions_of[customer])
+        records.sort()  # by (partition, offset): the topic's order
+        positions = [position for _, _, position, _ in records]
+        assert all(a < b for a, b in pairwise(positions)), customer
+        assert [event_id for *_, event_id in records] == store_order[customer]
+    assert set(in_topic) == set(store_order)
+    assert len({p for ps in partitions_of.values() for p in ps}) > 1, "keys should spread"
