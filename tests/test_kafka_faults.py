@@ -321,27 +321,6 @@ def holds_file(pid: int, path: Path) -> bool:
     return False
 
 
-def wait_until_projecting(child: subprocess.Popen[bytes], path: Path, seconds: float) -> None:
-    """Until the consumer holds the projections file after its group join. Before the
-    join it holds the file only briefly, within its first couple of seconds (start-up,
-    creating the tables); the join then takes seconds without holding it (the dev broker
-    waits half the session timeout). So the first hold that begins at least 2.5 s after
-    the start and after 1 s without one is the one on assignment. Returns early when the
-    child ends or time runs out."""
-    started = time.monotonic()
-    deadline = started + seconds
-    released_since = started
-    while child.poll() is None and time.monotonic() < deadline:
-        now = time.monotonic()
-        if holds_file(child.pid, path):
-            if now - started >= 2.5 and now - released_since >= 1.0:
-                return
-            released_since = float("inf")
-        elif released_since == float("inf"):
-            released_since = now
-        time.sleep(0.005)
-
-
 def kill_at(child: subprocess.Popen[bytes], instant: float, path: Path | None = None) -> str:
     """SIGKILL the child at `instant` (monotonic) unless it ended first; returns what
     happened: 'ended', 'killed', or 'killed holding the file' (for a consumer: after its
@@ -385,35 +364,37 @@ def test_killed_relay_and_consumer_lose_nothing_and_count_nothing_twice(
     for round_ in range(6):
         if round_ % 2 == 0:  # new work for the relay
             accept(ledger, chunks[round_ // 2])
-        children = {}
-        for name in ("relay", "consume"):
+        children: dict[str, subprocess.Popen[bytes]] = {}
+
+        def start(
+            name: str,
+            round_: int = round_,
+            children: dict[str, subprocess.Popen[bytes]] = children,
+        ) -> float:
             with (logs / f"{round_}-{name}.err").open("w") as err:
                 children[name] = subprocess.Popen(
                     [*cli, name], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
                 )
             request.addfinalizer(partial(stop_child, children[name]))
-        begun = time.monotonic()
+            return time.monotonic()
 
-        # the relay: the first run is timed (and gives the consumers work); later runs are
-        # killed anywhere from their start-up to the end of their publishing
         if round_ == 0:
+            # timed, one after the other, so later rounds can place kills inside the work
+            begun = start("relay")
             children["relay"].wait(timeout=120)
             relay_time = time.monotonic() - begun
-        else:
-            instant = begun + relay_time * rng.uniform(0.3, 1.3)
-            kills.append(("relay", kill_at(children["relay"], instant)))
-        # the consumer: every other round once it has its partitions (projecting), else at
-        # any instant of start-up and group join
-        if round_ == 0:
+            begun = start("consume")
             children["consume"].wait(timeout=120)
             consume_time = time.monotonic() - begun
-        elif round_ % 2 == 0:
-            wait_until_projecting(children["consume"], path, seconds=30)
-            instant = time.monotonic() + rng.uniform(0.0, 0.1)
-            kills.append(("consume", kill_at(children["consume"], instant, path)))
-        else:  # anywhere from start-up to the end of its work
-            instant = begun + consume_time * rng.uniform(0.2, 1.2)
-            kills.append(("consume", kill_at(children["consume"], instant, path)))
+        else:
+            # both at once, each killed anywhere from its start-up to the end of its work
+            relay_begun, consume_begun = start("relay"), start("consume")
+            instants = {
+                "relay": relay_begun + relay_time * rng.uniform(0.3, 1.3),
+                "consume": consume_begun + consume_time * rng.uniform(0.3, 1.0),
+            }
+            for name in sorted(instants, key=instants.__getitem__):
+                kills.append((name, kill_at(children[name], instants[name], path)))
 
         for name, child in children.items():
             if child.returncode not in (0, -signal.SIGKILL):
