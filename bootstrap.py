@@ -7,9 +7,13 @@ nothing else reads the environment. Every variable is documented in the README.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+from eventsourcing.persistence import OperationalError
 
 from consumers.kafka import KafkaSettings
 from domain.ledger import Ledger
@@ -99,5 +103,14 @@ def _postgres_env(dsn: str) -> dict[str, str]:
     return env
 
 
-def open_ledger(settings: Settings) -> Ledger:
-    return Ledger(env=settings.ledger_env(), reporting_currency=settings.reporting_currency)
+def open_ledger(settings: Settings, wait_seconds: float = 30.0) -> Ledger:
+    """The ledger on the configured store. Two processes opening a new SQLite store at once
+    race to create its tables (one gets 'database is locked'): the loser waits and retries."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return Ledger(env=settings.ledger_env(), reporting_currency=settings.reporting_currency)
+        except (OperationalError, sqlite3.OperationalError) as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
