@@ -129,3 +129,33 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
     )
     ensure_topics(settings)
     return settings
+
+
+# --- comparing projections ----------------------------------------------------------------
+
+# projection_checkpoints differ by design (event-store position vs Kafka offsets)
+COMPARED = ("events", "customer_profiles", "loyalty_stage_history", "complaint_sla",
+            "projection_clock")  # fmt: skip
+
+Tables = dict[str, list[tuple[Any, ...]]]
+
+
+def tables(path: Path, names: tuple[str, ...] = COMPARED) -> Tables:
+    con = connect(path, read_only=True)
+    try:
+        return {n: con.execute(f'SELECT * FROM "{n}" ORDER BY ALL').fetchall() for n in names}
+    finally:
+        con.close()
+
+
+def differences(a: Tables, b: Tables) -> dict[str, Any]:
+    """Per table: row counts and a few rows found only on one side (empty: identical)."""
+    found: dict[str, Any] = {}
+    for name in a:
+        if a[name] != b[name]:
+            found[name] = {
+                "rows": (len(a[name]), len(b[name])),
+                "only_first": [r for r in a[name] if r not in b[name]][:3],
+                "only_second": [r for r in b[name] if r not in a[name]][:3],
+            }
+    return found

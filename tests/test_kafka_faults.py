@@ -25,7 +25,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import record
+from conftest import Tables, differences, record, tables
 from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
@@ -39,35 +39,7 @@ from projections.schema import connect
 pytestmark = pytest.mark.kafka
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# projection_checkpoints differ by design (event-store position vs Kafka offsets)
-COMPARED = ("events", "customer_profiles", "loyalty_stage_history", "complaint_sla",
-            "projection_clock")  # fmt: skip
-
-Tables = dict[str, list[tuple[Any, ...]]]
-
-
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def tables(path: Path) -> Tables:
-    con = connect(path, read_only=True)
-    try:
-        return {n: con.execute(f'SELECT * FROM "{n}" ORDER BY ALL').fetchall() for n in COMPARED}
-    finally:
-        con.close()
-
-
-def differences(a: Tables, b: Tables) -> dict[str, Any]:
-    """Per table: row counts and a few rows found only on one side (empty: identical)."""
-    found: dict[str, Any] = {}
-    for name in a:
-        if a[name] != b[name]:
-            found[name] = {
-                "rows": (len(a[name]), len(b[name])),
-                "only_first": [r for r in a[name] if r not in b[name]][:3],
-                "only_second": [r for r in b[name] if r not in a[name]][:3],
-            }
-    return found
 
 
 def accept(ledger: Ledger, events: list[dict[str, Any]]) -> None:
