@@ -3,11 +3,12 @@
 The projector is the one the embedded path uses; only the source differs. For each
 polled batch the projection writes and the next offset of every partition in it commit
 in one DuckDB transaction (`projection_checkpoints`, source `kafka:<group>`). On
-assignment the consumer seeks to those stored offsets, so a consumer killed at any
-instant resumes exactly after the last committed batch. Offsets are also committed to
-the group afterwards, for lag tooling only. Repeats from the relay are ignored by event
-id (the mirror skips known ids). Records that cannot be decoded go to the dead-letter
-topic with headers naming where they came from and why, and the consumer moves on.
+assignment (or, for a one-shot catch-up, on start) the consumer seeks to those stored
+offsets, so a consumer killed at any instant resumes exactly after the last committed
+batch. Group members also commit offsets to the group afterwards, for lag tooling
+only. Repeats from the relay are ignored by event id (the mirror skips known ids).
+Records that cannot be decoded go to the dead-letter topic with headers naming where
+they came from and why, and the consumer moves on.
 """
 
 from __future__ import annotations
