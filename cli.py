@@ -41,7 +41,7 @@ from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
 from projections.projector import BatchResult
-from projections.schema import ProjectionsBusy, connect, stored_clock
+from projections.schema import ProjectionsUnavailable, connect, stored_clock
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
@@ -110,16 +110,13 @@ def _project(ledger: Ledger, as_of: datetime | None = None, follow: bool = False
         def on_batch(result: BatchResult, position: int, head: int) -> None:
             progress.update(task, completed=position, total=head)
 
-        try:
-            return store_follower.catch_up(
-                ledger,
-                State.settings.projections_path,
-                as_of=as_of,
-                follow=follow,
-                on_batch=on_batch,
-            )
-        except ProjectionsBusy as error:
-            _fail(str(error))
+        return store_follower.catch_up(
+            ledger,
+            State.settings.projections_path,
+            as_of=as_of,
+            follow=follow,
+            on_batch=on_batch,
+        )
 
 
 def _print_table(
@@ -322,10 +319,7 @@ def query(
     path = State.settings.projections_path
     if not path.exists():
         _fail(f"no projections at {path}; run `ledger ingest` or `ledger project` first")
-    try:
-        con = connect(path, read_only=True)
-    except ProjectionsBusy as error:
-        _fail(str(error))
+    con = connect(path, read_only=True)
     try:
         result = con.execute(sql)
     except Exception as error:  # DuckDB reports SQL errors as several exception types
@@ -487,8 +481,6 @@ def consume(
         )
     except KafkaError as error:
         _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
-    except ProjectionsBusy as error:
-        _fail(str(error))
     except KeyboardInterrupt:
         return
     out.print(
@@ -661,6 +653,9 @@ def main() -> None:
     stays recorded (whole batches only), so the same command can simply be run again."""
     try:
         app()
+    except ProjectionsUnavailable as error:
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(EXIT_UNAVAILABLE)
     except (PersistenceError, ConcurrencyExhausted, duckdb.Error, OSError, KafkaError) as error:
         err.print(
             f"[red]error:[/red] {_what_failed(error)}: {type(error).__name__}: {error}\n"

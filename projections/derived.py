@@ -7,8 +7,10 @@
 Each transition has one deterministic event id (the MD5 of what changed, as a UUID), and is
 stamped with the business time it happened (entered_at, warning time, due time), not
 the moment it was noticed, so a rebuild derives the same events with the same ids.
-`derived_events` is a projection like the others: recomputed for the customers a batch
-touched, so it always says what the events imply now, and a rebuild equals it row for
+`derived_events` is a projection like the others: stage changes follow the stages the
+ladder entered in the batch (all of a customer's again when a late event made the ladder
+walk it again), SLA transitions are recomputed with the complaint clocks in scope, so it
+always says what the events imply now, and a rebuild equals it row for
 row. `derived_published` remembers which ids went out; a rebuild carries it over, so it
 does not alert again unless asked. A late event can reveal a transition earlier than
 ones already published (subscribers order by `occurred_at` when they need strict time
@@ -28,7 +30,8 @@ from projections.schema import run
 
 DELETE_IN_SCOPE = """
 DELETE FROM derived_events
-WHERE (type = 'LoyaltyStageChanged' AND customer_id IN (SELECT customer_id FROM touched))
+WHERE (type = 'LoyaltyStageChanged'
+       AND customer_id IN (SELECT customer_id FROM ladder_walks WHERE walk = 'again'))
    OR (type IN ('SlaWarning', 'SlaBreached')
        AND customer_id IN (SELECT customer_id FROM sla_scope))
 """
@@ -41,8 +44,7 @@ WITH stage_changes AS (
            'LoyaltyStageChanged' AS type, customer_id, entered_at AS occurred_at,
            json_object('from_stage', previous_stage, 'to_stage', stage, 'reason', reason,
                        'trigger_event_id', trigger_event_id::VARCHAR) AS data
-    FROM loyalty_stage_history
-    WHERE customer_id IN (SELECT customer_id FROM touched)
+    FROM ladder_entries
 ),
 clocks AS (
     SELECT customer_id, complaint_id, priority, category, 'first_response' AS clock,
@@ -77,7 +79,8 @@ SELECT * FROM (
 
 
 def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
-    """Recompute the transitions of the customers in `touched` and `sla_scope`."""
+    """Derive the stages entered (`ladder_entries`) and the transitions of the complaint
+    clocks in scope (`sla_scope`)."""
     run(con, DELETE_IN_SCOPE)
     run(con, INSERT_IN_SCOPE, {"as_of": as_of})
 

@@ -1,5 +1,6 @@
-"""`customer_profiles`: one row per customer, recomputed from the mirror for the customers
-a batch touched; then the ABC classes, which depend on every customer's spend.
+"""`customer_profiles`: one row per customer, recomputed for the customers a batch touched
+from their running totals (`internal.profile_totals`, updated from the batch's own events);
+then the ABC classes, which depend on every customer's spend.
 
 Definitions (pinned by tests/test_profiles.py):
 - contacts are `ContactLogged` events; `last_seen_at` is the latest event of any type;
@@ -7,7 +8,7 @@ Definitions (pinned by tests/test_profiles.py):
 - money is in the reporting currency: `reporting_amount` when given, else `amount`; a
   refund is converted at its order's rate; divisions round half up to 4 decimals in exact
   integer arithmetic (`money_div`), never through binary floats;
-- `open_complaints`: filed and neither resolved nor closed after the last reopening;
+- `open_complaints`: complaints whose status in `complaint_sla` is open or on hold;
 - satisfaction is each survey score normalised to 0..1 on its scale (highest is best);
 - `marketing_consent`: the latest `ConsentChanged` for purpose `marketing`.
 """
@@ -18,117 +19,148 @@ import duckdb
 
 from projections.schema import run
 
-REFRESH_TOUCHED = """
-DELETE FROM customer_profiles WHERE customer_id IN (SELECT customer_id FROM touched);
+STORE_ORDERS = """
+INSERT INTO internal.orders
+SELECT customer_id, order_id, CAST(amount AS DECIMAL(18, 4)),
+       CAST(coalesce(reporting_amount, amount) AS DECIMAL(18, 4))
+FROM fresh WHERE type = 'PurchaseRecorded'
+"""
 
-INSERT INTO customer_profiles
-WITH ev AS (
-    SELECT * FROM events WHERE customer_id IN (SELECT customer_id FROM touched)
-),
-purchases AS (
-    SELECT customer_id, data->>'order_id' AS order_id,
-           CAST(data->>'amount' AS DECIMAL(18, 4)) AS amount,
-           CAST(coalesce(data->>'reporting_amount', data->>'amount') AS DECIMAL(18, 4)) AS spend
-    FROM ev WHERE type = 'PurchaseRecorded'
-),
-refunds AS (
+# The batch's totals per customer (partial aggregates), then combined with the stored
+# totals by the same kind of aggregate: counts and sums add, minima and maxima compare, and
+# a latest value is the one with the greatest event_key. Order of arrival does not matter.
+ADD_TO_TOTALS = """
+CREATE OR REPLACE TEMP TABLE batch_totals AS
+WITH refunds AS (
     SELECT r.customer_id,
-           CAST(sum(CASE WHEN p.spend = p.amount THEN CAST(r.data->>'amount' AS DECIMAL(18, 4))
-                         ELSE money_div(CAST(r.data->>'amount' AS DECIMAL(18, 4)) * p.spend,
-                                        p.amount) END) AS DECIMAL(18, 4)) AS refunded
-    FROM ev AS r
-    JOIN purchases AS p ON p.customer_id = r.customer_id AND p.order_id = r.data->>'order_id'
+           CASE WHEN o.spend = o.amount THEN CAST(r.amount AS DECIMAL(18, 4))
+                ELSE money_div(CAST(r.amount AS DECIMAL(18, 4)) * o.spend, o.amount)
+           END AS refunded
+    FROM fresh AS r
+    JOIN internal.orders AS o ON o.customer_id = r.customer_id AND o.order_id = r.order_id
     WHERE r.type = 'PurchaseRefunded'
-    GROUP BY r.customer_id
 ),
-spend AS (
-    SELECT customer_id, count(*) AS purchase_count, sum(spend) AS gross_spend
-    FROM purchases GROUP BY customer_id
-),
-surveys AS (
-    SELECT ev.customer_id, ev.occurred_at, ev.position,
-           CAST((CAST(ev.data->>'score' AS INTEGER) - s.lowest)
-                / (s.highest - s.lowest) AS DECIMAL(6, 4)) AS satisfaction
-    FROM ev JOIN survey_scales AS s ON s.kind = ev.data->>'kind'
-    WHERE ev.type = 'SurveyAnswered'
-),
-satisfaction AS (
-    SELECT customer_id, count(*) AS survey_count,
-           CAST(sum(satisfaction) / count(*) AS DECIMAL(6, 4)) AS avg_satisfaction,
-           first(satisfaction ORDER BY occurred_at DESC, position DESC) AS last_satisfaction
-    FROM surveys GROUP BY customer_id
-),
-complaint_steps AS (
-    SELECT customer_id, data->>'complaint_id' AS complaint_id, type, occurred_at, position
-    FROM ev WHERE type IN ('ComplaintFiled', 'ComplaintResolved', 'ComplaintReopened',
-                           'ComplaintClosed')
-),
-complaints AS (
-    SELECT customer_id, complaint_id,
-           first(type ORDER BY occurred_at DESC, position DESC) AS last_step
-    FROM complaint_steps GROUP BY customer_id, complaint_id
-),
-complaint_counts AS (
-    SELECT customer_id, count(*) AS complaint_count,
-           count(*) FILTER (WHERE last_step IN ('ComplaintFiled', 'ComplaintReopened'))
-               AS open_complaints
-    FROM complaints GROUP BY customer_id
-),
-basics AS (
+batch AS (
     SELECT
         customer_id,
         min(occurred_at) FILTER (WHERE type = 'CustomerRegistered') AS registered_at,
-        first(data->>'region' ORDER BY occurred_at DESC, position DESC)
-            FILTER (WHERE data->>'region' IS NOT NULL) AS region,
-        first(data->>'province' ORDER BY occurred_at DESC, position DESC)
-            FILTER (WHERE data->>'province' IS NOT NULL) AS province,
-        first(data->>'city' ORDER BY occurred_at DESC, position DESC)
-            FILTER (WHERE data->>'city' IS NOT NULL) AS city,
-        first(data->>'segment' ORDER BY occurred_at DESC, position DESC)
-            FILTER (WHERE data->>'segment' IS NOT NULL) AS segment,
+        arg_max(region, key) FILTER (WHERE region IS NOT NULL) AS region,
+        max(key) FILTER (WHERE region IS NOT NULL) AS region_key,
+        arg_max(province, key) FILTER (WHERE province IS NOT NULL) AS province,
+        max(key) FILTER (WHERE province IS NOT NULL) AS province_key,
+        arg_max(city, key) FILTER (WHERE city IS NOT NULL) AS city,
+        max(key) FILTER (WHERE city IS NOT NULL) AS city_key,
+        arg_max(segment, key) FILTER (WHERE segment IS NOT NULL) AS segment,
+        max(key) FILTER (WHERE segment IS NOT NULL) AS segment_key,
         min(occurred_at) AS first_seen_at,
         max(occurred_at) AS last_seen_at,
         count(*) AS event_count,
         min(occurred_at) FILTER (WHERE type = 'ContactLogged') AS first_contact_at,
         max(occurred_at) FILTER (WHERE type = 'ContactLogged') AS last_contact_at,
         count(*) FILTER (WHERE type = 'ContactLogged') AS contact_count,
-        count(*) FILTER (WHERE type = 'ContactLogged' AND data->>'direction' = 'inbound')
+        count(*) FILTER (WHERE type = 'ContactLogged' AND direction = 'inbound')
             AS inbound_contacts,
-        count(*) FILTER (WHERE type = 'ContactLogged' AND data->>'direction' = 'outbound')
+        count(*) FILTER (WHERE type = 'ContactLogged' AND direction = 'outbound')
             AS outbound_contacts,
+        count(*) FILTER (WHERE type = 'PurchaseRecorded') AS purchase_count,
+        coalesce(sum(CAST(coalesce(reporting_amount, amount) AS DECIMAL(18, 4)))
+                     FILTER (WHERE type = 'PurchaseRecorded'), 0) AS gross_spend,
+        0 AS refunded,
         min(occurred_at) FILTER (WHERE type = 'PurchaseRecorded') AS first_purchase_at,
         max(occurred_at) FILTER (WHERE type = 'PurchaseRecorded') AS last_purchase_at,
-        first(CAST(data->>'granted' AS BOOLEAN) ORDER BY occurred_at DESC, position DESC)
-            FILTER (WHERE type = 'ConsentChanged' AND data->>'purpose' = 'marketing')
-            AS marketing_consent
-    FROM ev
+        count(satisfaction) AS survey_count,
+        coalesce(sum(satisfaction), 0) AS satisfaction_sum,
+        arg_max(satisfaction, key) FILTER (WHERE satisfaction IS NOT NULL)
+            AS last_satisfaction,
+        max(key) FILTER (WHERE satisfaction IS NOT NULL) AS last_satisfaction_key,
+        arg_max(CAST(granted AS BOOLEAN), key)
+            FILTER (WHERE type = 'ConsentChanged' AND purpose = 'marketing')
+            AS marketing_consent,
+        max(key) FILTER (WHERE type = 'ConsentChanged' AND purpose = 'marketing')
+            AS marketing_consent_key
+    FROM fresh
+    GROUP BY customer_id
+)
+SELECT b.* REPLACE (coalesce(r.refunded, 0) AS refunded)
+FROM batch AS b
+LEFT JOIN (SELECT customer_id, sum(refunded) AS refunded FROM refunds GROUP BY customer_id)
+    AS r USING (customer_id);
+
+CREATE OR REPLACE TEMP TABLE combined_totals AS
+SELECT
+    customer_id,
+    min(registered_at) AS registered_at,
+    arg_max(region, region_key) AS region, max(region_key) AS region_key,
+    arg_max(province, province_key) AS province, max(province_key) AS province_key,
+    arg_max(city, city_key) AS city, max(city_key) AS city_key,
+    arg_max(segment, segment_key) AS segment, max(segment_key) AS segment_key,
+    min(first_seen_at) AS first_seen_at,
+    max(last_seen_at) AS last_seen_at,
+    sum(event_count) AS event_count,
+    min(first_contact_at) AS first_contact_at,
+    max(last_contact_at) AS last_contact_at,
+    sum(contact_count) AS contact_count,
+    sum(inbound_contacts) AS inbound_contacts,
+    sum(outbound_contacts) AS outbound_contacts,
+    sum(purchase_count) AS purchase_count,
+    sum(gross_spend) AS gross_spend,
+    sum(refunded) AS refunded,
+    min(first_purchase_at) AS first_purchase_at,
+    max(last_purchase_at) AS last_purchase_at,
+    sum(survey_count) AS survey_count,
+    sum(satisfaction_sum) AS satisfaction_sum,
+    arg_max(last_satisfaction, last_satisfaction_key) AS last_satisfaction,
+    max(last_satisfaction_key) AS last_satisfaction_key,
+    arg_max(marketing_consent, marketing_consent_key) AS marketing_consent,
+    max(marketing_consent_key) AS marketing_consent_key
+FROM (
+    SELECT * FROM batch_totals
+    UNION ALL BY NAME
+    SELECT * FROM internal.profile_totals
+    WHERE customer_id IN (SELECT customer_id FROM touched)
+)
+GROUP BY customer_id;
+
+DELETE FROM internal.profile_totals WHERE customer_id IN (SELECT customer_id FROM touched);
+INSERT INTO internal.profile_totals BY NAME SELECT * FROM combined_totals;
+"""
+
+# The touched customers' profiles, from their totals, complaints and ladder position.
+REFRESH_TOUCHED = """
+DELETE FROM customer_profiles WHERE customer_id IN (SELECT customer_id FROM touched);
+
+INSERT INTO customer_profiles
+WITH complaint_counts AS (
+    SELECT customer_id, count(*) AS complaint_count,
+           count(*) FILTER (WHERE status IN ('open', 'on_hold')) AS open_complaints
+    FROM complaint_sla
+    WHERE customer_id IN (SELECT customer_id FROM touched)
     GROUP BY customer_id
 )
 SELECT
-    b.customer_id, b.registered_at, b.region, b.province, b.city, b.segment,
-    b.first_seen_at, b.last_seen_at, b.event_count,
-    b.first_contact_at, b.last_contact_at, b.contact_count, b.inbound_contacts,
-    b.outbound_contacts,
-    coalesce(s.purchase_count, 0) AS purchase_count,
-    coalesce(s.gross_spend, 0) AS gross_spend,
-    coalesce(r.refunded, 0) AS refunded,
-    coalesce(s.gross_spend, 0) - coalesce(r.refunded, 0) AS total_spend,
-    money_div(s.gross_spend, s.purchase_count) AS avg_order_value,
-    b.first_purchase_at, b.last_purchase_at,
+    t.customer_id, t.registered_at, t.region, t.province, t.city, t.segment,
+    t.first_seen_at, t.last_seen_at, t.event_count,
+    t.first_contact_at, t.last_contact_at, t.contact_count, t.inbound_contacts,
+    t.outbound_contacts,
+    t.purchase_count, t.gross_spend, t.refunded,
+    t.gross_spend - t.refunded AS total_spend,
+    CASE WHEN t.purchase_count > 0 THEN money_div(t.gross_spend, t.purchase_count) END
+        AS avg_order_value,
+    t.first_purchase_at, t.last_purchase_at,
     coalesce(c.complaint_count, 0) AS complaint_count,
     coalesce(c.open_complaints, 0) AS open_complaints,
-    coalesce(sat.survey_count, 0) AS survey_count,
-    sat.avg_satisfaction, sat.last_satisfaction,
-    b.marketing_consent,
+    t.survey_count,
+    CASE WHEN t.survey_count > 0
+         THEN CAST(t.satisfaction_sum / t.survey_count AS DECIMAL(6, 4)) END
+        AS avg_satisfaction,
+    t.last_satisfaction,
+    t.marketing_consent,
     NULL AS abc_class,
-    coalesce(stage.stage, 'potential') AS loyalty_stage
-FROM basics AS b
-LEFT JOIN spend AS s USING (customer_id)
-LEFT JOIN refunds AS r USING (customer_id)
+    coalesce(l.stage, 'potential') AS loyalty_stage
+FROM internal.profile_totals AS t
 LEFT JOIN complaint_counts AS c USING (customer_id)
-LEFT JOIN satisfaction AS sat USING (customer_id)
-LEFT JOIN loyalty_stage_history AS stage
-    ON stage.customer_id = b.customer_id AND stage.exited_at IS NULL;
+LEFT JOIN internal.ladder_positions AS l USING (customer_id)
+WHERE t.customer_id IN (SELECT customer_id FROM touched);
 """
 
 # Customers ranked by spend (ties by id, so the split is deterministic). A customer is A
@@ -159,6 +191,9 @@ WHERE customer_profiles.customer_id = classes.customer_id
 
 
 def refresh(con: duckdb.DuckDBPyConnection) -> None:
-    """Recompute the touched customers' profiles (after the loyalty history), then ABC."""
+    """Add the batch to the touched customers' totals and recompute their profiles (after
+    the ladder and the complaint clocks), then ABC across all customers."""
+    run(con, STORE_ORDERS)
+    run(con, ADD_TO_TOTALS)
     run(con, REFRESH_TOUCHED)
     run(con, CLASSIFY_ABC)

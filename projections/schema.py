@@ -27,12 +27,19 @@ CREATE OR REPLACE MACRO money_div(a, b) AS CAST(CAST(
     // (2 * CAST(CAST(b AS DECIMAL(38, 4)) * 10000 AS HUGEINT))
     AS DECIMAL(38, 0)) * 0.0001 AS DECIMAL(18, 4));
 
+-- An event's place in business time, (occurred_at, position), as one orderable number.
+CREATE OR REPLACE MACRO event_key(t, position) AS
+    epoch_us(t)::HUGEINT * 10000000000000 + position;
+
 -- ISO-8601 in UTC with microseconds, as the JSON of derived events carries times.
 CREATE OR REPLACE MACRO iso(t) AS strftime(t AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ');
 
+-- Event ids are unique: the mirror appends only ids it does not hold (an anti-join in
+-- the batch's transaction; one writer per file). No index: it would cost more than all
+-- the projections together.
 CREATE TABLE IF NOT EXISTS events (
     position        BIGINT NOT NULL,          -- the event store's position
-    event_id        UUID PRIMARY KEY,
+    event_id        UUID NOT NULL,
     type            VARCHAR NOT NULL,
     schema_version  INTEGER NOT NULL,
     customer_id     VARCHAR NOT NULL,
@@ -129,13 +136,107 @@ CREATE TABLE IF NOT EXISTS projection_clock (
     as_of      TIMESTAMPTZ NOT NULL             -- the clock time-dependent values use
 );
 
+CREATE TABLE IF NOT EXISTS projection_meta (
+    singleton       BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+    schema_version  INTEGER NOT NULL            -- see SCHEMA_VERSION in projections/schema.py
+);
+
 CREATE TABLE IF NOT EXISTS projection_checkpoints (
     source     VARCHAR NOT NULL,                -- 'event-store' or 'kafka:<group>'
     stream     VARCHAR NOT NULL,                -- '' or '<topic>:<partition>'
     position   BIGINT NOT NULL,                 -- last store position / next Kafka offset
     PRIMARY KEY (source, stream)
 );
+
+-- What the projections carry from batch to batch, so each batch reads only its own
+-- events (see the modules that fill them). Not for analysts: schema `internal`.
+CREATE SCHEMA IF NOT EXISTS internal;
+
+-- Per-customer running totals; customer_profiles is computed from them. A `*_key` is the
+-- event_key of the event the value beside it came from (the latest wins).
+CREATE TABLE IF NOT EXISTS internal.profile_totals (
+    customer_id             VARCHAR NOT NULL,
+    registered_at           TIMESTAMPTZ,
+    region                  VARCHAR,
+    region_key              HUGEINT,
+    province                VARCHAR,
+    province_key            HUGEINT,
+    city                    VARCHAR,
+    city_key                HUGEINT,
+    segment                 VARCHAR,
+    segment_key             HUGEINT,
+    first_seen_at           TIMESTAMPTZ NOT NULL,
+    last_seen_at            TIMESTAMPTZ NOT NULL,
+    event_count             BIGINT NOT NULL,
+    first_contact_at        TIMESTAMPTZ,
+    last_contact_at         TIMESTAMPTZ,
+    contact_count           BIGINT NOT NULL,
+    inbound_contacts        BIGINT NOT NULL,
+    outbound_contacts       BIGINT NOT NULL,
+    purchase_count          BIGINT NOT NULL,
+    gross_spend             DECIMAL(18, 4) NOT NULL,
+    refunded                DECIMAL(18, 4) NOT NULL,
+    first_purchase_at       TIMESTAMPTZ,
+    last_purchase_at        TIMESTAMPTZ,
+    survey_count            BIGINT NOT NULL,
+    satisfaction_sum        DECIMAL(18, 4) NOT NULL,
+    last_satisfaction       DECIMAL(6, 4),
+    last_satisfaction_key   HUGEINT,
+    marketing_consent       BOOLEAN,
+    marketing_consent_key   HUGEINT
+);
+
+-- Every order's amount and its amount in the reporting currency: refunds convert at it.
+CREATE TABLE IF NOT EXISTS internal.orders (
+    customer_id  VARCHAR NOT NULL,
+    order_id     VARCHAR NOT NULL,
+    amount       DECIMAL(18, 4) NOT NULL,
+    spend        DECIMAL(18, 4) NOT NULL
+);
+
+-- The events that move a customer on the ladder: purchases and surveys.
+CREATE TABLE IF NOT EXISTS internal.ladder_facts (
+    customer_id   VARCHAR NOT NULL,
+    event_id      UUID NOT NULL,
+    type          VARCHAR NOT NULL,
+    occurred_at   TIMESTAMPTZ NOT NULL,
+    key           HUGEINT NOT NULL,
+    satisfaction  DECIMAL(6, 4)
+);
+
+-- Where each customer stands on the ladder after the latest of its ladder facts.
+CREATE TABLE IF NOT EXISTS internal.ladder_positions (
+    customer_id        VARCHAR NOT NULL,
+    first_event_id     UUID NOT NULL,           -- the customer's first event of any type
+    first_type         VARCHAR NOT NULL,
+    first_at           TIMESTAMPTZ NOT NULL,
+    first_key          HUGEINT NOT NULL,
+    last_key           HUGEINT NOT NULL,        -- the latest fact (or first event) applied
+    purchases          BIGINT NOT NULL,
+    first_purchase     TIMESTAMPTZ,
+    last_purchase      TIMESTAMPTZ,
+    last_satisfaction  DECIMAL(6, 4),
+    stage              VARCHAR NOT NULL
+);
+
+-- Every complaint event, typed: a complaint's SLA clocks are recomputed from its steps.
+CREATE TABLE IF NOT EXISTS internal.complaint_steps (
+    customer_id   VARCHAR NOT NULL,
+    complaint_id  VARCHAR NOT NULL,
+    type          VARCHAR NOT NULL,
+    occurred_at   TIMESTAMPTZ NOT NULL,
+    position      BIGINT NOT NULL,
+    priority      VARCHAR,
+    category      VARCHAR,
+    channel       VARCHAR,
+    root_cause    VARCHAR,
+    compensation  DECIMAL(18, 4)
+);
 """
+
+#: Bumped whenever a table's meaning or the carried state changes: a file built by another
+#: version must be rebuilt (`ledger rebuild`), not updated in place.
+SCHEMA_VERSION = 2
 
 
 def _reference_tables(con: duckdb.DuckDBPyConnection, sla: SlaPolicy, ladder: LadderPolicy) -> None:
@@ -199,8 +300,16 @@ def one(con: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> tupl
     return rows[0] if rows else None
 
 
-class ProjectionsBusy(RuntimeError):
+class ProjectionsUnavailable(RuntimeError):
+    """The projections file cannot be used now; the message says what to do."""
+
+
+class ProjectionsBusy(ProjectionsUnavailable):
     """Another process holds the projections file for writing."""
+
+
+class ProjectionsOutdated(ProjectionsUnavailable):
+    """The projections file was built by another version of the projections."""
 
 
 def connect(
@@ -241,5 +350,29 @@ def create_schema(
     sla: SlaPolicy | None = None,
     ladder: LadderPolicy | None = None,
 ) -> None:
+    built_before = _has_table(con, "projection_checkpoints")
     run(con, DDL)
     _reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())
+    row = one(con, "SELECT schema_version FROM projection_meta")
+    if row is None and built_before:
+        version = 1  # files from before projection_meta existed
+    elif row is None:
+        run(con, "INSERT INTO projection_meta VALUES (TRUE, ?)", [SCHEMA_VERSION])
+        version = SCHEMA_VERSION
+    else:
+        version = int(row[0])
+    if version != SCHEMA_VERSION:
+        raise ProjectionsOutdated(
+            f"the projections file holds schema version {version}, this ledger writes "
+            f"version {SCHEMA_VERSION}: run `ledger rebuild` to rebuild it from the events"
+        )
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    row = one(
+        con,
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = ?",
+        [name],
+    )
+    return bool(row and row[0])

@@ -27,17 +27,14 @@ DELETE FROM complaint_sla WHERE customer_id IN (SELECT customer_id FROM sla_scop
 INSERT_IN_SCOPE = """
 INSERT INTO complaint_sla
 WITH steps AS (
-    SELECT customer_id, data->>'complaint_id' AS complaint_id, type, occurred_at, position,
-           data
-    FROM events
-    WHERE type LIKE 'Complaint%' AND customer_id IN (SELECT customer_id FROM sla_scope)
+    SELECT * FROM internal.complaint_steps
+    WHERE customer_id IN (SELECT customer_id FROM sla_scope)
 ),
 filed AS (
     SELECT s.customer_id, s.complaint_id, s.occurred_at AS filed_at,
-           coalesce(s.data->>'priority', 'normal') AS priority,
-           s.data->>'category' AS category, s.data->>'channel' AS channel,
+           coalesce(s.priority, 'normal') AS priority, s.category, s.channel,
            t.first_response_hours, t.resolution_hours, t.warning_fraction
-    FROM steps AS s JOIN sla_targets AS t ON t.priority = coalesce(s.data->>'priority', 'normal')
+    FROM steps AS s JOIN sla_targets AS t ON t.priority = coalesce(s.priority, 'normal')
     WHERE s.type = 'ComplaintFiled'
 ),
 status_steps AS (
@@ -66,10 +63,9 @@ summary AS (
             FILTER (WHERE type IN ('ComplaintFiled', 'ComplaintOnHold', 'ComplaintResumed',
                                    'ComplaintResolved', 'ComplaintReopened', 'ComplaintClosed'))
             AS last_status_step,
-        first(data->>'root_cause' ORDER BY occurred_at DESC, position DESC)
+        first(root_cause ORDER BY occurred_at DESC, position DESC)
             FILTER (WHERE type = 'ComplaintResolved') AS root_cause,
-        sum(CAST(data->>'compensation' AS DECIMAL(18, 4)))
-            FILTER (WHERE type = 'ComplaintResolved') AS compensation
+        sum(compensation) FILTER (WHERE type = 'ComplaintResolved') AS compensation
     FROM steps GROUP BY customer_id, complaint_id
 ),
 resolution AS (
@@ -119,11 +115,18 @@ FROM clocks AS c
 LEFT JOIN resolution AS r USING (customer_id, complaint_id)
 """
 
-# Customers whose complaints need recomputing: those the batch touched, and those with a
-# clock still running, whose state depends on the as-of clock.
+STORE_STEPS = """
+INSERT INTO internal.complaint_steps
+SELECT customer_id, complaint_id, type, occurred_at, position, priority, category, channel,
+       root_cause, CAST(compensation AS DECIMAL(18, 4))
+FROM fresh WHERE type LIKE 'Complaint%'
+"""
+
+# Customers whose complaints need recomputing: those with new complaint steps, and those
+# with a clock still running, whose state depends on the as-of clock.
 SCOPE = """
 CREATE OR REPLACE TEMP TABLE sla_scope AS
-SELECT customer_id FROM touched
+SELECT customer_id FROM fresh WHERE type LIKE 'Complaint%'
 UNION
 SELECT DISTINCT customer_id FROM complaint_sla
 WHERE first_response_status = 'pending' OR resolution_status = 'pending' OR status = 'on_hold'
@@ -131,6 +134,9 @@ WHERE first_response_status = 'pending' OR resolution_status = 'pending' OR stat
 
 
 def refresh(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
+    """Recompute the complaints in scope from their steps (`internal.complaint_steps`);
+    leaves their customers in temp table `sla_scope`."""
+    run(con, STORE_STEPS)
     run(con, SCOPE)
     run(con, DELETE_IN_SCOPE)
     run(con, INSERT_IN_SCOPE, {"as_of": as_of})

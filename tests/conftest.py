@@ -133,9 +133,12 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
 
 # --- comparing projections ----------------------------------------------------------------
 
-# projection_checkpoints differ by design (event-store position vs Kafka offsets)
+# Every projection and the state carried between batches; projection_checkpoints differ
+# by design (event-store position vs Kafka offsets).
 COMPARED = ("events", "customer_profiles", "loyalty_stage_history", "complaint_sla",
-            "projection_clock")  # fmt: skip
+            "derived_events", "projection_clock", "internal.profile_totals",
+            "internal.orders", "internal.ladder_facts", "internal.ladder_positions",
+            "internal.complaint_steps")  # fmt: skip
 
 Tables = dict[str, list[tuple[Any, ...]]]
 
@@ -143,7 +146,7 @@ Tables = dict[str, list[tuple[Any, ...]]]
 def tables(path: Path, names: tuple[str, ...] = COMPARED) -> Tables:
     con = connect(path, read_only=True)
     try:
-        return {n: con.execute(f'SELECT * FROM "{n}" ORDER BY ALL').fetchall() for n in names}
+        return {n: con.execute(f"SELECT * FROM {n} ORDER BY ALL").fetchall() for n in names}
     finally:
         con.close()
 

@@ -274,7 +274,9 @@ def projection_position(data_dir: Path, facts: list[tuple[int, Fact]], scratch: 
             position = int(row[0]) if row else 0
         projected: set[str] = set()
         if "events" in tables:
-            projected = {str(r[0]) for r in con.execute("SELECT event_id FROM events").fetchall()}
+            ids = [str(r[0]) for r in con.execute("SELECT event_id FROM events").fetchall()]
+            projected = set(ids)
+            assert len(ids) == len(projected), f"{len(ids) - len(projected)} events twice"
         expected = {fact["event_id"] for pos, fact in facts if pos <= position}
         assert projected == expected, (
             f"projections at checkpoint {position} hold {len(projected)} events, the store "
@@ -309,10 +311,12 @@ def assert_projections_match_a_rebuild(settings: Settings, scratch: Path) -> Non
         con.execute("ATTACH ? AS rebuilt (READ_ONLY)", [str(rebuilt)])
 
         def tables(db: str) -> list[str]:
+            """Every table, the carried state in schema `internal` included."""
             return sorted(
-                r[0]
-                for r in con.execute(
-                    "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [db]
+                f"{schema}.{name}"
+                for schema, name in con.execute(
+                    "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = ?",
+                    [db],
                 ).fetchall()
             )
 
@@ -322,8 +326,8 @@ def assert_projections_match_a_rebuild(settings: Settings, scratch: Path) -> Non
         ).fetchone()
         assert checkpoint == (head,), f"live projections at {checkpoint}, store head {head}"
         for table in tables("live"):
-            live = con.execute(f'SELECT * FROM live."{table}" ORDER BY ALL').fetchall()
-            again = con.execute(f'SELECT * FROM rebuilt."{table}" ORDER BY ALL').fetchall()
+            live = con.execute(f"SELECT * FROM live.{table} ORDER BY ALL").fetchall()
+            again = con.execute(f"SELECT * FROM rebuilt.{table} ORDER BY ALL").fetchall()
             if live != again:
                 live_rows, rebuilt_rows = set(live), set(again)
                 only_live = [r for r in live if r not in rebuilt_rows][:3]

@@ -25,7 +25,7 @@ from consumers.store_follower import catch_up, rebuild
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.projector import Projector
-from projections.schema import connect, stored_clock
+from projections.schema import ProjectionsOutdated, connect, stored_clock
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TABLES = {
@@ -40,6 +40,12 @@ TABLES = {
     "sla_targets",
     "survey_scales",
     "loyalty_stages",
+    "projection_meta",
+    "internal.profile_totals",
+    "internal.orders",
+    "internal.ladder_facts",
+    "internal.ladder_positions",
+    "internal.complaint_steps",
 }
 KAFKA = ("kafka:test-group", "ledger.facts:0")
 
@@ -50,14 +56,15 @@ Snapshot = dict[str, list[tuple[Any, ...]]]
 
 
 def snapshot_of(con: duckdb.DuckDBPyConnection) -> Snapshot:
+    """Every table, the carried state in schema `internal` included."""
     names = [
-        row[0]
-        for row in con.execute(
-            "SELECT table_name FROM information_schema.tables "
-            "WHERE table_schema = 'main' AND table_type = 'BASE TABLE'"
+        name if schema == "main" else f"{schema}.{name}"
+        for schema, name in con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_catalog = current_database() AND table_type = 'BASE TABLE'"
         ).fetchall()
     ]
-    return {name: con.execute(f'SELECT * FROM "{name}" ORDER BY ALL').fetchall() for name in names}
+    return {name: con.execute(f"SELECT * FROM {name} ORDER BY ALL").fetchall() for name in names}
 
 
 def snapshot(path: Path) -> Snapshot:
@@ -389,6 +396,30 @@ def test_killed_ledger_project_command(ledger: Ledger, settings: Settings, tmp_p
 
 
 # --- (d) redelivery --------------------------------------------------------------------------
+
+
+def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """Carried state from another version would be merged into wrongly: refuse, and say
+    how to fix it; `rebuild` does."""
+    accept(ledger, [e for events in demo_by_customer(3).values() for e in events])
+    path = settings.projections_path
+    catch_up(ledger, path)
+    current = snapshot(path)
+    con = connect(path)
+    con.execute("UPDATE projection_meta SET schema_version = 1")
+    con.close()
+
+    con = connect(path)
+    with pytest.raises(ProjectionsOutdated, match="run `ledger rebuild`"):
+        Projector(con)
+    con.close()
+    with pytest.raises(ProjectionsOutdated):
+        catch_up(ledger, path)
+
+    assert rebuild(ledger, path) == ledger.head()
+    assert differences(snapshot(path), current) == {}
 
 
 def test_redelivered_batch_changes_nothing(ledger: Ledger, tmp_path: Path) -> None:
