@@ -192,6 +192,7 @@ class _BatchTimer:
                 "at": time.time(),
                 "position": position,
                 "events": result.events,
+                "customers": result.customers,
                 "seconds": time.perf_counter() - self._started,
             }
         )

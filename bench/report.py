@@ -126,12 +126,31 @@ def batch_figures(results: SizeResults) -> list[Figure]:
         f"median of the first/last {k} of {len(full)} full batches of {size:,} positions "
         f"(~{events:,.0f} events)"
     )
-    return [
+    figures = [
         Figure("projection batch time, first batches", first, "s", note=note),
         Figure("projection batch time, last batches", last, "s", growth,
                f"<= {FLAT_BATCH_RATIO} x first (flat)",
                None if growth is None else growth <= FLAT_BATCH_RATIO, phase="catch_up"),
     ]  # fmt: skip
+    if all(b.get("customers") for b in full):
+        # A batch rewrites the profile of every customer it touches; in a generated history
+        # the customer base grows, so later batches touch more customers. Per customer
+        # touched, the cost shows what history alone adds.
+        def per_customer(chosen: list[dict[str, Any]]) -> float:
+            return statistics.median(b["seconds"] / b["customers"] * 1000 for b in chosen)
+
+        first_c, last_c = per_customer(full[:k]), per_customer(full[-k:])
+        start, end = (
+            statistics.median(b["customers"] for b in part) for part in (full[:k], full[-k:])
+        )
+        touched = f"customers touched per batch: {start:,.0f} → {end:,.0f}"
+        figures += [
+            Figure("batch time per customer touched, first", first_c, "ms", note=touched),
+            Figure("batch time per customer touched, last", last_c, "ms", last_c / first_c,
+                   f"<= {FLAT_BATCH_RATIO} x first (flat)", last_c / first_c <= FLAT_BATCH_RATIO,
+                   phase="catch_up"),
+        ]  # fmt: skip
+    return figures
 
 
 def latency_figures(results: SizeResults) -> list[Figure]:

@@ -284,7 +284,7 @@ def rebuild_from_kafka(
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
         reader: KafkaConsumer = consumer(settings, group_id=None)
-        projections = ProjectionWriter(staging, hold_seconds=float("inf"))
+        projections = ProjectionWriter(staging, bulk=True)
         dead_letters = _DeadLetters(settings)
         try:
             ends = high_watermarks(settings, settings.topic)

@@ -8,7 +8,8 @@ same transaction as the projection writes: exactly-once effect across crashes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -31,32 +32,48 @@ def catch_up(
     poll_seconds: float = 0.5,
     on_batch: ProgressCallback | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    bulk: bool = False,
 ) -> int:
     """Project every stored event not yet projected; with `follow`, keep polling.
 
     Returns the position reached. The projections file is held only while batches come
-    (see `projections.writer`), so analysts can query it meanwhile.
+    (see `projections.writer`), so analysts can query it meanwhile; in `bulk` (a file
+    nobody reads yet) it is held throughout.
     """
-    writer = ProjectionWriter(projections_path)
+    writer = ProjectionWriter(projections_path, bulk=bulk)
     try:
         position = writer.projector().checkpoint(*EVENT_STORE) or 0
         if as_of is not None:
             writer.projector().apply([], {EVENT_STORE: position}, as_of)
-        while True:
-            last, documents = ledger.documents_after(position, batch_size)
-            if last != position:
-                result = writer.projector().apply(documents, {EVENT_STORE: last}, as_of)
-                position = last
-                writer.after_batch()
-                if on_batch:
-                    on_batch(result, position, ledger.head())
-                continue
-            writer.release()
-            if not follow or should_stop():
-                return position
-            time.sleep(poll_seconds)
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            while True:
+                for last, documents in _read_ahead(reader, ledger, position, batch_size):
+                    result = writer.projector().apply(documents, {EVENT_STORE: last}, as_of)
+                    position = last
+                    writer.after_batch()
+                    if on_batch:
+                        on_batch(result, position, ledger.head())
+                writer.release()
+                if not follow or should_stop():
+                    return position
+                time.sleep(poll_seconds)
     finally:
         writer.release()
+
+
+def _read_ahead(
+    reader: ThreadPoolExecutor, ledger: Ledger, position: int, batch_size: int
+) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
+    """The batches after `position` until the store's end, each read while the caller
+    projects the one before (SQLite and DuckDB release the GIL, so both cores work)."""
+    pending = reader.submit(ledger.documents_after, position, batch_size)
+    while True:
+        last, documents = pending.result()
+        if last == position:
+            return
+        pending = reader.submit(ledger.documents_after, last, batch_size)
+        yield last, documents
+        position = last
 
 
 def rebuild(
@@ -70,4 +87,4 @@ def rebuild(
     """Rebuild every table from position 0 into a new file, then swap it in atomically
     (see `projections.rebuild`)."""
     with rebuilding(projections_path, realert=realert) as staging:
-        return catch_up(ledger, staging, batch_size=batch_size, on_batch=on_batch)
+        return catch_up(ledger, staging, batch_size=batch_size, on_batch=on_batch, bulk=True)

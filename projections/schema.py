@@ -350,22 +350,35 @@ def create_schema(
     sla: SlaPolicy | None = None,
     ladder: LadderPolicy | None = None,
 ) -> None:
-    built_before = _has_table(con, "projection_checkpoints")
-    run(con, DDL)
-    _reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())
-    row = one(con, "SELECT schema_version FROM projection_meta")
-    if row is None and built_before:
-        version = 1  # files from before projection_meta existed
-    elif row is None:
-        run(con, "INSERT INTO projection_meta VALUES (TRUE, ?)", [SCHEMA_VERSION])
-        version = SCHEMA_VERSION
-    else:
-        version = int(row[0])
-    if version != SCHEMA_VERSION:
+    """Create what is missing, in one transaction (a process killed meanwhile leaves the
+    file as it was); a file of another schema version is refused untouched."""
+    version = _stored_version(con)
+    if version is not None and version != SCHEMA_VERSION:
         raise ProjectionsOutdated(
             f"the projections file holds schema version {version}, this ledger writes "
             f"version {SCHEMA_VERSION}: run `ledger rebuild` to rebuild it from the events"
         )
+    con.begin()
+    try:
+        run(con, DDL)
+        _reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())
+        if version is None:
+            run(con, "INSERT INTO projection_meta VALUES (TRUE, ?)", [SCHEMA_VERSION])
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def _stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The file's schema version; None for a new file; 1 for files from before
+    `projection_meta` existed."""
+    if not _has_table(con, "projection_checkpoints"):
+        return None
+    if not _has_table(con, "projection_meta"):
+        return 1
+    row = one(con, "SELECT schema_version FROM projection_meta")
+    return int(row[0]) if row else 1
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:

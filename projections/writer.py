@@ -4,6 +4,10 @@ DuckDB allows one writing process per file, and a reading process only while no 
 writes. Projectors therefore hold the file while batches keep coming, but release it
 when idle and at least every `hold_seconds`, so analysts' read-only queries get their
 turn (`ledger query` waits for the lock) while ingestion keeps running.
+
+A file nobody reads yet (a rebuild's staging file) is written in `bulk`: held throughout,
+with the write-ahead log left to grow and folded into the file once, at the end, instead
+of after every few batches.
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ import duckdb
 from projections.projector import Projector
 from projections.schema import connect
 
+#: In bulk, the WAL is checkpointed at this size (and on close) rather than DuckDB's 16 MB.
+BULK_CHECKPOINT_THRESHOLD = "256MB"
+
 
 class ProjectionWriter:
     def __init__(
-        self, path: Path, hold_seconds: float = 1.0, readers_turn_seconds: float = 0.15
+        self,
+        path: Path,
+        hold_seconds: float = 1.0,
+        readers_turn_seconds: float = 0.15,
+        *,
+        bulk: bool = False,
     ) -> None:
         self.path = path
-        self.hold_seconds = hold_seconds
+        self.bulk = bulk
+        self.hold_seconds = float("inf") if bulk else hold_seconds
         self.readers_turn_seconds = readers_turn_seconds
         self._con: duckdb.DuckDBPyConnection | None = None
         self._projector: Projector | None = None
@@ -37,6 +50,8 @@ class ProjectionWriter:
             if wait > 0:
                 time.sleep(wait)
             self._con = connect(self.path)
+            if self.bulk:
+                self._con.execute(f"SET checkpoint_threshold = '{BULK_CHECKPOINT_THRESHOLD}'")
             self._projector = Projector(self._con)
             self._opened_at = time.monotonic()
         return self._projector
