@@ -168,11 +168,12 @@ def _intervals(start: float, ends: list[float]) -> list[float]:
 
 
 class _BatchTimer:
-    """Times each projection batch from the read of the store to the commit.
+    """Times each projection batch from its hand-over to the projector to the commit.
 
-    It wraps the ledger instance's `documents_after` (the start of a batch) and is the
-    `on_batch` callback (its end), so connecting and creating the schema before the
-    first batch are not charged to it.
+    It wraps the ledger instance's `documents_after`, which the follower calls for the
+    next batch as it hands one over (reading ahead), and is the `on_batch` callback (the
+    batch's end), so connecting and creating the schema before the first batch are not
+    charged to it.
     """
 
     def __init__(self, ledger: Any) -> None:
