@@ -136,6 +136,26 @@ CREATE TABLE IF NOT EXISTS projection_clock (
     as_of      TIMESTAMPTZ NOT NULL             -- the clock time-dependent values use
 );
 
+-- The domain's rules (domain/policy.py), for joins and for reading.
+CREATE TABLE IF NOT EXISTS sla_targets (
+    priority              VARCHAR PRIMARY KEY,
+    first_response_hours  INTEGER NOT NULL,
+    resolution_hours      INTEGER NOT NULL,
+    warning_fraction      DECIMAL(4, 2) NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS survey_scales (
+    kind     VARCHAR PRIMARY KEY,
+    lowest   INTEGER NOT NULL,
+    highest  INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS loyalty_stages (
+    stage  VARCHAR PRIMARY KEY,
+    rank   INTEGER NOT NULL,
+    rule   VARCHAR NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS projection_meta (
     singleton       BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
     schema_version  INTEGER NOT NULL            -- see SCHEMA_VERSION in projections/schema.py
@@ -234,44 +254,39 @@ CREATE TABLE IF NOT EXISTS internal.complaint_steps (
 );
 """
 
-#: Bumped whenever a table's meaning or the carried state changes: a file built by another
+#: Bumped whenever the DDL, a table's meaning or the carried state changes: a file built by another
 #: version must be rebuilt (`ledger rebuild`), not updated in place.
 SCHEMA_VERSION = 2
 
 
-def _reference_tables(con: duckdb.DuckDBPyConnection, sla: SlaPolicy, ladder: LadderPolicy) -> None:
-    run(
-        con,
-        "CREATE OR REPLACE TABLE sla_targets (priority VARCHAR PRIMARY KEY, "
-        "first_response_hours INTEGER, resolution_hours INTEGER, warning_fraction DECIMAL(4,2))",
-    )
-    for priority, target in sla.targets.items():
-        run(
-            con,
-            "INSERT INTO sla_targets VALUES (?, ?, ?, ?)",
-            [
-                priority.value,
-                target.first_response_hours,
-                target.resolution_hours,
-                sla.warning_fraction,
-            ],
-        )
-    run(
-        con,
-        "CREATE OR REPLACE TABLE survey_scales (kind VARCHAR PRIMARY KEY, "
-        "lowest INTEGER, highest INTEGER)",
-    )
-    for kind, (low, high) in SURVEY_SCALES.items():
-        run(con, "INSERT INTO survey_scales VALUES (?, ?, ?)", [kind.value, low, high])
-    run(
-        con,
-        "CREATE OR REPLACE TABLE loyalty_stages (stage VARCHAR PRIMARY KEY, rank INTEGER, "
-        "rule VARCHAR)",
-    )
-    for rank, stage in enumerate(STAGES):
-        run(
-            con, "INSERT INTO loyalty_stages VALUES (?, ?, ?)", [stage, rank, _RULES[stage](ladder)]
-        )
+def _reference_rows(sla: SlaPolicy, ladder: LadderPolicy) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows the reference tables must hold for these policies."""
+    return {
+        "sla_targets": [
+            (p.value, t.first_response_hours, t.resolution_hours, sla.warning_fraction)
+            for p, t in sla.targets.items()
+        ],
+        "survey_scales": [(kind.value, low, high) for kind, (low, high) in SURVEY_SCALES.items()],
+        "loyalty_stages": [
+            (stage, rank, _RULES[stage](ladder)) for rank, stage in enumerate(STAGES)
+        ],
+    }
+
+
+def _refresh_reference_tables(
+    con: duckdb.DuckDBPyConnection, sla: SlaPolicy, ladder: LadderPolicy
+) -> None:
+    """Rewrite a reference table only when the policy changed (an unchanged file stays
+    unchanged: nothing to fold into it when the writer lets go)."""
+    for table, rows in _reference_rows(sla, ladder).items():
+        stored = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+        if sorted(map(_text, stored)) != sorted(map(_text, rows)):
+            run(con, f"DELETE FROM {table}")
+            con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+
+
+def _text(row: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(value) for value in row)
 
 
 _RULES: dict[str, Callable[[LadderPolicy], str]] = {
@@ -360,10 +375,10 @@ def create_schema(
         )
     con.begin()
     try:
-        run(con, DDL)
-        _reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())
         if version is None:
+            run(con, DDL)
             run(con, "INSERT INTO projection_meta VALUES (TRUE, ?)", [SCHEMA_VERSION])
+        _refresh_reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())
         con.commit()
     except BaseException:
         con.rollback()

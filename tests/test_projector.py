@@ -24,6 +24,7 @@ from bootstrap import Settings
 from consumers.store_follower import catch_up, rebuild
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
+from domain.policy import LadderPolicy
 from projections.projector import Projector
 from projections.schema import ProjectionsOutdated, connect, stored_clock
 
@@ -458,3 +459,23 @@ def test_redelivered_batch_changes_nothing(ledger: Ledger, tmp_path: Path) -> No
     reference_con.close()
     assert differences(redelivered, once) == {}
     assert len(once["events"]) == len(documents)
+
+
+def test_reference_tables_follow_the_policy_the_file_is_opened_with(tmp_path: Path) -> None:
+    path = tmp_path / "policies.duckdb"
+
+    def retained_rule(ladder: LadderPolicy) -> str:
+        con = connect(path)
+        try:
+            Projector(con, ladder=ladder)
+            row = con.execute("SELECT rule FROM loyalty_stages WHERE stage = 'retained'").fetchone()
+        finally:
+            con.close()
+        assert row is not None
+        return str(row[0])
+
+    assert "a purchase 30+ days after the first" in retained_rule(
+        LadderPolicy(repeat_after_days=30)
+    )
+    default = LadderPolicy()
+    assert f"a purchase {default.repeat_after_days}+ days" in retained_rule(default)
