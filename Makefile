@@ -28,9 +28,10 @@ demo-kafka: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The long fault-injection variants (kill -9 loops on 50k events, broker outages).
+# The long fault-injection variants (kill -9 loops on 50k events, broker outages);
+# -rP shows what the passing ones print (seeds, kill counts).
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -m long_faults
+	$(BIN)/python -m pytest -m long_faults -rP
 
 bench: $(STAMP)
 	$(BIN)/python bench/benchmark.py --sizes 100000,1000000 --out bench-results

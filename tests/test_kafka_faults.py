@@ -1,8 +1,11 @@
 """Faults on the Kafka path: a broker that stops (and comes back empty: the dev broker keeps
-nothing), a relay restarted on an intact topic, and relay and consumer processes killed
-with SIGKILL at random instants. Whatever happens, once the relay and the consumer have
-run to the end, the projections equal a clean embedded rebuild: no event lost, none
+nothing), a relay restarted on an intact topic, and ingest, relay and consumer processes
+killed with SIGKILL at random instants. Whatever happens, once the relay and the consumer
+have run to the end, the projections equal a clean embedded rebuild: no event lost, none
 counted twice.
+
+The kill campaign runs short in `make test` and long (50k events, 20+ kills of the relay
+and the consumer) in `make test-faults`; FAULT_SEED changes its seeds.
 
 Real brokers, real subprocesses (`python -m cli`), no mocks.
 """
@@ -18,14 +21,17 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pytest
-from conftest import Tables, differences, record, tables
+from conftest import COMPARED, Tables, differences, record, tables
 from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
@@ -52,34 +58,46 @@ def fact_count(ledger: Ledger) -> int:
     return sum(1 for _ in ledger.all_facts())
 
 
-def embedded(ledger: Ledger, tmp_path: Path) -> Tables:
+def embedded(ledger: Ledger, tmp_path: Path, names: tuple[str, ...] = COMPARED) -> Tables:
     """The reference: a clean embedded projection (store follower) into its own file."""
     path = tmp_path / "embedded.duckdb"
     assert catch_up(ledger, path) == ledger.head()
-    return tables(path)
+    return tables(path, names)
 
 
-def records_in_topic(settings: KafkaSettings) -> int:
-    """How many records the events topic holds, read to the high watermark the fetches
-    report (without a group, without ListOffsets)."""
-    reader = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+def ids_in_topic(settings: KafkaSettings, topic: str | None = None) -> list[str]:
+    """The event id (`ce_id`) of every record on a topic (the events topic by default),
+    repeats included, read to the high watermark the fetches report (without a group,
+    without ListOffsets)."""
+    topic = topic or settings.topic
+    reader = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, max_poll_records=10_000
+    )
     try:
-        topic = settings.topic
         tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
         assert tps, f"topic {topic} has no partitions"
         reader.assign(tps)
         reader.seek_to_beginning(*tps)
-        count = 0
-        for _ in range(300):
-            count += sum(len(r) for r in reader.poll(timeout_ms=200).values())
+        ids: list[str] = []
+        idle = 0
+        while idle < 100:  # polls in a row that brought nothing, while not at the end
+            polled = reader.poll(timeout_ms=200)
+            idle = 0 if polled else idle + 1
+            for records in polled.values():
+                ids.extend(dict(r.headers)["ce_id"].decode() for r in records)
             ends = [reader.highwater(tp) for tp in tps]
             if all(
                 e is not None and reader.position(tp) >= e for tp, e in zip(tps, ends, strict=True)
             ):
-                return count
-        pytest.fail(f"could not read {topic} to its end")
+                return ids
+        pytest.fail(f"could not read {topic} to its end ({len(ids)} records read)")
     finally:
         reader.close()
+
+
+def records_in_topic(settings: KafkaSettings) -> int:
+    """How many records the events topic holds."""
+    return len(ids_in_topic(settings))
 
 
 def stop_child(child: subprocess.Popen[Any]) -> None:
@@ -307,17 +325,65 @@ def kill_at(child: subprocess.Popen[bytes], instant: float, path: Path | None = 
         return "killed holding the file" if holding else "killed"
 
 
-def test_killed_relay_and_consumer_lose_nothing_and_count_nothing_twice(
+def kill_following(
+    child: subprocess.Popen[bytes], path: Path, group: str, since: int, pending: bool, delay: float
+) -> str:
+    """SIGKILL a `consume --follow` `delay` seconds after it projected something (its
+    stored offsets moved past `since`: it joined the group, got partitions and committed a
+    batch); at once-plus-`delay` when no record waits for it (`pending` false)."""
+    deadline = time.monotonic() + 180  # a hang guard: a rejoin takes seconds, not minutes
+    while pending and progress(path, group)[1] <= since:
+        assert child.poll() is None, f"`consume --follow` ended by itself ({child.returncode})"
+        assert time.monotonic() < deadline, "`consume --follow` projected nothing of the topic"
+        time.sleep(0.2)
+    what = kill_at(child, time.monotonic() + delay, path)
+    assert what != "ended", f"`consume --follow` ended by itself ({child.returncode})"
+    return f"{what}, following"
+
+
+@dataclass(frozen=True)
+class KillCampaign:
+    customers: int  # the demo history, about 28 events a customer
+    parts: int  # ingested part after part by `ledger ingest`, one part a round
+    batch: int  # the ingest's --batch-size
+    kills: int  # at least this many SIGKILLs landed on the relay and the consumer, half each
+    follow_every: int  # every n-th round's consumer is `consume --follow` (0: none)
+    seed: int
+
+
+SEED = int(os.environ.get("FAULT_SEED", "20250607"))
+SHORT = KillCampaign(customers=150, parts=3, batch=100, kills=6, follow_every=3, seed=SEED)
+LONG = KillCampaign(customers=1800, parts=12, batch=500, kills=24, follow_every=4, seed=SEED + 1)
+
+
+@pytest.mark.parametrize(
+    "campaign",
+    [pytest.param(SHORT, id="short"), pytest.param(LONG, id="long", marks=pytest.mark.long_faults)],
+)
+def test_killed_ingest_relay_and_consumer_lose_nothing_and_count_nothing_twice(
+    campaign: KillCampaign,
     ledger: Ledger,
     settings: Settings,
     kafka_settings: KafkaSettings,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    history = generate_history(customers=150)
-    assert len(history) > 3_000
-    cuts = [0, len(history) // 3, 2 * len(history) // 3, len(history)]
-    chunks = [history[a:b] for a, b in pairwise(cuts)]
+    """`ledger ingest`, `ledger relay` and `ledger consume` (one-shot, or `--follow` every
+    few rounds) run side by side, round after round, each SIGKILLed at a seeded random
+    instant and started again in the next round. The seed fixes the rounds and the kill
+    instants as fractions of how long each command took undisturbed; where those instants
+    fall in the work is up to timing. Then, once all three have run to the end: the store
+    holds the history once, the topic every event id, and the projections every event once
+    and equal a clean embedded rebuild, table by table."""
+    rng = random.Random(campaign.seed)
+    history = generate_history(customers=campaign.customers)
+    size = -(-len(history) // campaign.parts)
+    parts = []
+    for n in range(campaign.parts):
+        part = tmp_path / f"part-{n}.jsonl"
+        part.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in history[n * size :][:size]))
+        parts.append(part)
+    expected = [e["source_event_id"] for e in history]
     cli = [sys.executable, "-m", "cli", "--data-dir", str(settings.data_dir)]
     env = child_env(kafka_settings)
     # this test's own group: the session's broker has other tests' groups and members
@@ -326,70 +392,152 @@ def test_killed_relay_and_consumer_lose_nothing_and_count_nothing_twice(
     path = settings.projections_path
     logs = tmp_path / "logs"
     logs.mkdir()
+    seen = f"seed {campaign.seed}"
 
-    rng = random.Random(20250607)
-    relay_time = consume_time = 0.0
-    kills: list[tuple[str, str]] = []
+    def start(round_: int, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (logs / f"{round_}-{name}.err").open("w") as err:
+            child = subprocess.Popen(
+                [*cli, *args], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
+            )
+        request.addfinalizer(partial(stop_child, child))
+        return child
+
     failures: list[str] = []
-    last = (0, 0)
-    last_relayed = 0
-    for round_ in range(6):
-        if round_ % 2 == 0:  # new work for the relay
-            accept(ledger, chunks[round_ // 2])
-        children: dict[str, subprocess.Popen[bytes]] = {}
 
-        def start(
-            name: str,
-            round_: int = round_,
-            children: dict[str, subprocess.Popen[bytes]] = children,
-        ) -> float:
-            with (logs / f"{round_}-{name}.err").open("w") as err:
-                children[name] = subprocess.Popen(
-                    [*cli, name], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
-                )
-            request.addfinalizer(partial(stop_child, children[name]))
-            return time.monotonic()
-
-        if round_ == 0:
-            # timed, one after the other, so later rounds can place kills inside the work
-            begun = start("relay")
-            children["relay"].wait(timeout=120)
-            relay_time = time.monotonic() - begun
-            begun = start("consume")
-            children["consume"].wait(timeout=120)
-            consume_time = time.monotonic() - begun
-        else:
-            # both at once, each killed anywhere from its start-up to the end of its work
-            relay_begun, consume_begun = start("relay"), start("consume")
-            instants = {
-                "relay": relay_begun + relay_time * rng.uniform(0.3, 1.3),
-                "consume": consume_begun + consume_time * rng.uniform(0.3, 1.0),
-            }
-            for name in sorted(instants, key=instants.__getitem__):
-                kills.append((name, kill_at(children[name], instants[name], path)))
-
+    def exited(round_: int, children: dict[str, subprocess.Popen[bytes]]) -> None:
         for name, child in children.items():
             if child.returncode not in (0, -signal.SIGKILL):
                 message = " ".join((logs / f"{round_}-{name}.err").read_text().split())
                 failures.append(f"round {round_} {name} exited {child.returncode}: {message}")
-        # whatever the instant of the kill, committed progress is never lost
-        now = progress(path, group)
-        assert now[0] >= last[0] and now[1] >= last[1], (round_, last, now)
-        assert now[0] <= fact_count(ledger)
-        last = now
-        relayed = relay.RelayState.load(settings.relay_state_path).position
-        assert relayed >= last_relayed, (round_, last_relayed, relayed)
-        last_relayed = relayed
 
-    assert kills.count(("relay", "killed")) >= 2, kills
-    assert sum(1 for name, what in kills if name == "consume" and what != "ended") >= 2, kills
+    last, last_relayed = (0, 0), 0
+
+    def check(round_: int) -> None:
+        """Whatever the instants of the kills, nothing committed goes back, and the store
+        holds a prefix of the history, each event once, in order."""
+        nonlocal last, last_relayed
+        stored = [fact["source_event_id"] for _, fact in ledger.all_facts()]
+        assert stored == expected[: len(stored)], f"{seen}, round {round_}: store != history"
+        now = progress(path, group)
+        assert now[0] >= last[0] and now[1] >= last[1], (seen, round_, last, now)
+        assert now[0] <= len(stored), (seen, round_, now, len(stored))
+        relayed = relay.RelayState.load(settings.relay_state_path).position
+        assert relayed >= last_relayed, (seen, round_, last_relayed, relayed)
+        last, last_relayed = now, relayed
+
+    # Round 0, undisturbed and one after the other: how long each command takes, with one
+    # part's work and with none (starting up, finding nothing to do, stopping).
+    took: dict[str, float] = {}
+    children = {}
+    for name, args in (
+        ("ingest", ("ingest", str(parts[0]), "--batch-size", str(campaign.batch))),
+        ("relay", ("relay",)),
+        ("idle relay", ("relay",)),
+        ("consume", ("consume",)),
+        ("idle consume", ("consume",)),
+    ):
+        began = time.monotonic()
+        children[name] = start(0, name, *args)
+        children[name].wait(timeout=600)
+        took[name] = time.monotonic() - began
+    exited(0, children)
+    assert not failures, "\n".join(failures)
+    check(0)
+    ingested = 1  # parts whose ingest ran to its end
+    # one part's work: store positions for the relay, records for the consumer
+    unit = {"relay": last_relayed, "consume": last[1]}
+    assert unit["relay"] > 0 and unit["consume"] > 0, (seen, unit)
+
+    def span(name: str, parts_of_work: float) -> float:
+        """How long `name` takes undisturbed for that much work (in parts)."""
+        idle = took[f"idle {name}"]
+        return idle + max(0.0, took[name] - idle) * parts_of_work
+
+    kills: list[tuple[int, str, str]] = []  # (round, command, what happened)
+
+    def landed(name: str) -> int:
+        return sum(1 for _, n, what in kills if n == name and what != "ended")
+
+    round_ = 0
+    while (
+        ingested < len(parts)
+        or landed("relay") < campaign.kills // 2
+        or landed("consume") < campaign.kills - campaign.kills // 2
+    ):
+        round_ += 1
+        assert round_ <= 3 * (campaign.kills + campaign.parts), (
+            f"{seen}: no end after {round_} rounds: {ingested} of {len(parts)} parts "
+            f"ingested, kills {kills}"
+        )
+        following = campaign.follow_every > 0 and round_ % campaign.follow_every == 0
+        fractions = {  # drawn every round, whatever runs: the seed fixes the sequence
+            # half of the ingests are left to finish: each part gets in in the end
+            "ingest": rng.uniform(0.3, 1.5) if rng.random() < 0.5 else None,
+            "relay": rng.uniform(0.3, 1.5),
+            "consume": rng.uniform(0.3, 1.5),
+        }
+        before = progress(path, group)[1]
+        # The kill windows span start-up and the work waiting (for a relay, the ingest's
+        # too), so that commands that fell behind are still killed anywhere in it.
+        ingesting = ingested < len(parts)
+        spans = {
+            "ingest": took["ingest"],
+            "relay": span("relay", (ledger.head() - last_relayed) / unit["relay"] + ingesting),
+            "consume": span(
+                "consume", (relay.topic_size(kafka_settings) - before) / unit["consume"]
+            ),
+        }
+        windows = {n: spans[n] * f for n, f in fractions.items() if f is not None}
+        children, instants = {}, {}
+        if ingesting:  # a killed ingest runs its part again from the start
+            children["ingest"] = start(
+                round_,
+                "ingest",
+                "ingest",
+                str(parts[ingested]),
+                "--batch-size",
+                str(campaign.batch),
+            )
+            if fractions["ingest"] is not None:
+                instants["ingest"] = time.monotonic() + windows["ingest"]
+        children["relay"] = start(round_, "relay", "relay")
+        instants["relay"] = time.monotonic() + windows["relay"]
+        children["consume"] = start(
+            round_, "consume", "consume", *(["--follow"] if following else [])
+        )
+        if not following:
+            instants["consume"] = time.monotonic() + windows["consume"]
+        for name in sorted(instants, key=instants.__getitem__):
+            held = path if name == "consume" else None
+            kills.append((round_, name, kill_at(children[name], instants[name], held)))
+        if following:  # after the relay ended: whether records wait for it is known
+            pending = relay.topic_size(kafka_settings) > before
+            delay = windows["consume"]
+            what = kill_following(children["consume"], path, group, before, pending, delay)
+            kills.append((round_, "consume", what))
+        for child in children.values():  # an ingest left to finish
+            child.wait(timeout=600)
+        exited(round_, children)
+        if "ingest" in children and children["ingest"].returncode == 0:
+            ingested += 1
+        check(round_)
+
+    summary = Counter(f"{name} {what}" for _, name, what in kills)
+    total = landed("relay") + landed("consume")
+    print(f"{seen}: {round_} rounds; {total} kills of relay and consumer; {dict(summary)}")
+    seen = f"{seen}, kills {kills}"
+    assert total >= campaign.kills, seen
+    # the restarted commands did work between the kills (not only the final ones)
+    assert last_relayed > unit["relay"] and last[1] > unit["consume"], (seen, last_relayed, last)
+    if campaign.follow_every:
+        assert any("following" in what for _, _, what in kills), seen
     # Whether a kill lands inside a batch's transaction is up to timing here; the
     # projector's mid-batch kills are pinned by tests/test_projector.py.
 
     finals = {}
     for name in ("relay", "consume"):
         finals[name] = subprocess.run(
-            [*cli, name], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180
+            [*cli, name], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
         )
     for name, done in finals.items():
         if done.returncode != 0:
@@ -398,18 +546,32 @@ def test_killed_relay_and_consumer_lose_nothing_and_count_nothing_twice(
             )
     assert not failures, "\n".join(failures)
 
-    facts = fact_count(ledger)
+    facts = [fact for _, fact in ledger.all_facts()]
+    assert [fact["source_event_id"] for fact in facts] == expected, seen  # each once
+    event_ids = {fact["event_id"] for fact in facts}
     state = relay.RelayState.load(settings.relay_state_path)
-    assert state.position == ledger.head()
-    in_topic = records_in_topic(kafka_settings)
-    assert in_topic >= facts  # repeats are allowed in the topic ...
-    through_kafka = tables(path)
+    assert state.position == ledger.head(), seen
+    in_topic = ids_in_topic(kafka_settings)
+    assert set(in_topic) == event_ids, seen  # none missing (repeats allowed in the topic) ...
+    print(f"{len(facts)} events; {len(in_topic)} records on the topic (repeats from kills)")
+    through_kafka = tables(path, (*COMPARED, "derived_events"))
+    projected = [str(row[1]) for row in through_kafka["events"]]  # (position, event_id, ...)
     con = connect(path, read_only=True)
     try:
         stored = con.execute("SELECT stream, position FROM projection_checkpoints").fetchall()
+        unpublished = con.execute(
+            "SELECT event_id::VARCHAR FROM derived_events "
+            "EXCEPT SELECT event_id::VARCHAR FROM derived_published"
+        ).fetchall()
     finally:
         con.close()
-    seen = f"final consume: {finals['consume'].stdout.strip()!r}; stored offsets {stored}"
-    assert len(through_kafka["events"]) == facts, seen  # ... not in the projections
-    assert progress(path, group)[1] == in_topic, seen  # the group's offsets at the topic's end
-    assert differences(through_kafka, embedded(ledger, tmp_path)) == {}
+    seen = f"{seen}; final consume: {finals['consume'].stdout.strip()!r}; offsets {stored}"
+    assert len(projected) == len(facts), seen  # ... none counted twice in the projections
+    assert set(projected) == event_ids, seen
+    assert progress(path, group)[1] == len(in_topic), seen  # offsets at the topic's end
+    reference = embedded(ledger, tmp_path, (*COMPARED, "derived_events"))
+    assert differences(through_kafka, reference) == {}, seen
+    # the derived events the projections found were all published, and are on their topic
+    assert unpublished == [], seen
+    derived = {str(row[0]) for row in through_kafka["derived_events"]}
+    assert derived <= set(ids_in_topic(kafka_settings, kafka_settings.derived_topic)), seen
