@@ -31,7 +31,7 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import COMPARED, Tables, differences, record, tables
+from conftest import Tables, differences, record, tables
 from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
@@ -58,11 +58,11 @@ def fact_count(ledger: Ledger) -> int:
     return sum(1 for _ in ledger.all_facts())
 
 
-def embedded(ledger: Ledger, tmp_path: Path, names: tuple[str, ...] = COMPARED) -> Tables:
+def embedded(ledger: Ledger, tmp_path: Path) -> Tables:
     """The reference: a clean embedded projection (store follower) into its own file."""
     path = tmp_path / "embedded.duckdb"
     assert catch_up(ledger, path) == ledger.head()
-    return tables(path, names)
+    return tables(path)
 
 
 def ids_in_topic(settings: KafkaSettings, topic: str | None = None) -> list[str]:
@@ -554,7 +554,7 @@ def test_killed_ingest_relay_and_consumer_lose_nothing_and_count_nothing_twice(
     in_topic = ids_in_topic(kafka_settings)
     assert set(in_topic) == event_ids, seen  # none missing (repeats allowed in the topic) ...
     print(f"{len(facts)} events; {len(in_topic)} records on the topic (repeats from kills)")
-    through_kafka = tables(path, (*COMPARED, "derived_events"))
+    through_kafka = tables(path)
     projected = [str(row[1]) for row in through_kafka["events"]]  # (position, event_id, ...)
     con = connect(path, read_only=True)
     try:
@@ -569,7 +569,7 @@ def test_killed_ingest_relay_and_consumer_lose_nothing_and_count_nothing_twice(
     assert len(projected) == len(facts), seen  # ... none counted twice in the projections
     assert set(projected) == event_ids, seen
     assert progress(path, group)[1] == len(in_topic), seen  # offsets at the topic's end
-    reference = embedded(ledger, tmp_path, (*COMPARED, "derived_events"))
+    reference = embedded(ledger, tmp_path)
     assert differences(through_kafka, reference) == {}, seen
     # the derived events the projections found were all published, and are on their topic
     assert unpublished == [], seen
