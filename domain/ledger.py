@@ -87,6 +87,7 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
     return fact
 
 
+_NAMESPACE_BYTES = LEDGER_NAMESPACE.bytes  # a property that builds them on every read
 _UUID5_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits
 _UUID5_SET = (5 << 76) | (0x8000 << 48)  # version 5, RFC 4122 variant
 
@@ -94,7 +95,7 @@ _UUID5_SET = (5 << 76) | (0x8000 << 48)  # version 5, RFC 4122 variant
 def event_id_of(key: str) -> str:
     """`str(uuid5(LEDGER_NAMESPACE, key))`, the same text without building a UUID object
     (three times faster; the ingest computes one per event)."""
-    digest = hashlib.sha1(LEDGER_NAMESPACE.bytes + key.encode()).digest()
+    digest = hashlib.sha1(_NAMESPACE_BYTES + key.encode()).digest()
     hex_ = f"{int.from_bytes(digest[:16]) & _UUID5_CLEAR | _UUID5_SET:032x}"
     return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
 
