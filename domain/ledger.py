@@ -88,16 +88,14 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
 
 
 _NAMESPACE_BYTES = LEDGER_NAMESPACE.bytes  # a property that builds them on every read
-_UUID5_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits
-_UUID5_SET = (5 << 76) | (0x8000 << 48)  # version 5, RFC 4122 variant
 
 
 def event_id_of(key: str) -> str:
-    """`str(uuid5(LEDGER_NAMESPACE, key))`, the same text without building a UUID object
-    (three times faster; the ingest computes one per event)."""
-    digest = hashlib.sha1(_NAMESPACE_BYTES + key.encode()).digest()
-    hex_ = f"{int.from_bytes(digest[:16]) & _UUID5_CLEAR | _UUID5_SET:032x}"
-    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
+    """`str(uuid5(LEDGER_NAMESPACE, key))`, the same text written straight from the SHA-1
+    digest (four times faster than building a UUID; the ingest computes one per event)."""
+    h = hashlib.sha1(_NAMESPACE_BYTES + key.encode()).hexdigest()
+    # The version (5) is the 13th hex digit; the RFC 4122 variant sets the 17th to 10xx.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 class OrjsonTranscoder(JSONTranscoder):
