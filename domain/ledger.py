@@ -42,16 +42,19 @@ class Outcome:
 
 @dataclass
 class _Decision:
-    """What `Ledger._decide` made of a batch, and where each customer's state came from."""
+    """What `Ledger._decide` made of a batch, and where each customer's state came from.
+
+    Customers are keyed by their own id (a string: its hash is cached, a UUID's is
+    computed in Python on every lookup)."""
 
     outcomes: list[Outcome] = field(default_factory=list)
-    customers: dict[UUID, Customer] = field(default_factory=dict)
+    customers: dict[str, Customer] = field(default_factory=dict)
     to_save: list[CanMutateAggregate[UUID]] = field(default_factory=list)  # input order
-    changed: set[UUID] = field(default_factory=set)  # customers with accepted events
-    created: set[UUID] = field(default_factory=set)  # customers not yet in the store
-    from_cache: dict[UUID, int] = field(default_factory=dict)  # the version when read
-    doubtful: set[UUID] = field(default_factory=set)  # cached customers with rejections
-    unsaved: set[UUID] = field(default_factory=set)  # created, but nothing to save
+    changed: set[str] = field(default_factory=set)  # customers with accepted events
+    created: set[str] = field(default_factory=set)  # customers not yet in the store
+    from_cache: dict[str, int] = field(default_factory=dict)  # the version when read
+    doubtful: set[str] = field(default_factory=set)  # cached customers with rejections
+    unsaved: set[str] = field(default_factory=set)  # created, but nothing to save
 
 
 class ConcurrencyExhausted(RuntimeError):
@@ -147,7 +150,7 @@ class Ledger(Application[UUID]):
         super().__init__(env)
         self.reporting_currency = reporting_currency
         # Our own cache: aggregates saved by this process, dropped on any conflict.
-        self._customers: dict[UUID, Customer] = {}
+        self._customers: dict[str, Customer] = {}
 
     def construct_transcoder(self) -> Transcoder:
         transcoder = OrjsonTranscoder()
@@ -198,12 +201,10 @@ class Ledger(Application[UUID]):
         recorded_at = datetime.now(UTC).isoformat()
         decision = _Decision()
         for incoming in events:
-            stream_id = customer_stream_id(incoming.customer_id)
-            customer = decision.customers.get(stream_id)
+            customer_id = incoming.customer_id
+            customer = decision.customers.get(customer_id)
             if customer is None:
-                customer = decision.customers[stream_id] = self._load(
-                    incoming.customer_id, decision
-                )
+                customer = decision.customers[customer_id] = self._load(customer_id, decision)
             fact = to_fact(incoming, recorded_at)
             event_id = fact["event_id"]
             if customer.has_seen(event_id):
@@ -213,11 +214,11 @@ class Ledger(Application[UUID]):
                 customer.record(incoming, fact, self.reporting_currency)
             except InvariantViolation as violation:
                 decision.outcomes.append(Outcome("rejected", event_id, str(violation)))
-                if stream_id in decision.from_cache:
-                    decision.doubtful.add(stream_id)
+                if customer_id in decision.from_cache:
+                    decision.doubtful.add(customer_id)
                 continue
             decision.outcomes.append(Outcome("accepted", event_id))
-            decision.changed.add(stream_id)
+            decision.changed.add(customer_id)
             decision.to_save.extend(customer.collect_events())  # keeps the input order
         decision.unsaved = decision.created - decision.changed
         return decision
@@ -225,28 +226,30 @@ class Ledger(Application[UUID]):
     def _any_stale(self, decision: _Decision) -> bool:
         """Has any cached customer with a rejection gained events in the store since?"""
         return any(
-            self.recorder.select_events(stream_id, gt=decision.from_cache[stream_id], limit=1)
-            for stream_id in decision.doubtful
+            self.recorder.select_events(
+                customer_stream_id(customer_id), gt=decision.from_cache[customer_id], limit=1
+            )
+            for customer_id in decision.doubtful
         )
 
     def _load(self, customer_id: str, decision: _Decision) -> Customer:
-        stream_id = customer_stream_id(customer_id)
-        cached = self._customers.get(stream_id)
+        cached = self._customers.get(customer_id)
         if cached is not None:
-            decision.from_cache[stream_id] = cached.version
+            decision.from_cache[customer_id] = cached.version
             return cached
+        stream_id = customer_stream_id(customer_id)
         try:
             customer: Customer = self.repository.get(stream_id, projector_func=_replay)
         except AggregateNotFoundError:
             customer = Customer(customer_id)
-            decision.created.add(stream_id)
+            decision.created.add(customer_id)
         return customer
 
-    def _forget(self, stream_ids: Iterable[UUID]) -> None:
-        for stream_id in stream_ids:
-            self._customers.pop(stream_id, None)
+    def _forget(self, customer_ids: Iterable[str]) -> None:
+        for customer_id in customer_ids:
+            self._customers.pop(customer_id, None)
 
-    def _remember(self, customers: dict[UUID, Customer]) -> None:
+    def _remember(self, customers: dict[str, Customer]) -> None:
         if len(self._customers) + len(customers) > self.max_cached_customers:
             self._customers.clear()
         self._customers.update(customers)
