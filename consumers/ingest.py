@@ -7,8 +7,10 @@ Bad lines never stop a batch: the valid rest is recorded, and each reject is app
 from __future__ import annotations
 
 import csv
+import gc
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,21 +95,16 @@ def ingest_stream(
     rejects = RejectsFile(rejects_dir, source_name)
     lines = _read_jsonl(stream) if fmt == "jsonl" else _read_csv(stream)
     try:
-        batch: list[tuple[int, bytes, IncomingEvent]] = []
-        for line_number, raw, parsed in lines:
-            report.lines += 1
-            if isinstance(parsed, Rejected):
-                report.rejected += 1
-                rejects.add(line_number, raw, parsed.reason)
-                continue
-            batch.append((line_number, raw, parsed))
-            if len(batch) >= batch_size:
-                _record(ledger, batch, report, rejects)
-                batch = []
-                if on_batch:
-                    on_batch(_tell(stream), report)
-        if batch:
-            _record(ledger, batch, report, rejects)
+        while True:
+            with _cyclic_gc_paused():
+                batch, exhausted = _next_batch(lines, batch_size, report, rejects)
+                if batch:
+                    _record(ledger, batch, report, rejects)
+                del batch  # freed by reference counting, before the collector runs again
+            if exhausted:
+                break
+            if on_batch:
+                on_batch(_tell(stream), report)
         if on_batch:
             on_batch(_tell(stream), report)
     finally:
@@ -117,12 +114,49 @@ def ingest_stream(
     return report
 
 
-def _record(
-    ledger: Ledger,
-    batch: list[tuple[int, bytes, IncomingEvent]],
-    report: IngestReport,
-    rejects: RejectsFile,
-) -> None:
+Batch = list[tuple[int, bytes, IncomingEvent]]
+"""(line number, original bytes, event) of each valid line of a batch."""
+
+
+def _next_batch(
+    lines: Iterator[Parsed], batch_size: int, report: IngestReport, rejects: RejectsFile
+) -> tuple[Batch, bool]:
+    """The next `batch_size` valid lines (rejects are counted and kept on the way), and
+    whether the input ended before the batch was full."""
+    batch: Batch = []
+    for line_number, raw, parsed in lines:
+        report.lines += 1
+        if isinstance(parsed, Rejected):
+            report.rejected += 1
+            rejects.add(line_number, raw, parsed.reason)
+            continue
+        batch.append((line_number, raw, parsed))
+        if len(batch) >= batch_size:
+            return batch, False
+    return batch, True
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a batch is read and recorded.
+
+    A batch keeps thousands of fresh objects alive (validated events, facts, stored
+    events) and the collector would traverse them again and again as they age: a fifth
+    of the ingest time. They form no reference cycles, so reference counting frees them
+    all the same; the collector runs as usual between batches. Left alone when something
+    else has already turned the collector off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _record(ledger: Ledger, batch: Batch, report: IngestReport, rejects: RejectsFile) -> None:
     outcomes = ledger.record([event for _, _, event in batch])
     for (line_number, raw, _), outcome in zip(batch, outcomes, strict=True):
         if outcome.status == "accepted":

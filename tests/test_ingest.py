@@ -389,6 +389,16 @@ def test_the_same_source_event_id_from_another_source_is_another_event(
     assert len({f["event_id"] for f in facts}) == 3
 
 
+def test_event_ids_never_change_between_versions() -> None:
+    """Stores hold these ids: re-ingesting a file is only harmless while its ids stay
+    the same (uuid5 in the ledger's namespace of the key, or of the content)."""
+    call = {"channel": "phone", "direction": "inbound"}
+    keyed = event("ContactLogged", "C-1", AT, call, source_event_id="k-1", source="pos")
+    unkeyed = event("ContactLogged", "C-ü", AT, call | {"topic": "Grüße"})
+    ids = [to_fact(INCOMING.validate_python(e), "")["event_id"] for e in (keyed, unkeyed)]
+    assert ids == ["1b32d513-a419-5bc5-af4d-21ddaec027a4", "26ae442b-dc2a-5586-a861-0d9ea3074203"]
+
+
 # --- CSV and JSON Lines --------------------------------------------------------------------
 
 
