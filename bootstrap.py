@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
-from eventsourcing.persistence import OperationalError
+from eventsourcing.persistence import DatabaseError
 
 from consumers.kafka import KafkaSettings
 from domain.ledger import Ledger
@@ -104,13 +104,18 @@ def _postgres_env(dsn: str) -> dict[str, str]:
 
 
 def open_ledger(settings: Settings, wait_seconds: float = 30.0) -> Ledger:
-    """The ledger on the configured store. Two processes opening a new SQLite store at once
-    race to create its tables (one gets 'database is locked'): the loser waits and retries."""
+    """The ledger on the configured store. Processes opening the store at once race to
+    create its tables and functions (SQLite: 'database is locked'; PostgreSQL: 'tuple
+    concurrently updated' or a duplicate catalog entry): the losers wait and retry."""
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
             return Ledger(env=settings.ledger_env(), reporting_currency=settings.reporting_currency)
-        except (OperationalError, sqlite3.OperationalError) as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
+        except (DatabaseError, sqlite3.OperationalError) as error:
+            if not any(m in str(error) for m in _OPEN_RACES) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+#: What a store says when another process creates its schema at the same moment.
+_OPEN_RACES = ("locked", "tuple concurrently updated", "pg_type_typname_nsp_index")

@@ -495,3 +495,41 @@ def test_cipher_key_encrypts_the_stored_state_yet_reads_and_projects(
     ]
     assert mirrored == (4, 4)
     assert leaked == (0,)
+
+
+def test_processes_opening_a_new_store_at_once_all_get_a_ledger(
+    postgres_settings: Settings,
+) -> None:
+    """Each open creates the store's tables and functions; simultaneous opens race in the
+    catalog ('tuple concurrently updated'), and the losers must retry, not fail."""
+    openers = 6
+    start = threading.Barrier(openers)
+    opened: list[Ledger] = []
+    failures: list[BaseException] = []
+
+    def open_at_once() -> None:
+        start.wait()
+        try:
+            opened.append(open_ledger(postgres_settings))
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=open_at_once) for _ in range(openers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert failures == []
+        assert len(opened) == openers
+        contact = event(
+            "ContactLogged",
+            "C1",
+            "2025-01-01T09:00:00Z",
+            {"channel": "phone", "direction": "inbound"},
+        )
+        outcomes = record(opened[0], [contact])
+        assert [o.status for o in outcomes] == ["accepted"]
+    finally:
+        for ledger in opened:
+            ledger.close()
