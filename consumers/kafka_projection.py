@@ -470,6 +470,8 @@ def publish_derived(
     ids); nothing is skipped.
     """
     pending = derived.unpublished(projector.con)
+    if not pending:
+        return 0
     futures = []
     for fact in pending:
         document = orjson.dumps(fact)
