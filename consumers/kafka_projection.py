@@ -3,9 +3,11 @@
 The projector is the one the embedded path uses; only the source differs. Two threads
 share the work: the calling thread polls Kafka and decodes (validates) the records, and a
 projector thread applies them to DuckDB, which releases the GIL while it works, so the
-next records are polled and decoded while a batch is applied. Records decoded while the
-projector thread is busy wait, merged into one batch that the thread takes whole when it
-is free (polling pauses while `max_records` wait): a slow batch makes the next one larger.
+next records are polled and decoded while a batch is applied. Decoded records wait,
+merged into one batch, until `max_records` wait (polling pauses then), the consumer has
+caught up with the topic, or they have waited `BATCH_WAIT_SECONDS`: a batch costs the
+projector a fixed part whatever its size, so a catch-up goes in few large batches while
+records arriving at the head of the topic are applied at once.
 
 For each batch the projection writes and the next offset of every partition in it commit
 in one DuckDB transaction (`projection_checkpoints`, source `kafka:<group>`), so the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
@@ -57,6 +60,9 @@ DLQ_HEADERS = (
 POLL_RECORDS = 5_000
 """Records per poll: decoded records reach the projector thread soon after they arrive,
 and few undecoded ones are alive at once (what waits for the projector merges anyway)."""
+
+BATCH_WAIT_SECONDS = 1.0
+"""How long decoded records wait for more to fill their batch while the topic has more."""
 
 
 def source_name(group: str) -> str:
@@ -145,11 +151,12 @@ class _ProjectorThread:
     """The thread that owns the projections file: applies the decoded records handed to it,
     in order, one batch per DuckDB transaction with the next offsets of its partitions.
 
-    Everything handed over while a batch is applied waits, merged, and is taken whole as
-    the next batch; `hand_over` blocks while `max_waiting` records wait. Other work on the
-    file (reading the stored offsets, releasing it) runs on this thread too, between
-    batches (`call`). A failure stops the thread and is raised to the Kafka side by its
-    next call; records not applied then were never acknowledged anywhere.
+    What is handed over waits, merged, and is taken whole as the next batch once
+    `max_waiting` records wait (`hand_over` blocks then), once the Kafka side has nothing
+    more to come for now, or after `max_wait_seconds`. Other work on the file (reading the
+    stored offsets, releasing it) runs on this thread too, between batches (`call`). A
+    failure stops the thread and is raised to the Kafka side by its next call; records not
+    applied then were never acknowledged anywhere.
     """
 
     def __init__(
@@ -158,14 +165,18 @@ class _ProjectorThread:
         source: str,
         *,
         max_waiting: int,
+        max_wait_seconds: float = BATCH_WAIT_SECONDS,
         publish: Callable[[Projector], int] | None = None,
     ) -> None:
         self._projections = projections
         self._source = source
         self._max_waiting = max_waiting
+        self._max_wait_seconds = max_wait_seconds
         self._publish = publish
         self._changed = threading.Condition()
         self._waiting: _Decoded | None = None
+        self._waiting_since = 0.0
+        self._more_to_come = True
         self._busy = False
         self._calls: deque[tuple[Callable[[ProjectionWriter], Any], Future[Any]]] = deque()
         self._applied: list[_Applied] = []
@@ -178,7 +189,9 @@ class _ProjectorThread:
     def start(self) -> None:
         self._thread.start()
 
-    def hand_over(self, decoded: _Decoded) -> None:
+    def hand_over(self, decoded: _Decoded, *, more_to_come: bool) -> None:
+        """Add `decoded` to the next batch; `more_to_come` when the Kafka side is behind the
+        topic's end (it reads on at once, and a larger batch costs less per record)."""
         with self._changed:
             while (
                 self._waiting is not None
@@ -188,9 +201,16 @@ class _ProjectorThread:
                 self._changed.wait()
             self._raise_failure()
             if self._waiting is None:
-                self._waiting = decoded
+                self._waiting, self._waiting_since = decoded, time.monotonic()
             else:
                 self._waiting.merge(decoded)
+            self._more_to_come = more_to_come
+            self._changed.notify_all()
+
+    def nothing_more_to_come(self) -> None:
+        """The Kafka side found nothing new: what waits is a batch now."""
+        with self._changed:
+            self._more_to_come = False
             self._changed.notify_all()
 
     def applied(self) -> list[_Applied]:
@@ -208,6 +228,8 @@ class _ProjectorThread:
         """Wait until everything handed over is applied; the batches committed since the
         last call to `applied`."""
         with self._changed:
+            self._more_to_come = False
+            self._changed.notify_all()
             while (self._waiting is not None or self._busy) and self._failure is None:
                 self._changed.wait()
         return self.applied()
@@ -252,8 +274,8 @@ class _ProjectorThread:
         try:
             while True:
                 with self._changed:
-                    while not (self._calls or self._waiting or self._stopping):
-                        self._changed.wait()
+                    while not (self._calls or self._stopping or self._batch_due()):
+                        self._changed.wait(self._seconds_to_wait())
                     call = self._calls.popleft() if self._calls else None
                     batch, self._waiting = (None, self._waiting) if call else (self._waiting, None)
                     if call is None and batch is None:
@@ -286,6 +308,18 @@ class _ProjectorThread:
                 done.set_exception(RuntimeError("the projector thread has stopped"))
             self._projections.release()
 
+    def _batch_due(self) -> bool:
+        return self._waiting is not None and (
+            not self._more_to_come
+            or self._waiting.records >= self._max_waiting
+            or time.monotonic() >= self._waiting_since + self._max_wait_seconds
+        )
+
+    def _seconds_to_wait(self) -> float | None:
+        if self._waiting is None:
+            return None
+        return max(0.0, self._waiting_since + self._max_wait_seconds - time.monotonic())
+
     def _apply(self, decoded: _Decoded) -> _Applied:
         projector = self._projections.projector()
         batch = decoded.batch()
@@ -297,10 +331,17 @@ class _ProjectorThread:
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, kafka_consumer: KafkaConsumer, projector: _ProjectorThread, source: str):
+    def __init__(
+        self,
+        kafka_consumer: KafkaConsumer,
+        projector: _ProjectorThread,
+        source: str,
+        handed: dict[str, int],
+    ):
         self.consumer = kafka_consumer
         self.projector = projector
         self.source = source
+        self.handed = handed  # where the Kafka side stands, per partition
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         # A batch being applied commits before the file is released, so the next owner
@@ -311,6 +352,7 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         source = self.source
         stored = self.projector.call(lambda writer: writer.projector().checkpoints(source))
         _seek(self.consumer, assigned, stored)
+        self.handed.update({_stream(tp): stored.get(_stream(tp), 0) for tp in assigned})
 
 
 def _seek(
@@ -379,10 +421,11 @@ def consume(
     publisher = _DerivedPublisher(settings)
     projector = _ProjectorThread(projections, source, max_waiting=max_records, publish=publisher)
     report = ConsumeReport()
+    handed = dict(stored)
     try:
         projector.start()
         if targets is None:
-            listener = _SeekToStoredOffsets(kafka_consumer, projector, source)
+            listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed)
             kafka_consumer.subscribe([settings.topic], listener=listener)
         else:
             kafka_consumer.assign(list(targets))
@@ -392,7 +435,7 @@ def consume(
             projector,
             dead_letters,
             report,
-            reached=stored,
+            handed=handed,
             targets=targets,
             poll_ms=poll_ms,
             release_when_idle=True,
@@ -413,7 +456,7 @@ def _project(
     dead_letters: _DeadLetters,
     report: ConsumeReport,
     *,
-    reached: dict[str, int],
+    handed: dict[str, int],
     targets: dict[TopicPartition, int] | None,
     poll_ms: int,
     release_when_idle: bool,
@@ -422,9 +465,9 @@ def _project(
 ) -> None:
     """Poll and decode, hand the records to the projector thread, and report the batches
     it committed, until `should_stop` or (with `targets`) every partition was read to its
-    target; returns when everything read is applied. Without targets (a group member) the
-    committed offsets also go to the group."""
-    handed = dict(reached)  # stream -> next offset, of what the projector thread was given
+    target; returns when everything read is applied. `handed` holds, per stream, the next
+    offset to hand over (kept up to date here, and by the listener on assignments).
+    Without targets (a group member) the committed offsets also go to the group."""
 
     def report_applied(applied: list[_Applied]) -> None:
         for batch in applied:
@@ -451,14 +494,24 @@ def _project(
                     position = kafka_consumer.position(tp)
                     if position is not None and position > handed.get(_stream(tp), 0):
                         handed[_stream(tp)] = position
+            projector.nothing_more_to_come()
             if release_when_idle and projector.idle():
                 projector.call(ProjectionWriter.release)
             continue
         decoded = _decode(polled, dead_letters)
         report.dead_letters = dead_letters.count
         handed.update({_stream(tp): o for tp, o in decoded.offsets.items()})
-        projector.hand_over(decoded)
+        projector.hand_over(decoded, more_to_come=not _caught_up(kafka_consumer, handed))
     report_applied(projector.drain())
+
+
+def _caught_up(kafka_consumer: KafkaConsumer, handed: dict[str, int]) -> bool:
+    """Whether everything the broker had when it last answered a fetch was handed over."""
+    for tp in kafka_consumer.assignment():
+        end = kafka_consumer.highwater(tp)
+        if end is None or handed.get(_stream(tp), 0) < end:
+            return False
+    return True
 
 
 def publish_derived(
@@ -590,7 +643,7 @@ def rebuild_from_kafka(
             projector.start()
             reader.assign(list(ends))
             reader.seek_to_beginning(*ends)
-            _project(reader, projector, dead_letters, report, reached={}, targets=ends,
+            _project(reader, projector, dead_letters, report, handed={}, targets=ends,
                      poll_ms=1000, release_when_idle=False)  # fmt: skip
         finally:
             projector.stop()
