@@ -166,13 +166,13 @@ class _ProjectorThread:
         *,
         max_waiting: int,
         max_wait_seconds: float = BATCH_WAIT_SECONDS,
-        publish: Callable[[Projector], int] | None = None,
+        publisher: _DerivedPublisher | None = None,
     ) -> None:
         self._projections = projections
         self._source = source
         self._max_waiting = max_waiting
         self._max_wait_seconds = max_wait_seconds
-        self._publish = publish
+        self._publisher = publisher
         self._changed = threading.Condition()
         self._waiting: _Decoded | None = None
         self._waiting_since = 0.0
@@ -325,7 +325,13 @@ class _ProjectorThread:
         batch = decoded.batch()
         checkpoints = {(self._source, _stream(tp)): o for tp, o in decoded.offsets.items()}
         result = projector.apply(batch, checkpoints)
-        published = self._publish(projector) if self._publish else 0
+        published = 0
+        if self._publisher is not None:
+            published = self._publisher.publish(projector)
+            with self._changed:
+                idle_next = self._waiting is None
+            if idle_next:  # nothing else to do meanwhile
+                published += self._publisher.settle(projector)
         self._projections.after_batch()
         return _Applied(decoded.offsets, result, len(batch), published)
 
@@ -367,20 +373,120 @@ def _seek(
 
 
 class _DerivedPublisher:
-    """`publish_derived` for the projector thread, with a producer of its own."""
+    """Publishes the derived events each batch reveals, on a thread of its own, so that the
+    projector thread goes on with the next batch while they are sent.
+
+    Called by the projector thread (which owns the file) after each batch: it marks as
+    published (`derived_published`) what the broker acknowledged since, and hands the new
+    unpublished events to the sending thread; events sent and not marked yet are not sent
+    again. `settle` waits for every acknowledgement and marks them all. A crash between an
+    acknowledgement and its marking re-sends those events (same event ids) on restart:
+    nothing is skipped.
+    """
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
+        self._changed = threading.Condition()
+        self._to_send: deque[list[dict[str, Any]]] = deque()
+        self._sending = False
+        self._acknowledged: list[str] = []
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
         self._producer: KafkaProducer | None = None
+        self._thread: threading.Thread | None = None
 
-    def __call__(self, projector: Projector) -> int:
-        if self._producer is None:
-            self._producer = producer(self.settings)
-        return publish_derived(projector, self._producer, self.settings)
+    # --- on the projector thread
+
+    def publish(self, projector: Projector) -> int:
+        """Mark what was acknowledged, send what is new; returns how many were marked."""
+        marked = self._mark_acknowledged(projector)
+        pending = [
+            fact
+            for fact in derived.unpublished(projector.con)
+            if fact["event_id"] not in self._in_flight
+        ]
+        if pending:
+            self._in_flight.update(fact["event_id"] for fact in pending)
+            with self._changed:
+                self._to_send.append(pending)
+                self._changed.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="derived", daemon=True)
+                self._thread.start()
+        return marked
+
+    def settle(self, projector: Projector) -> int:
+        """Wait until the broker acknowledged everything sent, and mark it published."""
+        with self._changed:
+            while (self._to_send or self._sending) and self._failure is None:
+                self._changed.wait()
+        return self._mark_acknowledged(projector)
+
+    def _mark_acknowledged(self, projector: Projector) -> int:
+        with self._changed:
+            if self._failure is not None:
+                raise self._failure
+            acknowledged, self._acknowledged = self._acknowledged, []
+        if acknowledged:
+            derived.mark_published(projector.con, acknowledged)
+            self._in_flight.difference_update(acknowledged)
+        return len(acknowledged)
 
     def close(self) -> None:
+        """Stop sending (what was sent and not marked is sent again next time)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
         if self._producer is not None:
             self._producer.close()
+
+    # --- on the sending thread
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not (self._to_send or self._closing):
+                    self._changed.wait()
+                if self._closing:
+                    return
+                facts = self._to_send.popleft()
+                self._sending = True
+            try:
+                if self._producer is None:
+                    self._producer = producer(self.settings)
+                sent = _send_derived(self._producer, self.settings, facts)
+            except BaseException as error:  # raised on the projector thread
+                with self._changed:
+                    self._failure = error
+                    self._sending = False
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._acknowledged.extend(sent)
+                self._sending = False
+                self._changed.notify_all()
+
+
+def _send_derived(
+    kafka_producer: KafkaProducer, settings: KafkaSettings, facts: list[dict[str, Any]]
+) -> list[str]:
+    """Send derived events (their recorded shape) and wait until the broker acknowledged
+    every one; returns their ids."""
+    futures = []
+    for fact in facts:
+        record = cloudevents.encode(fact, orjson.dumps(fact), None)
+        futures.append(
+            kafka_producer.send(
+                settings.derived_topic, key=record.key, value=record.value, headers=record.headers
+            )
+        )
+    kafka_producer.flush()
+    for future in futures:
+        future.get(timeout=0)
+    return [fact["event_id"] for fact in facts]
 
 
 # --- consuming -------------------------------------------------------------------------------
@@ -419,7 +525,7 @@ def consume(
     )
     dead_letters = _DeadLetters(settings)
     publisher = _DerivedPublisher(settings)
-    projector = _ProjectorThread(projections, source, max_waiting=max_records, publish=publisher)
+    projector = _ProjectorThread(projections, source, max_waiting=max_records, publisher=publisher)
     report = ConsumeReport()
     handed = dict(stored)
     try:
@@ -512,33 +618,6 @@ def _caught_up(kafka_consumer: KafkaConsumer, handed: dict[str, int]) -> bool:
         if end is None or handed.get(_stream(tp), 0) < end:
             return False
     return True
-
-
-def publish_derived(
-    projector: Projector, kafka_producer: KafkaProducer, settings: KafkaSettings
-) -> int:
-    """Publish the derived events not yet acknowledged, then remember them as published.
-
-    A crash between the acknowledgement and the remembering re-sends them (same event
-    ids); nothing is skipped.
-    """
-    pending = derived.unpublished(projector.con)
-    if not pending:
-        return 0
-    futures = []
-    for fact in pending:
-        document = orjson.dumps(fact)
-        record = cloudevents.encode(fact, document, None)
-        futures.append(
-            kafka_producer.send(
-                settings.derived_topic, key=record.key, value=record.value, headers=record.headers
-            )
-        )
-    kafka_producer.flush()
-    for future in futures:
-        future.get(timeout=0)
-    derived.mark_published(projector.con, [fact["event_id"] for fact in pending])
-    return len(pending)
 
 
 def _reached(targets: dict[TopicPartition, int], reached: dict[str, int]) -> bool:
