@@ -61,8 +61,10 @@ POLL_RECORDS = 5_000
 """Records per poll: decoded records reach the projector thread soon after they arrive,
 and few undecoded ones are alive at once (what waits for the projector merges anyway)."""
 
-BATCH_WAIT_SECONDS = 1.0
-"""How long decoded records wait for more to fill their batch while the topic has more."""
+BATCH_WAIT_SECONDS = 5.0
+"""How long decoded records wait for more to fill their batch while the consumer is behind
+the topic's end: longer than it takes to decode `max_records` (about 1.5 s per 50k here),
+so a catch-up goes in full batches; records at the topic's head do not wait."""
 
 
 def source_name(group: str) -> str:
