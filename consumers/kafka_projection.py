@@ -237,13 +237,15 @@ class _ProjectorThread:
         return self.applied()
 
     def discard(self, partitions: Collection[TopicPartition]) -> None:
-        """Forget the waiting records of `partitions` (revoked: whoever gets them next reads
-        them again from the stored offsets)."""
+        """Forget the waiting records of `partitions`, and wait until the batch being applied
+        is committed: whoever gets those partitions next starts from the stored offsets."""
         with self._changed:
             if self._waiting is not None:
                 kept = self._waiting.without(partitions)
                 self._waiting = kept if kept.offsets else None
                 self._changed.notify_all()
+            while self._busy and self._failure is None:
+                self._changed.wait()
 
     def call(self, function: Callable[[ProjectionWriter], T]) -> T:
         """Run `function` on this thread (DuckDB connections stay on one thread) before the
@@ -352,8 +354,8 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.handed = handed  # where the Kafka side stands, per partition
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        # A batch being applied commits before the file is released, so the next owner
-        # reads its offsets; records still waiting are read again by whoever gets them.
+        # Before the partitions move on: the batch being applied commits, the records of
+        # theirs still waiting are dropped (their next owner reads them again).
         self.projector.discard(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
