@@ -278,7 +278,7 @@ def kafka_projection(p: Params) -> Result:
     from consumers import kafka_projection as kp
 
     marks: dict[str, float] = {}
-    _mark_first_call(kp, "_project_batch", marks, "first_record")
+    _mark_first_call(kp, "_decode", marks, "first_record")
     listener = getattr(kp, "_SeekToStoredOffsets", None)
     if listener is not None:
         _mark_first_call(listener, "on_partitions_assigned", marks, "assigned")

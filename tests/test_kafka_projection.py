@@ -9,6 +9,9 @@ every test has its own topics (the `kafka_settings` fixture) and its own consume
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 import pytest
 from conftest import COMPARED, Tables, differences, record, tables
@@ -32,6 +36,8 @@ from domain.ledger import Ledger
 from projections.schema import connect
 
 pytestmark = pytest.mark.kafka
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -63,6 +69,13 @@ def embedded(ledger: Ledger, tmp_path: Path) -> Tables:
     path = tmp_path / "embedded.duckdb"
     assert catch_up(ledger, path) == ledger.head()
     return tables(path)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} in {seconds:.0f} s"
+        time.sleep(0.1)
 
 
 def group_name() -> str:
@@ -386,3 +399,209 @@ def test_partition_lag_follows_the_topic(
         assert lag.lag == grown[lag.partition] - counts[lag.partition]
     assert any(lag.lag and lag.lag > 0 for lag in lags)
     assert sum(lag.lag or 0 for lag in lags) == fact_count(ledger) - sum(counts.values())
+
+
+# --- (g) derived events are published once ---------------------------------------------------
+
+
+def published_ids(path: Path) -> set[str]:
+    con = connect(path, read_only=True)
+    try:
+        rows = con.execute("SELECT event_id::VARCHAR FROM derived_published").fetchall()
+    finally:
+        con.close()
+    return {row[0] for row in rows}
+
+
+def derived_ids(path: Path) -> set[str]:
+    con = connect(path, read_only=True)
+    try:
+        rows = con.execute("SELECT event_id::VARCHAR FROM derived_events").fetchall()
+    finally:
+        con.close()
+    return {row[0] for row in rows}
+
+
+def test_derived_events_are_published_once_and_remembered(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    history = generate_history(customers=40)
+    cut = len(history) // 2
+    group = group_name()
+    path = settings.projections_path
+
+    with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
+        accept(ledger, history[:cut])
+        relayed()
+        first = kafka_projection.consume(path, kafka_settings, group, max_records=300)
+        accept(ledger, history[cut:])
+        relayed()
+    second = kafka_projection.consume(path, kafka_settings, group, max_records=300)
+    third = kafka_projection.consume(path, kafka_settings, group)
+
+    letters = read_topic(kafka_settings, kafka_settings.derived_topic)
+    ids = [orjson.loads(letter.value)["event_id"] for letter in letters]
+    assert first.derived > 0 and second.derived > 0 and third.derived == 0
+    assert len(ids) == len(set(ids)) == first.derived + second.derived, "published once"
+    assert set(ids) == published_ids(path), "every acknowledged one is remembered"
+    assert derived_ids(path) <= set(ids), "everything the projections derive went out"
+    for letter in letters:
+        headers = dict(letter.headers)
+        assert headers["ce_id"].decode() == orjson.loads(letter.value)["event_id"]
+        assert letter.key == headers["ce_subject"]
+
+
+# --- (h) following the topic as a group member -------------------------------------------------
+
+
+def test_following_member_projects_what_arrives_and_stops_cleanly(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    history = generate_history(customers=40)
+    cut = len(history) // 3
+    group = group_name()
+    path = settings.projections_path
+    stop = threading.Event()
+    reports: list[kafka_projection.ConsumeReport] = []
+    projected = [0]  # events applied so far (the file is the member's while it runs)
+    failure: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            report = kafka_projection.consume(
+                path,
+                kafka_settings,
+                group,
+                follow=True,
+                poll_ms=100,
+                max_records=500,
+                should_stop=stop.is_set,
+                on_batch=lambda _result, report: projected.__setitem__(0, report.events),
+            )
+            reports.append(report)
+        except BaseException as error:  # handed to the test
+            failure.append(error)
+
+    def projected_all() -> bool:
+        if failure:
+            raise failure[0]
+        return projected[0] >= fact_count(ledger)
+
+    member = threading.Thread(target=follow, name="member", daemon=True)
+    with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
+        accept(ledger, history[:cut])
+        relayed()
+        member.start()
+        try:
+            for part in (history[cut : 2 * cut], history[2 * cut :]):
+                wait_until(projected_all, 90, "the member did not catch up")
+                accept(ledger, part)
+                relayed()
+            wait_until(projected_all, 90, "the member did not catch up")
+        finally:
+            stop.set()
+            member.join(timeout=60)
+    assert not member.is_alive() and not failure, failure
+    facts = fact_count(ledger)
+    assert reports[0].events == facts
+    assert sum(checkpoints(path, group).values()) == facts
+    assert differences(tables(path), embedded(ledger, tmp_path)) == {}
+
+
+MEMBER = """
+import sys
+from pathlib import Path
+from consumers import kafka_projection
+from consumers.kafka import KafkaSettings
+
+listener = kafka_projection._SeekToStoredOffsets
+seek = listener.on_partitions_assigned
+def announce(self, partitions):
+    seek(self, partitions)
+    print("assigned", ",".join(str(tp.partition) for tp in sorted(partitions)), flush=True)
+listener.on_partitions_assigned = announce
+
+path, bootstrap, topic, group = sys.argv[1:5]
+settings = KafkaSettings(bootstrap=bootstrap, topic=topic)
+try:
+    kafka_projection.consume(Path(path), settings, group, follow=True, max_records=500)
+except KeyboardInterrupt:
+    pass
+"""
+
+
+class Member:
+    """`consume --follow` in a process of its own, announcing each assignment."""
+
+    def __init__(self, settings: Settings, kafka: KafkaSettings, group: str) -> None:
+        arguments = [str(settings.projections_path), kafka.bootstrap, kafka.topic, group]
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", MEMBER, *arguments],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.assignments: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("assigned "):
+                self.assignments.append(line.split()[1] if len(line.split()) > 1 else "")
+
+    def stop(self) -> str:
+        """Interrupt it (as Ctrl-C would); its stderr when it did not end cleanly."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        _, err = self.process.communicate(timeout=60)
+        return "" if self.process.returncode == 0 else err[-2000:]
+
+
+def test_two_members_share_the_partitions_and_together_project_everything(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A second member joins while the first one projects: the group rebalances (records
+    the first had polled but not applied are read again by whoever gets their partition),
+    each member projects its share, and together they project every event once."""
+    history = generate_history(customers=150)
+    cuts = [0, len(history) // 3, 2 * len(history) // 3, len(history)]
+    group = group_name()
+    path = settings.projections_path
+    members: list[Member] = []
+
+    def offsets_reach(end: int) -> bool:
+        try:  # waits while a member holds the file for a batch
+            return sum(checkpoints(path, group).values()) >= end
+        except duckdb.Error:  # the file or its tables do not exist yet
+            return False
+
+    try:
+        with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
+            members.append(Member(settings, kafka_settings, group))
+            wait_until(lambda: members[0].assignments == ["0,1,2"], 60, "the first did not join")
+            accept(ledger, history[cuts[0] : cuts[1]])
+            relayed()
+            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the member fell behind")
+            accept(ledger, history[cuts[1] : cuts[2]])
+            relayed()
+            members.append(Member(settings, kafka_settings, group))  # while the first projects
+
+            def shared() -> bool:
+                latest = [m.assignments[-1] if m.assignments else "" for m in members]
+                return all(latest) and sorted(",".join(latest).split(",")) == ["0", "1", "2"]
+
+            wait_until(shared, 90, "the members did not share the partitions")
+            accept(ledger, history[cuts[2] : cuts[3]])
+            relayed()
+            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the members fell behind")
+    finally:
+        failures = [member.stop() for member in members]
+    assert not any(failures), failures
+    facts = fact_count(ledger)
+    assert sum(checkpoints(path, group).values()) == facts
+    through_kafka = tables(path)
+    assert len(through_kafka["events"]) == facts
+    assert differences(through_kafka, embedded(ledger, tmp_path)) == {}
