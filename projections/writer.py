@@ -21,7 +21,7 @@ from projections.projector import Projector
 from projections.schema import connect
 
 #: In bulk, the WAL is checkpointed at this size (and on close) rather than DuckDB's 16 MB.
-BULK_CHECKPOINT_THRESHOLD = "256MB"
+BULK_CHECKPOINT_THRESHOLD = "64MB"
 
 
 class ProjectionWriter:
