@@ -247,9 +247,9 @@ class _ProjectorThread:
             while self._busy and self._failure is None:
                 self._changed.wait()
 
-    def call(self, function: Callable[[ProjectionWriter], T]) -> T:
+    def submit(self, function: Callable[[ProjectionWriter], T]) -> Future[T]:
         """Run `function` on this thread (DuckDB connections stay on one thread) before the
-        next batch, and return its result."""
+        next batch; its result, or its exception, comes in the future returned."""
         done: Future[T] = Future()
         with self._changed:
             self._raise_failure()
@@ -257,7 +257,11 @@ class _ProjectorThread:
                 raise RuntimeError("the projector thread has stopped")
             self._calls.append((function, done))
             self._changed.notify_all()
-        return done.result()
+        return done
+
+    def call(self, function: Callable[[ProjectionWriter], T]) -> T:
+        """`submit`, and wait for the result."""
+        return self.submit(function).result()
 
     def stop(self) -> None:
         """Finish the batch being applied, drop what waits (never acknowledged), release
@@ -517,24 +521,28 @@ def consume(
     """
     group = group or settings.group
     source = source_name(group)
-    projections = ProjectionWriter(projections_path)
-    # Creates the file and its tables before reading; and where the projections stand.
-    stored = projections.projector().checkpoints(source)
-    projections.release()
-    targets = None if follow else high_watermarks(settings, settings.topic)
-    kafka_consumer = consumer(
-        settings,
-        group_id=group if follow else None,
-        max_poll_records=min(max_records, POLL_RECORDS),
+    publisher = _DerivedPublisher(settings)
+    projector = _ProjectorThread(
+        ProjectionWriter(projections_path), source, max_waiting=max_records, publisher=publisher
     )
     dead_letters = _DeadLetters(settings)
-    publisher = _DerivedPublisher(settings)
-    projector = _ProjectorThread(projections, source, max_waiting=max_records, publisher=publisher)
     report = ConsumeReport()
-    handed = dict(stored)
+    kafka_consumer: KafkaConsumer | None = None
+    projector.start()
     try:
-        projector.start()
+        # The file and its tables are created, and the stored offsets read, while the
+        # consumer connects.
+        stored_soon = projector.submit(lambda writer: writer.projector().checkpoints(source))
+        targets = None if follow else high_watermarks(settings, settings.topic)
+        kafka_consumer = consumer(
+            settings,
+            group_id=group if follow else None,
+            max_poll_records=min(max_records, POLL_RECORDS),
+        )
+        stored = stored_soon.result()
+        handed = dict(stored)
         if targets is None:
+            projector.call(ProjectionWriter.release)  # not held through the group join
             listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed)
             kafka_consumer.subscribe([settings.topic], listener=listener)
         else:
@@ -556,7 +564,8 @@ def consume(
         projector.stop()
         publisher.close()
         dead_letters.close()
-        kafka_consumer.close(autocommit=False)
+        if kafka_consumer is not None:
+            kafka_consumer.close(autocommit=False)
     return report
 
 
