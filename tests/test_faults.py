@@ -358,6 +358,8 @@ def kill_ingest_campaign(
     assert clean.code == 0, clean
     reference = without_recorded_at(stored_facts(Settings(data_dir=tmp_path / "clean")))
 
+    total = -(-len(events) // batch)
+    stores = 0
     settings = Settings(data_dir=tmp_path / "data")
     store = settings.data_dir / "events.sqlite3"
     landed = rounds = 0
@@ -388,8 +390,14 @@ def kill_ingest_campaign(
         except AssertionError as error:
             raise AssertionError(f"{context}: {error}") from error
         history.append(("writing" if writing else "any", round(delay, 2), batches, position))
+        if batches == total and landed < kills:
+            # All stored: a rerun only finds duplicates and ends before most kills land.
+            # The store is checked whole, and the campaign goes on with a new one.
+            assert_exactly_once_in_file_order(facts, events)
+            stores += 1
+            settings = Settings(data_dir=tmp_path / f"data-{stores}")
+            store = settings.data_dir / "events.sqlite3"
 
-    total = -(-len(events) // batch)
     assert any(0 < batches < total for _, _, batches, _ in history), (
         f"no kill interrupted the ingest part-way: {history}"
     )
