@@ -106,7 +106,8 @@ def _postgres_env(dsn: str) -> dict[str, str]:
 def open_ledger(settings: Settings, wait_seconds: float = 30.0) -> Ledger:
     """The ledger on the configured store. Processes opening the store at once race to
     create its tables and functions (SQLite: 'database is locked'; PostgreSQL: 'tuple
-    concurrently updated' or a duplicate catalog entry): the losers wait and retry."""
+    concurrently updated', a duplicate key in a pg_ catalog index, or 'already exists'):
+    the losers wait and retry."""
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
@@ -118,4 +119,4 @@ def open_ledger(settings: Settings, wait_seconds: float = 30.0) -> Ledger:
 
 
 #: What a store says when another process creates its schema at the same moment.
-_OPEN_RACES = ("locked", "tuple concurrently updated", "pg_type_typname_nsp_index")
+_OPEN_RACES = ("locked", "tuple concurrently updated", 'unique constraint "pg_', "already exists")
