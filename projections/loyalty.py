@@ -63,7 +63,16 @@ GROUP BY customer_id
 # purchase of its own row, so running sums, minima and maxima continue across the seam.
 WALK = """
 CREATE OR REPLACE TEMP TABLE ladder_walked AS
-WITH steps AS (
+WITH facts AS (
+    SELECT f.customer_id, f.event_id, f.type, f.occurred_at, f.key, f.satisfaction
+    FROM fresh AS f JOIN ladder_walks AS w USING (customer_id)
+    WHERE w.walk = 'on' AND f.type IN ('PurchaseRecorded', 'SurveyAnswered')
+    UNION ALL
+    SELECT f.customer_id, f.event_id, f.type, f.occurred_at, f.key, f.satisfaction
+    FROM internal.ladder_facts AS f JOIN ladder_walks AS w USING (customer_id)
+    WHERE w.walk = 'again'
+),
+steps AS (
     SELECT p.customer_id, NULL::UUID AS event_id, NULL AS type, NULL::TIMESTAMPTZ AS occurred_at,
            p.last_key AS key, TRUE AS seed, p.purchases AS purchase_count,
            p.first_purchase AS purchase_from, p.last_purchase AS purchase_to,
@@ -72,21 +81,12 @@ WITH steps AS (
     FROM internal.ladder_positions AS p JOIN ladder_walks AS w USING (customer_id)
     WHERE w.walk = 'on'
     UNION ALL
-    SELECT f.customer_id, f.event_id, f.type, f.occurred_at, f.key, FALSE,
-           CASE WHEN f.type = 'PurchaseRecorded' THEN 1 ELSE 0 END,
-           CASE WHEN f.type = 'PurchaseRecorded' THEN f.occurred_at END,
-           CASE WHEN f.type = 'PurchaseRecorded' THEN f.occurred_at END,
-           f.satisfaction, NULL, NULL, NULL, NULL, NULL
-    FROM fresh AS f JOIN ladder_walks AS w USING (customer_id)
-    WHERE w.walk = 'on' AND f.type IN ('PurchaseRecorded', 'SurveyAnswered')
-    UNION ALL
-    SELECT f.customer_id, f.event_id, f.type, f.occurred_at, f.key, FALSE,
-           CASE WHEN f.type = 'PurchaseRecorded' THEN 1 ELSE 0 END,
-           CASE WHEN f.type = 'PurchaseRecorded' THEN f.occurred_at END,
-           CASE WHEN f.type = 'PurchaseRecorded' THEN f.occurred_at END,
-           f.satisfaction, NULL, NULL, NULL, NULL, NULL
-    FROM internal.ladder_facts AS f JOIN ladder_walks AS w USING (customer_id)
-    WHERE w.walk = 'again'
+    SELECT customer_id, event_id, type, occurred_at, key, FALSE,
+           CASE WHEN type = 'PurchaseRecorded' THEN 1 ELSE 0 END,
+           CASE WHEN type = 'PurchaseRecorded' THEN occurred_at END,
+           CASE WHEN type = 'PurchaseRecorded' THEN occurred_at END,
+           satisfaction, NULL, NULL, NULL, NULL, NULL
+    FROM facts
     UNION ALL
     SELECT customer_id, event_id, type, occurred_at, key, FALSE, 0, NULL, NULL, NULL, NULL,
            NULL, NULL, NULL, NULL

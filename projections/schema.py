@@ -282,7 +282,12 @@ def _refresh_reference_tables(
         stored = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
         if sorted(map(_text, stored)) != sorted(map(_text, rows)):
             run(con, f"DELETE FROM {table}")
-            con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+            row = f"({', '.join('?' * len(rows[0]))})"
+            run(
+                con,
+                f"INSERT INTO {table} VALUES {', '.join([row] * len(rows))}",
+                [value for values in rows for value in values],
+            )
 
 
 def _text(row: tuple[Any, ...]) -> tuple[str, ...]:
