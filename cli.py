@@ -36,6 +36,7 @@ from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
+from consumers.kafka_decoding import DecoderFailed
 from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger
@@ -656,7 +657,14 @@ def main() -> None:
     except ProjectionsUnavailable as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(EXIT_UNAVAILABLE)
-    except (PersistenceError, ConcurrencyExhausted, duckdb.Error, OSError, KafkaError) as error:
+    except (
+        PersistenceError,
+        ConcurrencyExhausted,
+        duckdb.Error,
+        OSError,
+        KafkaError,
+        DecoderFailed,
+    ) as error:
         err.print(
             f"[red]error:[/red] {_what_failed(error)}: {type(error).__name__}: {error}\n"
             "Everything recorded before this point is stored whole; fix the cause and run "
@@ -673,6 +681,8 @@ def _what_failed(error: BaseException) -> str:
         return f"the projections ({settings.projections_path}) failed"
     if isinstance(error, KafkaError):
         return "the Kafka broker failed"
+    if isinstance(error, DecoderFailed):
+        return "reading the Kafka topic failed"
     return f"the data directory ({settings.data_dir}) failed"
 
 

@@ -78,12 +78,12 @@ def throughput_figures(results: SizeResults) -> list[Figure]:
                _ratio(relay, _rate(results, "raw_produce")), phase="relay"),
         Figure("projection via Kafka", kafka, "events/s", kafka_ratio,
                ">= 0.6 x raw consume", _at_least(kafka_ratio, 0.6),
-               "timed from partitions assigned" + (
-                   f"; the group join took {join:.1f} s before it" if join is not None else ""),
+               "timed from the call, decoder processes' start-up included" + (
+                   f"; a group join took {join:.1f} s before it" if join else ""),
                phase="kafka_projection"),
         Figure("projection via Kafka, from 1st record", from_first, "events/s",
                _ratio(from_first, _rate(results, "raw_consume")),
-               note="timed from the first record received (excludes the first fetch)"),
+               note="timed from the first records reaching the projector"),
         Figure("projection embedded (catch_up)", embedded, "events/s",
                _ratio(embedded, _rate(results, "raw_duckdb")), phase="catch_up",
                note=f"batches of {results.get('catch_up', {}).get('batch_size', '?'):,}"),
@@ -192,6 +192,9 @@ def memory_figures(results: SizeResults) -> list[Figure]:
     peaks = {
         label: results.get(p, {}).get("peak_rss_bytes") for p, label in LEDGER_PROCESSES.items()
     }
+    peaks["Kafka decoder (largest)"] = results.get("kafka_projection", {}).get(
+        "children_peak_rss_bytes"
+    )
     latency = results.get("latency", {})
     peaks["latency projector"] = latency.get("projector", {}).get("peak_rss_bytes")
     writers = [w.get("writer", {}).get("peak_rss_bytes") for w in latency.get("rates", {}).values()]

@@ -1,13 +1,14 @@
 """Consumer groups that project the Kafka topic into DuckDB, with exactly-once effect.
 
-The projector is the one the embedded path uses; only the source differs. Two threads
-share the work: the calling thread polls Kafka and decodes (validates) the records, and a
-projector thread applies them to DuckDB, which releases the GIL while it works, so the
-next records are polled and decoded while a batch is applied. Decoded records wait,
-merged into one batch, until `max_records` wait (polling pauses then), the consumer has
-caught up with the topic, or they have waited `BATCH_WAIT_SECONDS`: a batch costs the
-projector a fixed part whatever its size, so a catch-up goes in few large batches while
-records arriving at the head of the topic are applied at once.
+The projector is the one the embedded path uses; only the source differs. A projector
+thread applies decoded records to DuckDB (which releases the GIL while it works) while
+the next ones are read and decoded (`consumers.kafka_decoding`): by this process's thread
+for a group member following the topic, by decoder processes for a one-shot catch-up or a
+rebuild, where kafka-python's pure-Python parsing would otherwise be the limit. Decoded
+records wait, merged into one batch, until `max_records` wait (reading pauses then), the
+consumer has caught up with the topic, or they have waited `BATCH_WAIT_SECONDS`: a batch
+costs the projector a fixed part whatever its size, so a catch-up goes in few large
+batches while records arriving at the head of the topic are applied at once.
 
 For each batch the projection writes and the next offset of every partition in it commit
 in one DuckDB transaction (`projection_checkpoints`, source `kafka:<group>`), so the
@@ -28,11 +29,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
@@ -40,6 +41,17 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers import cloudevents
 from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer
+from consumers.kafka_decoding import (
+    DLQ_HEADERS,
+    POLL_RECORDS,
+    DeadLetters,
+    Decoded,
+    Decoders,
+    decode_polled,
+    decoder_count,
+    seek,
+    stream,
+)
 from projections import derived
 from projections.projector import BatchResult, Projector
 from projections.rebuild import rebuilding
@@ -49,18 +61,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DLQ_HEADERS = (
-    "dlq_original_topic",
-    "dlq_original_partition",
-    "dlq_original_offset",
-    "dlq_error_class",
-    "dlq_error_message",
-)
-
-POLL_RECORDS = 5_000
-"""Records per poll: decoded records reach the projector thread soon after they arrive,
-and few undecoded ones are alive at once (what waits for the projector merges anyway)."""
-
 BATCH_WAIT_SECONDS = 5.0
 """How long decoded records wait for more to fill their batch while the consumer is behind
 the topic's end: longer than it takes to decode `max_records` (about 1.5 s per 50k here),
@@ -69,10 +69,6 @@ so a catch-up goes in full batches; records at the topic's head do not wait."""
 
 def source_name(group: str) -> str:
     return f"kafka:{group}"
-
-
-def _stream(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
 
 
 @dataclass
@@ -87,53 +83,6 @@ BatchCallback = Callable[[BatchResult, ConsumeReport], None]
 
 
 # --- the Kafka side: polling and decoding ----------------------------------------------------
-
-
-@dataclass
-class _Decoded:
-    """Decoded records on their way to the projector: per partition, the facts in offset
-    order and the next offset to read (past its dead letters too)."""
-
-    facts: dict[TopicPartition, list[tuple[int, bytes]]] = field(default_factory=dict)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    records: int = 0  # polled records, dead letters included
-
-    def merge(self, later: _Decoded) -> None:
-        for tp, facts in later.facts.items():
-            self.facts.setdefault(tp, []).extend(facts)
-        self.offsets.update(later.offsets)
-        self.records += later.records
-
-    def without(self, partitions: Collection[TopicPartition]) -> _Decoded:
-        kept = _Decoded()
-        for tp, offset in self.offsets.items():
-            if tp not in partitions:
-                kept.facts[tp] = self.facts.get(tp, [])
-                kept.offsets[tp] = offset
-                kept.records += len(kept.facts[tp])  # near enough for the hand-over limit
-        return kept
-
-    def batch(self) -> list[tuple[int, bytes]]:
-        return [fact for facts in self.facts.values() for fact in facts]
-
-
-def _decode(polled: Mapping[TopicPartition, list[Any]], dead_letters: _DeadLetters) -> _Decoded:
-    """Validate polled records; those that cannot be decoded go to the dead letters, which
-    the broker has acknowledged when this returns."""
-    decoded = _Decoded()
-    decode = cloudevents.decode
-    for tp, records in polled.items():
-        facts: list[tuple[int, bytes]] = []
-        for record in records:
-            try:
-                facts.append(decode(record.headers, record.value))
-            except cloudevents.UndecodableRecord as error:
-                dead_letters.send(record, error)
-        decoded.facts[tp] = facts
-        decoded.offsets[tp] = records[-1].offset + 1
-        decoded.records += len(records)
-    dead_letters.flush()
-    return decoded
 
 
 # --- the DuckDB side: the projector thread ---------------------------------------------------
@@ -176,7 +125,7 @@ class _ProjectorThread:
         self._max_wait_seconds = max_wait_seconds
         self._publisher = publisher
         self._changed = threading.Condition()
-        self._waiting: _Decoded | None = None
+        self._waiting: Decoded | None = None
         self._waiting_since = 0.0
         self._more_to_come = True
         self._busy = False
@@ -191,7 +140,7 @@ class _ProjectorThread:
     def start(self) -> None:
         self._thread.start()
 
-    def hand_over(self, decoded: _Decoded, *, more_to_come: bool) -> None:
+    def hand_over(self, decoded: Decoded, *, more_to_come: bool) -> None:
         """Add `decoded` to the next batch; `more_to_come` when the Kafka side is behind the
         topic's end (it reads on at once, and a larger batch costs less per record)."""
         with self._changed:
@@ -328,10 +277,10 @@ class _ProjectorThread:
             return None
         return max(0.0, self._waiting_since + self._max_wait_seconds - time.monotonic())
 
-    def _apply(self, decoded: _Decoded) -> _Applied:
+    def _apply(self, decoded: Decoded) -> _Applied:
         projector = self._projections.projector()
         batch = decoded.batch()
-        checkpoints = {(self._source, _stream(tp)): o for tp, o in decoded.offsets.items()}
+        checkpoints = {(self._source, stream(tp)): o for tp, o in decoded.offsets.items()}
         result = projector.apply(batch, checkpoints)
         published = 0
         if self._publisher is not None:
@@ -365,19 +314,8 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_assigned(self, assigned: Any) -> None:
         source = self.source
         stored = self.projector.call(lambda writer: writer.projector().checkpoints(source))
-        _seek(self.consumer, assigned, stored)
-        self.handed.update({_stream(tp): stored.get(_stream(tp), 0) for tp in assigned})
-
-
-def _seek(
-    kafka_consumer: KafkaConsumer, partitions: Collection[TopicPartition], stored: dict[str, int]
-) -> None:
-    for tp in partitions:
-        offset = stored.get(_stream(tp))
-        if offset is None:
-            kafka_consumer.seek_to_beginning(tp)
-        else:
-            kafka_consumer.seek(tp, offset)
+        seek(self.consumer, assigned, stored)
+        self.handed.update({stream(tp): stored.get(stream(tp), 0) for tp in assigned})
 
 
 class _DerivedPublisher:
@@ -497,6 +435,67 @@ def _send_derived(
     return [fact["event_id"] for fact in facts]
 
 
+# --- where decoded records come from ---------------------------------------------------------
+
+
+class _Feed(Protocol):
+    """Decoded records for the projector: from this process's group member, or from
+    decoder processes."""
+
+    @property
+    def dead_letters(self) -> int: ...
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        """What was decoded since the last call, waiting up to `timeout_ms` for something."""
+        ...
+
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        """Whether everything there is to read now was handed over."""
+        ...
+
+    def applied(self, offsets: dict[TopicPartition, int]) -> None:
+        """The projections committed these next offsets."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _GroupMember:
+    """A consumer group member polling and decoding on the calling thread (following the
+    topic: records arrive a few at a time, and the group moves partitions around)."""
+
+    def __init__(self, kafka_consumer: KafkaConsumer, dead_letters: DeadLetters) -> None:
+        self.consumer = kafka_consumer
+        self._dead_letters = dead_letters
+
+    @property
+    def dead_letters(self) -> int:
+        return self._dead_letters.count
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        return [decode_polled(polled, self._dead_letters)] if polled else []
+
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        """Whether everything the broker had when it last answered a fetch was handed over."""
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            if end is None or handed.get(stream(tp), 0) < end:
+                return False
+        return True
+
+    def applied(self, offsets: dict[TopicPartition, int]) -> None:
+        """Tell the group too, for lag tooling (the projections keep the real offsets)."""
+        assigned = self.consumer.assignment()
+        self.consumer.commit(
+            {tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items() if tp in assigned}
+        )
+
+    def close(self) -> None:
+        self._dead_letters.close()
+        self.consumer.close(autocommit=False)
+
+
 # --- consuming -------------------------------------------------------------------------------
 
 
@@ -508,16 +507,18 @@ def consume(
     follow: bool = False,
     poll_ms: int = 500,
     max_records: int = 50_000,
+    decoders: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> ConsumeReport:
     """Project the events topic into DuckDB; offsets live in DuckDB under `group`.
 
     With `follow` it joins the consumer group `group`, so several consumers can share the
-    partitions, and keeps going. Without it, it is a one-shot catch-up: it reads every
-    partition directly (no group join, so no waiting for members that died without
-    leaving) from the stored offsets up to the high watermarks at the start, then stops.
-    A batch holds at most about `max_records` records.
+    partitions, and keeps going. Without it, it is a one-shot catch-up: `decoders` processes
+    (default: `decoder_count`) read every partition directly (no group join, so no
+    waiting for members that died without leaving) from the stored offsets up to the high
+    watermarks at the start, then it stops. A batch holds at most about `max_records`
+    records.
     """
     group = group or settings.group
     source = source_name(group)
@@ -525,33 +526,29 @@ def consume(
     projector = _ProjectorThread(
         ProjectionWriter(projections_path), source, max_waiting=max_records, publisher=publisher
     )
-    dead_letters = _DeadLetters(settings)
     report = ConsumeReport()
-    kafka_consumer: KafkaConsumer | None = None
+    feed: _Feed | None = None
     projector.start()
     try:
         # The file and its tables are created, and the stored offsets read, while the
-        # consumer connects.
+        # consumer (or the decoder processes) start and connect.
         stored_soon = projector.submit(lambda writer: writer.projector().checkpoints(source))
-        targets = None if follow else high_watermarks(settings, settings.topic)
-        kafka_consumer = consumer(
-            settings,
-            group_id=group if follow else None,
-            max_poll_records=min(max_records, POLL_RECORDS),
-        )
-        stored = stored_soon.result()
-        handed = dict(stored)
-        if targets is None:
+        if follow:
+            kafka_consumer = consumer(settings, group_id=group, max_poll_records=POLL_RECORDS)
+            feed = _GroupMember(kafka_consumer, DeadLetters(settings))
+            handed = dict(stored_soon.result())
             projector.call(ProjectionWriter.release)  # not held through the group join
             listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed)
             kafka_consumer.subscribe([settings.topic], listener=listener)
+            targets = None
         else:
-            kafka_consumer.assign(list(targets))
-            _seek(kafka_consumer, list(targets), stored)
+            feed = Decoders(settings, decoders or decoder_count(settings))
+            targets = high_watermarks(settings, settings.topic)
+            handed = dict(stored_soon.result())
+            feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
         _project(
-            kafka_consumer,
+            feed,
             projector,
-            dead_letters,
             report,
             handed=handed,
             targets=targets,
@@ -563,16 +560,14 @@ def consume(
     finally:
         projector.stop()
         publisher.close()
-        dead_letters.close()
-        if kafka_consumer is not None:
-            kafka_consumer.close(autocommit=False)
+        if feed is not None:
+            feed.close()
     return report
 
 
 def _project(
-    kafka_consumer: KafkaConsumer,
+    feed: _Feed,
     projector: _ProjectorThread,
-    dead_letters: _DeadLetters,
     report: ConsumeReport,
     *,
     handed: dict[str, int],
@@ -582,11 +577,10 @@ def _project(
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> None:
-    """Poll and decode, hand the records to the projector thread, and report the batches
-    it committed, until `should_stop` or (with `targets`) every partition was read to its
+    """Hand what the feed decodes to the projector thread and report the batches it
+    committed, until `should_stop` or (with `targets`) every partition was read to its
     target; returns when everything read is applied. `handed` holds, per stream, the next
-    offset to hand over (kept up to date here, and by the listener on assignments).
-    Without targets (a group member) the committed offsets also go to the group."""
+    offset to hand over (kept up to date here, and by the listener on assignments)."""
 
     def report_applied(applied: list[_Applied]) -> None:
         for batch in applied:
@@ -595,91 +589,28 @@ def _project(
             report.derived += batch.derived
             if on_batch:
                 on_batch(batch.result, report)
-        if targets is None and applied:  # for the group's lag tooling
-            assigned = kafka_consumer.assignment()
-            offsets = {tp: o for batch in applied for tp, o in batch.offsets.items()}
-            kafka_consumer.commit(
-                {tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items() if tp in assigned}
-            )
+        if applied:
+            feed.applied({tp: o for batch in applied for tp, o in batch.offsets.items()})
 
     while not should_stop():
         report_applied(projector.applied())
         if targets is not None and _reached(targets, handed):
             break
-        polled = kafka_consumer.poll(timeout_ms=poll_ms)
-        if not polled:
-            if targets is not None:  # a partition may end in offsets that hold no record
-                for tp in targets:
-                    position = kafka_consumer.position(tp)
-                    if position is not None and position > handed.get(_stream(tp), 0):
-                        handed[_stream(tp)] = position
+        found = feed.read(poll_ms)
+        report.dead_letters = feed.dead_letters
+        if not found:
             projector.nothing_more_to_come()
             if release_when_idle and projector.idle():
                 projector.call(ProjectionWriter.release)
             continue
-        decoded = _decode(polled, dead_letters)
-        report.dead_letters = dead_letters.count
-        handed.update({_stream(tp): o for tp, o in decoded.offsets.items()})
-        projector.hand_over(decoded, more_to_come=not _caught_up(kafka_consumer, handed))
+        for decoded in found:
+            handed.update({stream(tp): o for tp, o in decoded.offsets.items()})
+            projector.hand_over(decoded, more_to_come=not feed.caught_up(handed))
     report_applied(projector.drain())
 
 
-def _caught_up(kafka_consumer: KafkaConsumer, handed: dict[str, int]) -> bool:
-    """Whether everything the broker had when it last answered a fetch was handed over."""
-    for tp in kafka_consumer.assignment():
-        end = kafka_consumer.highwater(tp)
-        if end is None or handed.get(_stream(tp), 0) < end:
-            return False
-    return True
-
-
 def _reached(targets: dict[TopicPartition, int], reached: dict[str, int]) -> bool:
-    return all(reached.get(_stream(tp), 0) >= end for tp, end in targets.items())
-
-
-class _DeadLetters:
-    def __init__(self, settings: KafkaSettings) -> None:
-        self.settings = settings
-        self.count = 0
-        self._producer: KafkaProducer | None = None
-        self._pending: list[Any] = []
-
-    def producer(self) -> KafkaProducer:
-        if self._producer is None:
-            self._producer = producer(self.settings)
-        return self._producer
-
-    def send(self, record: Any, error: Exception) -> None:
-        log.warning(
-            "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error
-        )
-        headers = [
-            *(record.headers or []),
-            ("dlq_original_topic", record.topic.encode()),
-            ("dlq_original_partition", str(record.partition).encode()),
-            ("dlq_original_offset", str(record.offset).encode()),
-            ("dlq_error_class", type(error).__name__.encode()),
-            ("dlq_error_message", str(error)[:2000].encode()),
-        ]
-        self._pending.append(
-            self.producer().send(
-                self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
-            )
-        )
-        self.count += 1
-
-    def flush(self) -> None:
-        """Wait until the broker has every dead letter; raises if one was not delivered."""
-        if not self._pending:
-            return
-        self.producer().flush()
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.get(timeout=0)
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close()
+    return all(reached.get(stream(tp), 0) >= end for tp, end in targets.items())
 
 
 def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:
@@ -723,24 +654,24 @@ def rebuild_from_kafka(
     source = source_name(group or settings.group)
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
-        projections = ProjectionWriter(staging, bulk=True)
-        ends = high_watermarks(settings, settings.topic)
-        projections.projector().apply([], {(source, _stream(tp)): 0 for tp in ends})
-        reader: KafkaConsumer = consumer(
-            settings, group_id=None, max_poll_records=min(max_records, POLL_RECORDS)
+        decoders = Decoders(settings, decoder_count(settings))  # they start while the file is made
+        projector = _ProjectorThread(
+            ProjectionWriter(staging, bulk=True), source, max_waiting=max_records
         )
-        dead_letters = _DeadLetters(settings)
-        projector = _ProjectorThread(projections, source, max_waiting=max_records)
         try:
             projector.start()
-            reader.assign(list(ends))
-            reader.seek_to_beginning(*ends)
-            _project(reader, projector, dead_letters, report, handed={}, targets=ends,
-                     poll_ms=1000, release_when_idle=False)  # fmt: skip
+            ends = high_watermarks(settings, settings.topic)
+            projector.call(
+                lambda writer: writer.projector().apply(
+                    [], {(source, stream(tp)): 0 for tp in ends}
+                )
+            )
+            decoders.assign({tp: (None, end) for tp, end in ends.items()})
+            _project(decoders, projector, report, handed={}, targets=ends, poll_ms=1000,
+                     release_when_idle=False)  # fmt: skip
         finally:
             projector.stop()
-            dead_letters.close()
-            reader.close()
+            decoders.close()
     return report.events
 
 

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
@@ -262,6 +263,35 @@ def test_consume_after_killed_group_members_projects_every_partition(
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
 
 
+def test_a_killed_decoder_fails_the_catch_up_with_a_message_and_a_rerun_completes(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A one-shot `consume` reads the topic in decoder processes. One killed with SIGKILL
+    ends the catch-up with exit status 3 and says what failed; what was committed stands,
+    and the same command run again projects everything, once."""
+    accept(ledger, generate_history(customers=40))
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    command = [sys.executable, "-m", "cli", "--data-dir", str(settings.data_dir), "consume"]
+    env = child_env(kafka_settings)
+    consumer = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: bool(children_of(consumer.pid)), 30, "no decoder process started")
+        for decoder in children_of(consumer.pid):
+            os.kill(decoder, signal.SIGKILL)
+        _, err = consumer.communicate(timeout=60)
+    finally:
+        stop_child(consumer)
+    message = " ".join(err.decode().split())
+    assert consumer.returncode == 3, message
+    assert "reading the Kafka topic failed" in message and "decoder process" in message, message
+
+    rerun = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert differences(tables(settings.projections_path), embedded(ledger, tmp_path)) == {}
+
+
 # --- (b) relay and consumer killed at random instants ----------------------------------------
 
 
@@ -311,17 +341,43 @@ def holds_file(pid: int, path: Path) -> bool:
     return False
 
 
+def children_of(pid: int) -> set[int]:
+    """The processes `pid` started and that still run (from /proc)."""
+    found: set[int] = set()
+    with suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with suppress(FileNotFoundError):
+                found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (an orphan that ended may stay a zombie: that counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def kill_at(child: subprocess.Popen[bytes], instant: float, path: Path | None = None) -> str:
     """SIGKILL the child at `instant` (monotonic) unless it ended first; returns what
     happened: 'ended', 'killed', or 'killed holding the file' (for a consumer: after its
-    group join, while seeking, projecting or committing)."""
+    group join, while seeking, projecting or committing). The processes it started (a
+    catch-up's decoders) must end by themselves soon after."""
     try:
         child.wait(timeout=max(0.0, instant - time.monotonic()))
         return "ended"
     except subprocess.TimeoutExpired:
         holding = path is not None and holds_file(child.pid, path)
+        orphans = children_of(child.pid)
         child.send_signal(signal.SIGKILL)
         child.wait()
+        wait_for(
+            lambda: not any(running(pid) for pid in orphans),
+            30,
+            f"processes {sorted(orphans)} outlived their killed parent",
+        )
         return "killed holding the file" if holding else "killed"
 
 

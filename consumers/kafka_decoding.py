@@ -1,0 +1,334 @@
+"""The Kafka side of the consumer groups: polled records decoded (validated) into facts for
+the projector, the dead-letter topic for those that cannot be, and decoder processes that
+do this work in parallel during a catch-up.
+
+kafka-python parses records and their nine CloudEvents headers in pure Python, and each
+record is validated with pydantic; in one process that holds the GIL most of the time and
+leaves the projector little. For a catch-up of known ranges (one-shot `consume`, a rebuild
+from Kafka), `Decoders` starts decoder processes (`python -m consumers.kafka_decoding`),
+each reading its share of the partitions directly (assigned, no group) and sending back
+what `decode_polled` makes of each poll. Decoders keep no offsets: what they read and the
+projections did not commit is read again by the next consumer, so a decoder or its parent
+may die at any instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import Collection, Mapping
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from consumers import cloudevents
+from consumers.kafka import KafkaSettings, consumer, producer
+
+log = logging.getLogger(__name__)
+
+DLQ_HEADERS = (
+    "dlq_original_topic",
+    "dlq_original_partition",
+    "dlq_original_offset",
+    "dlq_error_class",
+    "dlq_error_message",
+)
+
+POLL_RECORDS = 5_000
+"""Records per poll: decoded records reach the projector soon after they arrive, and few
+undecoded ones are alive at once (what waits for the projector merges anyway)."""
+
+
+def stream(tp: TopicPartition) -> str:
+    """A partition's name in the projections' checkpoints."""
+    return f"{tp.topic}:{tp.partition}"
+
+
+@dataclass
+class Decoded:
+    """Decoded records on their way to the projector: per partition, the facts in offset
+    order and the next offset to read (past its dead letters too)."""
+
+    facts: dict[TopicPartition, list[tuple[int, bytes]]] = field(default_factory=dict)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    records: int = 0  # polled records, dead letters included
+
+    def merge(self, later: Decoded) -> None:
+        for tp, facts in later.facts.items():
+            self.facts.setdefault(tp, []).extend(facts)
+        self.offsets.update(later.offsets)
+        self.records += later.records
+
+    def without(self, partitions: Collection[TopicPartition]) -> Decoded:
+        kept = Decoded()
+        for tp, offset in self.offsets.items():
+            if tp not in partitions:
+                kept.facts[tp] = self.facts.get(tp, [])
+                kept.offsets[tp] = offset
+                kept.records += len(kept.facts[tp])  # near enough for the hand-over limit
+        return kept
+
+    def batch(self) -> list[tuple[int, bytes]]:
+        return [fact for facts in self.facts.values() for fact in facts]
+
+
+def decode_polled(polled: Mapping[TopicPartition, list[Any]], dead_letters: DeadLetters) -> Decoded:
+    """Validate polled records; those that cannot be decoded go to the dead letters, which
+    the broker has acknowledged when this returns."""
+    decoded = Decoded()
+    decode = cloudevents.decode
+    for tp, records in polled.items():
+        facts: list[tuple[int, bytes]] = []
+        for record in records:
+            try:
+                facts.append(decode(record.headers, record.value))
+            except cloudevents.UndecodableRecord as error:
+                dead_letters.send(record, error)
+        decoded.facts[tp] = facts
+        decoded.offsets[tp] = records[-1].offset + 1
+        decoded.records += len(records)
+    dead_letters.flush()
+    return decoded
+
+
+class DeadLetters:
+    """The dead-letter topic: each record that cannot be decoded, with headers naming where
+    it came from and why."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.count = 0
+        self._producer: KafkaProducer | None = None
+        self._pending: list[Any] = []
+
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = producer(self.settings)
+        return self._producer
+
+    def send(self, record: Any, error: Exception) -> None:
+        log.warning(
+            "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error
+        )
+        headers = [
+            *(record.headers or []),
+            ("dlq_original_topic", record.topic.encode()),
+            ("dlq_original_partition", str(record.partition).encode()),
+            ("dlq_original_offset", str(record.offset).encode()),
+            ("dlq_error_class", type(error).__name__.encode()),
+            ("dlq_error_message", str(error)[:2000].encode()),
+        ]
+        self._pending.append(
+            self.producer().send(
+                self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
+            )
+        )
+        self.count += 1
+
+    def flush(self) -> None:
+        """Wait until the broker has every dead letter; raises if one was not delivered."""
+        if not self._pending:
+            return
+        self.producer().flush()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.get(timeout=0)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+
+
+def seek(
+    kafka_consumer: KafkaConsumer, partitions: Collection[TopicPartition], stored: dict[str, int]
+) -> None:
+    """Position each partition at its stored offset, or at its beginning."""
+    for tp in partitions:
+        offset = stored.get(stream(tp))
+        if offset is None:
+            kafka_consumer.seek_to_beginning(tp)
+        else:
+            kafka_consumer.seek(tp, offset)
+
+
+# --- decoder processes ---------------------------------------------------------------------
+
+Ranges = dict[TopicPartition, tuple[int | None, int]]
+"""Per partition, the first offset to read (None: the beginning) and the end to read to."""
+
+
+def decoder_count(settings: KafkaSettings) -> int:
+    """Decoder processes for a catch-up: `settings.decoders`, or one per core (the
+    projector's DuckDB work releases the GIL and fits beside them), at most one per
+    partition of the topic as configured."""
+    wanted = settings.decoders or os.cpu_count() or 1
+    return max(1, min(wanted, settings.partitions))
+
+
+class DecoderFailed(RuntimeError):
+    """A decoder process failed or ended unexpectedly; what the projections committed
+    stands, and running the same catch-up again continues from there."""
+
+
+class Decoders:
+    """Decoder processes for a catch-up of known ranges; `read` gathers what they decoded.
+
+    Each is a fresh interpreter (`python -m consumers.kafka_decoding`), not a fork of this
+    process, which has threads and an open DuckDB file, and talks to it through a socket
+    pair. The processes start and connect to the broker at once; `assign` gives them
+    their partitions.
+    """
+
+    def __init__(self, settings: KafkaSettings, count: int) -> None:
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._connections: list[Connection] = []
+        for _ in range(count):
+            ours, theirs = Pipe()
+            self._processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "consumers.kafka_decoding", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()],
+                    env=_child_environment(),
+                )
+            )
+            theirs.close()
+            ours.send(asdict(settings))
+            self._connections.append(ours)
+        self._open: list[Connection] = []
+        self._letters = dict.fromkeys(range(count), 0)
+        self._targets: dict[TopicPartition, int] = {}
+
+    def assign(self, ranges: Ranges) -> None:
+        """Share the partitions out (round robin) and start reading."""
+        shares: list[Ranges] = [{} for _ in self._connections]
+        for n, tp in enumerate(sorted(ranges)):
+            shares[n % len(shares)][tp] = ranges[tp]
+        for number, (connection, share) in enumerate(zip(self._connections, shares, strict=True)):
+            try:
+                connection.send(share)
+            except OSError:
+                raise self._ended(number) from None
+        self._open = list(self._connections)
+        self._targets = {tp: end for tp, (_, end) in ranges.items()}
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(self._letters.values())
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        """What the decoders sent, waiting up to `timeout_ms` for something."""
+        found: list[Decoded] = []
+        for connection in wait(self._open, timeout_ms / 1000):
+            assert isinstance(connection, Connection)
+            number = self._connections.index(connection)
+            try:
+                message = connection.recv()
+            except (EOFError, ConnectionResetError):
+                raise self._ended(number) from None
+            if message is None:  # its share is read
+                self._open.remove(connection)
+            elif isinstance(message, BaseException):
+                raise DecoderFailed(
+                    f"decoder process {number} failed: {type(message).__name__}: {message}"
+                ) from message
+            else:
+                decoded, self._letters[number] = message
+                found.append(decoded)
+        return found
+
+    def _ended(self, number: int) -> DecoderFailed:
+        try:
+            code: int | None = self._processes[number].wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return DecoderFailed(f"decoder process {number} ended unexpectedly (exit status {code})")
+
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        """Whether every partition was read to its end."""
+        return all(handed.get(stream(tp), 0) >= end for tp, end in self._targets.items())
+
+    def applied(self, offsets: dict[TopicPartition, int]) -> None:
+        pass  # no group to tell: the projections hold the offsets
+
+    def close(self) -> None:
+        for connection in self._connections:
+            connection.close()  # a decoder still reading ends at its next send
+        for process in self._processes:
+            try:
+                process.wait(2)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _child_environment() -> dict[str, str]:
+    """This process's environment, with this project's code first on the import path (the
+    decoders run the same code as their parent, installed or not)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
+
+
+def _decode_ranges(settings: KafkaSettings, connection: Connection) -> None:
+    """The decoder process: reads the ranges sent to it, sends what `decode_polled` makes
+    of each poll (with its dead-letter count so far), then None."""
+    reader = consumer(settings, group_id=None, max_poll_records=POLL_RECORDS)
+    dead_letters = DeadLetters(settings)
+    try:
+        ranges: Ranges = connection.recv()
+        reader.assign(list(ranges))
+        seek(reader, ranges, {stream(tp): s for tp, (s, _) in ranges.items() if s is not None})
+        sent = {tp: start or 0 for tp, (start, _) in ranges.items()}
+        while any(sent[tp] < end for tp, (_, end) in ranges.items()):
+            polled = reader.poll(timeout_ms=500)
+            if polled:
+                decoded = decode_polled(polled, dead_letters)
+            else:  # a partition may end in offsets that hold no record
+                positions = {tp: reader.position(tp) for tp in ranges}
+                decoded = Decoded(
+                    offsets={tp: p for tp, p in positions.items() if p is not None and p > sent[tp]}
+                )
+                if not decoded.offsets:
+                    continue
+            sent.update(decoded.offsets)
+            connection.send((decoded, dead_letters.count))
+        connection.send(None)
+    finally:
+        dead_letters.close()
+        reader.close()
+
+
+def main(fd: int) -> None:
+    """Entry point of a decoder process; a failure is sent to the parent, which raises it.
+    When the parent is gone the process just ends: nothing it did not commit counts."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    connection = Connection(fd)
+    try:
+        settings = KafkaSettings(**connection.recv())
+        _decode_ranges(settings, connection)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass
+    except BaseException as error:
+        log.exception("decoder process failed")
+        with suppress(OSError):
+            try:
+                connection.send(error)
+            except pickle.PicklingError:
+                connection.send(RuntimeError(f"{type(error).__name__}: {error}"))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # What is sent back must pickle under the module's importable name, not __main__.
+    from consumers import kafka_decoding
+
+    kafka_decoding.main(int(sys.argv[1]))
