@@ -67,6 +67,12 @@ the topic's end: longer than it takes to decode `max_records` (about 1.5 s per 5
 so a catch-up goes in full batches; records at the topic's head do not wait."""
 
 
+CATCH_UP_HOLD_SECONDS = 5.0
+"""How long a one-shot catch-up holds the projections file before leaving readers a turn
+(a group member: `ProjectionWriter`'s default): each release costs a checkpoint and a
+reopen, and `ledger query` waits for its turn."""
+
+
 def source_name(group: str) -> str:
     return f"kafka:{group}"
 
@@ -523,9 +529,12 @@ def consume(
     group = group or settings.group
     source = source_name(group)
     publisher = _DerivedPublisher(settings)
-    projector = _ProjectorThread(
-        ProjectionWriter(projections_path), source, max_waiting=max_records, publisher=publisher
+    writer = (
+        ProjectionWriter(projections_path)
+        if follow
+        else ProjectionWriter(projections_path, hold_seconds=CATCH_UP_HOLD_SECONDS)
     )
+    projector = _ProjectorThread(writer, source, max_waiting=max_records, publisher=publisher)
     report = ConsumeReport()
     feed: _Feed | None = None
     projector.start()
