@@ -260,11 +260,15 @@ class Decoders:
         pass  # no group to tell: the projections hold the offsets
 
     def close(self) -> None:
+        """Stop the decoders: they hold nothing that counts (a decoder whose share is read,
+        or that is still starting up when there was nothing to read, has no work left)."""
         for connection in self._connections:
-            connection.close()  # a decoder still reading ends at its next send
+            connection.close()
+        for process in self._processes:
+            process.terminate()
         for process in self._processes:
             try:
-                process.wait(2)
+                process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
