@@ -26,6 +26,7 @@ consumer moves on.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -529,10 +530,15 @@ def consume(
     group = group or settings.group
     source = source_name(group)
     publisher = _DerivedPublisher(settings)
+    decoders = None if follow else decoders or decoder_count(settings)
     writer = (
         ProjectionWriter(projections_path)
-        if follow
-        else ProjectionWriter(projections_path, hold_seconds=CATCH_UP_HOLD_SECONDS)
+        if decoders is None
+        else ProjectionWriter(
+            projections_path,
+            hold_seconds=CATCH_UP_HOLD_SECONDS,
+            threads=_projector_threads(decoders),
+        )
     )
     projector = _ProjectorThread(writer, source, max_waiting=max_records, publisher=publisher)
     report = ConsumeReport()
@@ -542,7 +548,7 @@ def consume(
         # The file and its tables are created, and the stored offsets read, while the
         # consumer (or the decoder processes) start and connect.
         stored_soon = projector.submit(lambda writer: writer.projector().checkpoints(source))
-        if follow:
+        if decoders is None:
             kafka_consumer = consumer(settings, group_id=group, max_poll_records=POLL_RECORDS)
             feed = _GroupMember(kafka_consumer, DeadLetters(settings))
             handed = dict(stored_soon.result())
@@ -551,7 +557,7 @@ def consume(
             kafka_consumer.subscribe([settings.topic], listener=listener)
             targets = None
         else:
-            feed = Decoders(settings, decoders or decoder_count(settings))
+            feed = Decoders(settings, decoders)
             targets = high_watermarks(settings, settings.topic)
             handed = dict(stored_soon.result())
             feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
@@ -572,6 +578,12 @@ def consume(
         if feed is not None:
             feed.close()
     return report
+
+
+def _projector_threads(decoders: int) -> int:
+    """DuckDB's threads beside `decoders` busy processes: the cores they leave (at least
+    one); more only contend with them for the same cores."""
+    return max(1, (os.cpu_count() or 1) - decoders)
 
 
 def _project(
@@ -663,9 +675,12 @@ def rebuild_from_kafka(
     source = source_name(group or settings.group)
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
-        decoders = Decoders(settings, decoder_count(settings))  # they start while the file is made
+        count = decoder_count(settings)
+        decoders = Decoders(settings, count)  # they start while the file is made
         projector = _ProjectorThread(
-            ProjectionWriter(staging, bulk=True), source, max_waiting=max_records
+            ProjectionWriter(staging, bulk=True, threads=_projector_threads(count)),
+            source,
+            max_waiting=max_records,
         )
         try:
             projector.start()

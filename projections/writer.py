@@ -32,9 +32,11 @@ class ProjectionWriter:
         readers_turn_seconds: float = 0.15,
         *,
         bulk: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.path = path
         self.bulk = bulk
+        self.threads = threads  # DuckDB's threads (None: one per core)
         self.hold_seconds = float("inf") if bulk else hold_seconds
         self.readers_turn_seconds = readers_turn_seconds
         self._con: duckdb.DuckDBPyConnection | None = None
@@ -52,6 +54,8 @@ class ProjectionWriter:
             self._con = connect(self.path)
             if self.bulk:
                 self._con.execute(f"SET checkpoint_threshold = '{BULK_CHECKPOINT_THRESHOLD}'")
+            if self.threads:
+                self._con.execute(f"SET threads = {int(self.threads)}")
             self._projector = Projector(self._con)
             self._opened_at = time.monotonic()
         return self._projector
