@@ -53,6 +53,11 @@ def stream(tp: TopicPartition) -> str:
     return f"{tp.topic}:{tp.partition}"
 
 
+def reached(targets: Mapping[TopicPartition, int], handed: Mapping[str, int]) -> bool:
+    """Whether every partition was handed over up to its target offset."""
+    return all(handed.get(stream(tp), 0) >= end for tp, end in targets.items())
+
+
 @dataclass
 class Decoded:
     """Decoded records on their way to the projector: per partition, the facts in offset
@@ -188,7 +193,7 @@ class Decoders:
     their partitions.
     """
 
-    def __init__(self, settings: KafkaSettings, count: int) -> None:
+    def __init__(self, settings: KafkaSettings, count: int, poll_records: int) -> None:
         self._processes: list[subprocess.Popen[bytes]] = []
         self._connections: list[Connection] = []
         for _ in range(count):
@@ -201,7 +206,7 @@ class Decoders:
                 )
             )
             theirs.close()
-            ours.send(asdict(settings))
+            ours.send((asdict(settings), poll_records))
             self._connections.append(ours)
         self._open: list[Connection] = []
         self._letters = dict.fromkeys(range(count), 0)
@@ -254,7 +259,7 @@ class Decoders:
 
     def caught_up(self, handed: dict[str, int]) -> bool:
         """Whether every partition was read to its end."""
-        return all(handed.get(stream(tp), 0) >= end for tp, end in self._targets.items())
+        return reached(self._targets, handed)
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         pass  # no group to tell: the projections hold the offsets
@@ -282,10 +287,10 @@ def _child_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 
-def _decode_ranges(settings: KafkaSettings, connection: Connection) -> None:
+def _decode_ranges(settings: KafkaSettings, poll_records: int, connection: Connection) -> None:
     """The decoder process: reads the ranges sent to it, sends what `decode_polled` makes
     of each poll (with its dead-letter count so far), then None."""
-    reader = consumer(settings, group_id=None, max_poll_records=POLL_RECORDS)
+    reader = consumer(settings, group_id=None, max_poll_records=poll_records)
     dead_letters = DeadLetters(settings)
     try:
         ranges: Ranges = connection.recv()
@@ -317,8 +322,8 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     connection = Connection(fd)
     try:
-        settings = KafkaSettings(**connection.recv())
-        _decode_ranges(settings, connection)
+        settings, poll_records = connection.recv()
+        _decode_ranges(KafkaSettings(**settings), poll_records, connection)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass
     except BaseException as error:

@@ -50,6 +50,7 @@ from consumers.kafka_decoding import (
     Decoders,
     decode_polled,
     decoder_count,
+    reached,
     seek,
     stream,
 )
@@ -87,9 +88,6 @@ class ConsumeReport:
 
 
 BatchCallback = Callable[[BatchResult, ConsumeReport], None]
-
-
-# --- the Kafka side: polling and decoding ----------------------------------------------------
 
 
 # --- the DuckDB side: the projector thread ---------------------------------------------------
@@ -531,6 +529,7 @@ def consume(
     source = source_name(group)
     publisher = _DerivedPublisher(settings)
     decoders = None if follow else decoders or decoder_count(settings)
+    poll_records = min(max_records, POLL_RECORDS)
     writer = (
         ProjectionWriter(projections_path)
         if decoders is None
@@ -549,7 +548,7 @@ def consume(
         # consumer (or the decoder processes) start and connect.
         stored_soon = projector.submit(lambda writer: writer.projector().checkpoints(source))
         if decoders is None:
-            kafka_consumer = consumer(settings, group_id=group, max_poll_records=POLL_RECORDS)
+            kafka_consumer = consumer(settings, group_id=group, max_poll_records=poll_records)
             feed = _GroupMember(kafka_consumer, DeadLetters(settings))
             handed = dict(stored_soon.result())
             projector.call(ProjectionWriter.release)  # not held through the group join
@@ -557,7 +556,7 @@ def consume(
             kafka_consumer.subscribe([settings.topic], listener=listener)
             targets = None
         else:
-            feed = Decoders(settings, decoders)
+            feed = Decoders(settings, decoders, poll_records)
             targets = high_watermarks(settings, settings.topic)
             handed = dict(stored_soon.result())
             feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
@@ -615,7 +614,7 @@ def _project(
 
     while not should_stop():
         report_applied(projector.applied())
-        if targets is not None and _reached(targets, handed):
+        if targets is not None and reached(targets, handed):
             break
         found = feed.read(poll_ms)
         report.dead_letters = feed.dead_letters
@@ -628,10 +627,6 @@ def _project(
             handed.update({stream(tp): o for tp, o in decoded.offsets.items()})
             projector.hand_over(decoded, more_to_come=not feed.caught_up(handed))
     report_applied(projector.drain())
-
-
-def _reached(targets: dict[TopicPartition, int], reached: dict[str, int]) -> bool:
-    return all(reached.get(stream(tp), 0) >= end for tp, end in targets.items())
 
 
 def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:
@@ -676,7 +671,8 @@ def rebuild_from_kafka(
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
         count = decoder_count(settings)
-        decoders = Decoders(settings, count)  # they start while the file is made
+        # they start while the file is made
+        decoders = Decoders(settings, count, min(max_records, POLL_RECORDS))
         projector = _ProjectorThread(
             ProjectionWriter(staging, bulk=True, threads=_projector_threads(count)),
             source,

@@ -404,19 +404,10 @@ def test_partition_lag_follows_the_topic(
 # --- (g) derived events are published once ---------------------------------------------------
 
 
-def published_ids(path: Path) -> set[str]:
+def event_ids(path: Path, table: str) -> set[str]:
     con = connect(path, read_only=True)
     try:
-        rows = con.execute("SELECT event_id::VARCHAR FROM derived_published").fetchall()
-    finally:
-        con.close()
-    return {row[0] for row in rows}
-
-
-def derived_ids(path: Path) -> set[str]:
-    con = connect(path, read_only=True)
-    try:
-        rows = con.execute("SELECT event_id::VARCHAR FROM derived_events").fetchall()
+        rows = con.execute(f"SELECT event_id::VARCHAR FROM {table}").fetchall()
     finally:
         con.close()
     return {row[0] for row in rows}
@@ -443,8 +434,9 @@ def test_derived_events_are_published_once_and_remembered(
     ids = [orjson.loads(letter.value)["event_id"] for letter in letters]
     assert first.derived > 0 and second.derived > 0 and third.derived == 0
     assert len(ids) == len(set(ids)) == first.derived + second.derived, "published once"
-    assert set(ids) == published_ids(path), "every acknowledged one is remembered"
-    assert derived_ids(path) <= set(ids), "everything the projections derive went out"
+    published, derived = event_ids(path, "derived_published"), event_ids(path, "derived_events")
+    assert set(ids) == published, "every acknowledged one is remembered"
+    assert derived <= set(ids), "everything the projections derive went out"
     for letter in letters:
         headers = dict(letter.headers)
         assert headers["ce_id"].decode() == orjson.loads(letter.value)["event_id"]
