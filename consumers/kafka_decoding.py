@@ -196,18 +196,25 @@ class Decoders:
     def __init__(self, settings: KafkaSettings, count: int, poll_records: int) -> None:
         self._processes: list[subprocess.Popen[bytes]] = []
         self._connections: list[Connection] = []
-        for _ in range(count):
-            ours, theirs = Pipe()
-            self._processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "consumers.kafka_decoding", str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()],
-                    env=_child_environment(),
+        try:
+            for number in range(count):
+                ours, theirs = Pipe()
+                self._processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "consumers.kafka_decoding", str(theirs.fileno())],
+                        pass_fds=[theirs.fileno()],
+                        env=_child_environment(),
+                    )
                 )
-            )
-            theirs.close()
-            ours.send((asdict(settings), poll_records))
-            self._connections.append(ours)
+                theirs.close()
+                self._connections.append(ours)
+                try:
+                    ours.send((asdict(settings), poll_records))
+                except OSError:  # it died at once
+                    raise self._ended(number) from None
+        except BaseException:
+            self.close()
+            raise
         self._open: list[Connection] = []
         self._letters = dict.fromkeys(range(count), 0)
         self._targets: dict[TopicPartition, int] = {}

@@ -38,6 +38,7 @@ from kafka import KafkaConsumer, TopicPartition
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.kafka import DevBroker, KafkaSettings, ensure_topics, free_port
+from consumers.kafka_decoding import DecoderFailed
 from consumers.store_follower import catch_up
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
@@ -290,6 +291,28 @@ def test_a_killed_decoder_fails_the_catch_up_with_a_message_and_a_rerun_complete
     rerun = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert differences(tables(settings.projections_path), embedded(ledger, tmp_path)) == {}
+
+
+def test_decoders_that_cannot_start_fail_the_catch_up_and_leave_no_process(
+    ledger: Ledger,
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoder processes that end at once (here: an interpreter that exits before reading
+    anything) fail the catch-up with `DecoderFailed`, whether it notices when sending them
+    their settings or later; no decoder is left behind and nothing is committed."""
+    accept(ledger, generate_history(customers=5))
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    path = tmp_path / "projections.duckdb"
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    before = set(children_of(os.getpid()))
+
+    with pytest.raises(DecoderFailed, match=r"decoder process \d+ ended unexpectedly"):
+        kafka_projection.consume(path, kafka_settings, group="never-started", decoders=2)
+
+    assert set(children_of(os.getpid())) <= before
+    assert progress(path, "never-started") == (0, 0)
 
 
 # --- (b) relay and consumer killed at random instants ----------------------------------------
