@@ -2,6 +2,8 @@
 
 Targets come from `sla_targets` (domain.policy.SlaPolicy), by the priority the complaint was
 filed with. Definitions (pinned by tests/test_sla.py):
+- a complaint is defined by its first `ComplaintFiled` (the ledger files each once; a
+  repeat that a foreign producer put on the topic is a step without effect);
 - the first response is the first acknowledgement, resolution or close;
 - the resolution is the first resolution or close after the last reopening;
 - time on hold, from ComplaintOnHold to the next resume, resolution or close (or the
@@ -29,6 +31,9 @@ INSERT INTO complaint_sla
 WITH steps AS (
     SELECT * FROM internal.complaint_steps
     WHERE customer_id IN (SELECT customer_id FROM sla_scope)
+    QUALIFY type <> 'ComplaintFiled'
+         OR row_number() OVER (PARTITION BY customer_id, complaint_id, type
+                               ORDER BY occurred_at, position) = 1
 ),
 filed AS (
     SELECT s.customer_id, s.complaint_id, s.occurred_at AS filed_at,

@@ -7,16 +7,21 @@ F = 2025-03-03 09:00 UTC and times are written as hours after F.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pytest
 from conftest import event, project, record
 
 from bootstrap import Settings
 from domain.ledger import Ledger
+from projections.projector import Projector
+from projections.schema import connect
 
 F = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 BEIJING = timezone(timedelta(hours=8))
@@ -500,3 +505,44 @@ def test_the_clock_never_goes_backwards(ledger: Ledger, settings: Settings) -> N
         "resolution_status": "breached",  # 200 > 140
     }
     assert sla(con, "a")["resolution_status"] == "breached"
+
+
+def test_a_repeated_filing_is_a_step_without_effect(
+    ledger: Ledger, settings: Settings, tmp_path: Path
+) -> None:
+    """The ledger refuses to file one complaint twice, but a foreign producer on the topic
+    can publish a second `ComplaintFiled` (a new event id, another time and priority). The
+    first filing (in business time) defines the complaint; the repeat changes nothing, in
+    the batch with the first or in a later one, and does not fail the batch."""
+    accept(
+        ledger,
+        [
+            filed("k", "high"),
+            step("ComplaintAcknowledged", 2, "k"),
+            step("ComplaintResolved", 30, "k"),
+        ],
+    )
+    _, documents = ledger.documents_after(0, 100)
+    original = next(orjson.loads(d) for _, d in documents if b'"ComplaintFiled"' in d)
+    later = step("ComplaintFiled", 40, "k", channel="email", category="billing", priority="low")
+    repeat = {**original, "event_id": str(uuid.uuid4()), "occurred_at": later["occurred_at"],
+              "data": later["data"]}  # fmt: skip
+    repeated = (ledger.head() + 1, orjson.dumps(repeat))
+
+    def complaint_after(*batches: list[tuple[int, bytes]]) -> dict[str, Any]:
+        con = connect(tmp_path / f"{uuid.uuid4().hex}.duckdb")
+        projector = Projector(con)
+        for n, batch in enumerate(batches):
+            projector.apply(batch, {("test", ""): n})
+        return sla(con, "k")
+
+    alone = complaint_after(documents)
+    assert pick(alone, "priority", "channel", "filed_at", "status", "resolved_at") == {
+        "priority": "high",
+        "channel": "phone",
+        "filed_at": F,
+        "status": "resolved",
+        "resolved_at": at(30),
+    }
+    assert complaint_after([*documents, repeated]) == alone
+    assert complaint_after(documents, [repeated]) == alone
