@@ -23,6 +23,7 @@ from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
@@ -134,12 +135,22 @@ def _print_json_lines(objects: Iterable[Any]) -> None:
         sys.stdout.buffer.write(orjson.dumps(obj, default=str) + b"\n")
 
 
+def _kafka_progress(progress: Progress, description: str) -> kafka_projection.BatchCallback:
+    """A progress bar over the records a Kafka catch-up has to read."""
+    task = progress.add_task(description, total=None)
+
+    def on_batch(_result: BatchResult, report: kafka_projection.ConsumeReport) -> None:
+        progress.update(task, completed=report.records, total=report.to_read)
+
+    return on_batch
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.completed:,}/{task.total:,}"),
+        MofNCompleteColumn(),  # "?" while the total is unknown
         TimeRemainingColumn(),
         console=err,
         transient=True,
@@ -288,7 +299,14 @@ def rebuild(
     """Rebuild every projection from the start into a new file, then swap it in atomically."""
     path = State.settings.projections_path
     if from_kafka:
-        events = kafka_projection.rebuild_from_kafka(path, _kafka(), group, realert=realert)
+        with _progress() as progress:
+            events = kafka_projection.rebuild_from_kafka(
+                path,
+                _kafka(),
+                group,
+                realert=realert,
+                on_batch=_kafka_progress(progress, "rebuilding"),
+            )
         out.print(f"rebuilt projections from {events:,} events on Kafka")
         return
     ledger = _ledger()
@@ -477,9 +495,14 @@ def consume(
     """Project the events topic into DuckDB as a member of a consumer group."""
     settings = _kafka()
     try:
-        report = kafka_projection.consume(
-            State.settings.projections_path, settings, group, follow=follow
-        )
+        with _progress() as progress:
+            report = kafka_projection.consume(
+                State.settings.projections_path,
+                settings,
+                group,
+                follow=follow,
+                on_batch=None if follow else _kafka_progress(progress, "consuming"),
+            )
     except KafkaError as error:
         _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     except KeyboardInterrupt:

@@ -85,6 +85,10 @@ class ConsumeReport:
     dead_letters: int = 0
     batches: int = 0
     derived: int = 0
+    # a catch-up's progress: records (dead letters included) from the stored offsets to
+    # the ends at its start, and those committed so far
+    to_read: int | None = None
+    records: int = 0
 
 
 BatchCallback = Callable[[BatchResult, ConsumeReport], None]
@@ -602,11 +606,18 @@ def _project(
     target; returns when everything read is applied. `handed` holds, per stream, the next
     offset to hand over (kept up to date here, and by the listener on assignments)."""
 
+    start, committed = dict(handed), dict(handed)  # a catch-up's progress
+    if targets is not None:
+        report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
+
     def report_applied(applied: list[_Applied]) -> None:
         for batch in applied:
             report.events += batch.events
             report.batches += 1
             report.derived += batch.derived
+            if targets is not None:
+                committed.update({stream(tp): o for tp, o in batch.offsets.items()})
+                report.records = sum(o - start.get(s, 0) for s, o in committed.items())
             if on_batch:
                 on_batch(batch.result, report)
         if applied:
@@ -663,6 +674,7 @@ def rebuild_from_kafka(
     *,
     realert: bool = False,
     max_records: int = 50_000,
+    on_batch: BatchCallback | None = None,
 ) -> int:
     """Project the whole topic from offset 0 into a new file, then swap it in atomically
     (see `projections.rebuild`). The new file holds the group's offsets at the topic's
@@ -688,7 +700,7 @@ def rebuild_from_kafka(
             )
             decoders.assign({tp: (None, end) for tp, end in ends.items()})
             _project(decoders, projector, report, handed={}, targets=ends, poll_ms=1000,
-                     release_when_idle=False)  # fmt: skip
+                     release_when_idle=False, on_batch=on_batch)  # fmt: skip
         finally:
             projector.stop()
             decoders.close()

@@ -12,9 +12,12 @@ import csv
 import io
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
+import threading
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ import orjson
 import pytest
 
 from bootstrap import Settings, open_ledger
+from consumers.kafka import KafkaSettings
+from domain.demo_history import generate_history
 
 LEDGER = Path(sys.executable).parent / "ledger"
 
@@ -90,6 +95,38 @@ def run(
         completed.stdout.decode(),
         completed.stderr.decode(),
     )
+
+
+def run_on_a_terminal(
+    *args: str, data_dir: Path, cwd: Path, env: dict[str, str], stdin: bytes = b""
+) -> Result:
+    """`run` with stderr on a pseudo-terminal, where the progress bars are drawn; `err` is
+    what the terminal received."""
+    main, terminal = pty.openpty()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    environment.update(COLUMNS="120", NO_COLOR="1", TERM="xterm", **env)
+    process = subprocess.Popen(
+        [str(LEDGER), "--data-dir", str(data_dir), *args],
+        cwd=cwd,
+        env=environment,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    received = bytearray()
+
+    def drain() -> None:  # the terminal must be read while the command writes to it
+        with suppress(OSError):  # EIO once the command closed its end
+            while chunk := os.read(main, 65536):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = process.communicate(stdin, timeout=120)
+    reader.join(timeout=10)
+    os.close(main)
+    return Result(process.returncode, out.decode(), received.decode(errors="replace"))
 
 
 def line(type_: str, customer: str, at: str, data: dict[str, Any], **envelope: Any) -> str:
@@ -550,6 +587,40 @@ def test_demo_is_deterministic_and_rebuild_changes_nothing(tmp_path: Path) -> No
     assert len(before.out.splitlines()) > 1000
     assert after.out == before.out
     assert '""resolution_status"":""breached""' in after.out
+
+
+def test_long_work_shows_progress_on_a_terminal(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """On a terminal, ingest, project, consume and rebuild draw a progress bar, also while
+    the total is not known yet (a file read from stdin, a projection or catch-up about to
+    start); elsewhere they draw nothing (the other tests)."""
+    data = tmp_path / "d"
+    kafka = {
+        "LEDGER_KAFKA_BOOTSTRAP": kafka_settings.bootstrap,
+        "LEDGER_KAFKA_TOPIC": kafka_settings.topic,
+        "LEDGER_KAFKA_PARTITIONS": str(kafka_settings.partitions),
+    }
+    events = generate_history(customers=20)
+    piped = b"".join(orjson.dumps(e) + b"\n" for e in events)
+
+    ingested = run_on_a_terminal("ingest", "-", data_dir=data, cwd=tmp_path, env=kafka, stdin=piped)
+    assert ingested.code == 0, ingested
+    assert ingested.out.strip() == f"accepted {len(events)}, duplicates 0, rejected 0"
+    assert "ingesting" in ingested.err, ingested.err[-500:]
+    assert run("relay", data_dir=data, cwd=tmp_path, env=kafka).code == 0
+    for command, bar in [
+        (("project",), "projecting"),
+        (("consume",), "consuming"),
+        (("rebuild", "--from-kafka"), "rebuilding"),
+    ]:
+        shown = run_on_a_terminal(*command, data_dir=data, cwd=tmp_path, env=kafka)
+        assert shown.code == 0, shown
+        assert bar in shown.err, (command, shown.err[-500:])
+    consumed = run("query", "SELECT count(*) AS n FROM events", "--format", "json",
+                   data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert consumed.code == 0, consumed
+    assert consumed.json() == [{"n": len(events)}]
 
 
 # --- the command line as a whole -----------------------------------------------------------

@@ -266,6 +266,7 @@ def test_poison_records_go_to_the_dead_letter_topic(
     report = kafka_projection.consume(path, kafka_settings, group)
 
     assert (report.events, report.dead_letters) == (facts, len(poison))
+    assert report.records == report.to_read == facts + len(poison)  # progress: dead letters too
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
     # moved on: the stored offsets are past every record, poison included
     assert sum(checkpoints(path, group).values()) == facts + len(poison)
@@ -320,7 +321,15 @@ def test_rebuild_from_kafka_equals_consume_and_swaps_the_file(
     staging = path.with_name(path.name + ".rebuild")
     staging.write_bytes(b"a half-built file from an earlier crash")
 
-    assert kafka_projection.rebuild_from_kafka(path, kafka_settings, group) == facts
+    seen: list[tuple[int, int | None]] = []
+    rebuilt_events = kafka_projection.rebuild_from_kafka(
+        path, kafka_settings, group, max_records=300,
+        on_batch=lambda _result, report: seen.append((report.records, report.to_read)),
+    )  # fmt: skip
+    assert rebuilt_events == facts
+
+    assert len(seen) > 1 and seen == sorted(seen), seen  # progress, batch by batch
+    assert seen[-1] == (facts, facts)
 
     assert path.stat().st_ino != before, "the rebuild should replace the file, not edit it"
     assert not staging.exists()
@@ -356,6 +365,9 @@ def test_restarted_consumer_continues_from_its_stored_offsets(
     second = kafka_projection.consume(path, kafka_settings, group)
 
     assert second.events == facts - first_facts, "the restart should read only new records"
+    # its progress counts what it had to read, not what was read before
+    assert (first.records, first.to_read) == (first_facts, first_facts)
+    assert (second.records, second.to_read) == (facts - first_facts, facts - first_facts)
     assert sum(checkpoints(path, group).values()) == facts
     through_kafka = tables(path)
     assert len(through_kafka["events"]) == facts
