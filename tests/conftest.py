@@ -55,6 +55,17 @@ def record(ledger: Ledger, events: Sequence[dict[str, Any]]) -> list[Outcome]:
     return ledger.record([INCOMING.validate_python(e) for e in events])
 
 
+def accept(ledger: Ledger, events: Sequence[dict[str, Any]]) -> None:
+    """Record events that must all be accepted."""
+    outcomes = record(ledger, events)
+    refused = [o for o in outcomes if o.status != "accepted"]
+    assert not refused, refused[:3]
+
+
+def fact_count(ledger: Ledger) -> int:
+    return sum(1 for _ in ledger.all_facts())
+
+
 def project(ledger: Ledger, settings: Settings, **kwargs: Any) -> duckdb.DuckDBPyConnection:
     """Bring the projections up to date and open them read-only for assertions."""
     catch_up(ledger, settings.projections_path, **kwargs)
@@ -149,6 +160,14 @@ def tables(path: Path, names: tuple[str, ...] = COMPARED) -> Tables:
         return {n: con.execute(f"SELECT * FROM {n} ORDER BY ALL").fetchall() for n in names}
     finally:
         con.close()
+
+
+def embedded(ledger: Ledger, tmp_path: Path) -> Tables:
+    """The reference for the Kafka path: a clean embedded projection (store follower) of
+    the whole ledger into a file of its own."""
+    path = tmp_path / "embedded.duckdb"
+    assert catch_up(ledger, path) == ledger.head()
+    return tables(path)
 
 
 def differences(a: Tables, b: Tables) -> dict[str, Any]:

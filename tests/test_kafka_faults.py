@@ -32,14 +32,13 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import Tables, differences, record, tables
+from conftest import accept, differences, embedded, fact_count, tables
 from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.kafka import DevBroker, KafkaSettings, ensure_topics, free_port
 from consumers.kafka_decoding import DecoderFailed
-from consumers.store_follower import catch_up
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.schema import connect
@@ -48,23 +47,6 @@ pytestmark = pytest.mark.kafka
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def accept(ledger: Ledger, events: list[dict[str, Any]]) -> None:
-    outcomes = record(ledger, events)
-    refused = [o for o in outcomes if o.status != "accepted"]
-    assert not refused, refused[:3]
-
-
-def fact_count(ledger: Ledger) -> int:
-    return sum(1 for _ in ledger.all_facts())
-
-
-def embedded(ledger: Ledger, tmp_path: Path) -> Tables:
-    """The reference: a clean embedded projection (store follower) into its own file."""
-    path = tmp_path / "embedded.duckdb"
-    assert catch_up(ledger, path) == ledger.head()
-    return tables(path)
 
 
 def ids_in_topic(settings: KafkaSettings, topic: str | None = None) -> list[str]:

@@ -24,13 +24,12 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import COMPARED, Tables, differences, record, tables
+from conftest import COMPARED, accept, differences, embedded, fact_count, tables
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.kafka import KafkaSettings
-from consumers.store_follower import catch_up
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.schema import connect
@@ -52,23 +51,6 @@ def checkpoints(path: Path, group: str) -> dict[str, int]:
     finally:
         con.close()
     return {stream: int(position) for stream, position in rows}
-
-
-def accept(ledger: Ledger, events: list[dict[str, Any]]) -> None:
-    outcomes = record(ledger, events)
-    refused = [o for o in outcomes if o.status != "accepted"]
-    assert not refused, refused[:3]
-
-
-def fact_count(ledger: Ledger) -> int:
-    return sum(1 for _ in ledger.all_facts())
-
-
-def embedded(ledger: Ledger, tmp_path: Path) -> Tables:
-    """The reference: the embedded path (store follower) into its own file."""
-    path = tmp_path / "embedded.duckdb"
-    assert catch_up(ledger, path) == ledger.head()
-    return tables(path)
 
 
 def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:

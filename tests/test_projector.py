@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import event, record
+from conftest import accept, event
 
 from bootstrap import Settings
 from consumers.store_follower import catch_up, rebuild
@@ -95,12 +95,6 @@ def differences(a: Snapshot, b: Snapshot) -> dict[str, Any]:
 
 def without(snap: Snapshot, *names: str) -> Snapshot:
     return {k: v for k, v in snap.items() if k not in names}
-
-
-def accept(ledger: Ledger, events: list[dict[str, Any]]) -> None:
-    outcomes = record(ledger, events)
-    rejected = [o for o in outcomes if o.status != "accepted"]
-    assert not rejected, rejected[:3]
 
 
 def fact_positions(ledger: Ledger) -> list[int]:
