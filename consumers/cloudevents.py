@@ -13,6 +13,7 @@ by this project's consumer groups, and rejects what a subscriber could not trust
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -54,8 +55,9 @@ class UndecodableRecord(ValueError):
     """A record a subscriber cannot trust; the message says why (for the dead letters)."""
 
 
-def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes]:
-    """(store position, event JSON) of a record on the events topic, validated."""
+def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes, datetime]:
+    """(store position, event JSON, business time) of a record on the events topic,
+    validated."""
     found = dict(headers)
     if found.get("ce_specversion") != SPEC_VERSION:
         raise UndecodableRecord("not a CloudEvents 1.0 record (ce_specversion header)")
@@ -71,4 +73,4 @@ def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes]:
         raise UndecodableRecord(explain(error)) from None
     if found.get("ce_id", b"").decode(errors="replace") != str(event.event_id):
         raise UndecodableRecord("ce_id does not match the event's event_id")
-    return position, value
+    return position, value, event.occurred_at

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Collection, Mapping
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -53,24 +54,37 @@ def stream(tp: TopicPartition) -> str:
     return f"{tp.topic}:{tp.partition}"
 
 
-def reached(targets: Mapping[TopicPartition, int], handed: Mapping[str, int]) -> bool:
-    """Whether every partition was handed over up to its target offset."""
-    return all(handed.get(stream(tp), 0) >= end for tp, end in targets.items())
+def unread(
+    targets: Mapping[TopicPartition, int], handed: Mapping[str, int]
+) -> list[TopicPartition]:
+    """The partitions not handed over up to their target offsets."""
+    return [tp for tp, end in targets.items() if handed.get(stream(tp), 0) < end]
+
+
+def keep_latest(
+    latest: dict[TopicPartition, datetime], more: Mapping[TopicPartition, datetime]
+) -> None:
+    """Per partition, the later of two business times."""
+    for tp, moment in more.items():
+        latest[tp] = max(moment, latest.get(tp, moment))
 
 
 @dataclass
 class Decoded:
     """Decoded records on their way to the projector: per partition, the facts in offset
-    order and the next offset to read (past its dead letters too)."""
+    order, the next offset to read (past its dead letters too) and the latest business
+    time among them."""
 
     facts: dict[TopicPartition, list[tuple[int, bytes]]] = field(default_factory=dict)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    latest: dict[TopicPartition, datetime] = field(default_factory=dict)
     records: int = 0  # polled records, dead letters included
 
     def merge(self, later: Decoded) -> None:
         for tp, facts in later.facts.items():
             self.facts.setdefault(tp, []).extend(facts)
         self.offsets.update(later.offsets)
+        keep_latest(self.latest, later.latest)
         self.records += later.records
 
     def without(self, partitions: Collection[TopicPartition]) -> Decoded:
@@ -79,6 +93,8 @@ class Decoded:
             if tp not in partitions:
                 kept.facts[tp] = self.facts.get(tp, [])
                 kept.offsets[tp] = offset
+                if tp in self.latest:
+                    kept.latest[tp] = self.latest[tp]
                 kept.records += len(kept.facts[tp])  # near enough for the hand-over limit
         return kept
 
@@ -93,12 +109,19 @@ def decode_polled(polled: Mapping[TopicPartition, list[Any]], dead_letters: Dead
     decode = cloudevents.decode
     for tp, records in polled.items():
         facts: list[tuple[int, bytes]] = []
+        latest: datetime | None = None
         for record in records:
             try:
-                facts.append(decode(record.headers, record.value))
+                position, value, occurred_at = decode(record.headers, record.value)
             except cloudevents.UndecodableRecord as error:
                 dead_letters.send(record, error)
+                continue
+            facts.append((position, value))
+            if latest is None or occurred_at > latest:
+                latest = occurred_at
         decoded.facts[tp] = facts
+        if latest is not None:
+            decoded.latest[tp] = latest
         decoded.offsets[tp] = records[-1].offset + 1
         decoded.records += len(records)
     dead_letters.flush()
@@ -264,9 +287,9 @@ class Decoders:
             code = None
         return DecoderFailed(f"decoder process {number} ended unexpectedly (exit status {code})")
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
-        """Whether every partition was read to its end."""
-        return reached(self._targets, handed)
+    def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
+        """The partitions not read to their ends."""
+        return unread(self._targets, handed)
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         pass  # no group to tell: the projections hold the offsets

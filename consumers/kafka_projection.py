@@ -30,9 +30,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -50,9 +51,10 @@ from consumers.kafka_decoding import (
     Decoders,
     decode_polled,
     decoder_count,
-    reached,
+    keep_latest,
     seek,
     stream,
+    unread,
 )
 from projections import derived
 from projections.projector import BatchResult, Projector
@@ -137,6 +139,7 @@ class _ProjectorThread:
         self._waiting: Decoded | None = None
         self._waiting_since = 0.0
         self._more_to_come = True
+        self._publish_until: datetime | None = None
         self._busy = False
         self._calls: deque[tuple[Callable[[ProjectionWriter], Any], Future[Any]]] = deque()
         self._applied: list[_Applied] = []
@@ -149,9 +152,12 @@ class _ProjectorThread:
     def start(self) -> None:
         self._thread.start()
 
-    def hand_over(self, decoded: Decoded, *, more_to_come: bool) -> None:
+    def hand_over(
+        self, decoded: Decoded, *, more_to_come: bool, publish_until: datetime | None
+    ) -> None:
         """Add `decoded` to the next batch; `more_to_come` when the Kafka side is behind the
-        topic's end (it reads on at once, and a larger batch costs less per record)."""
+        topic's end (it reads on at once, and a larger batch costs less per record). The
+        derived events that batch reveals go out up to `publish_until` (see `_project`)."""
         with self._changed:
             while (
                 self._waiting is not None
@@ -165,6 +171,7 @@ class _ProjectorThread:
             else:
                 self._waiting.merge(decoded)
             self._more_to_come = more_to_come
+            self._publish_until = publish_until
             self._changed.notify_all()
 
     def nothing_more_to_come(self) -> None:
@@ -244,6 +251,7 @@ class _ProjectorThread:
                         self._changed.wait(self._seconds_to_wait())
                     call = self._calls.popleft() if self._calls else None
                     batch, self._waiting = (None, self._waiting) if call else (self._waiting, None)
+                    publish_until = self._publish_until
                     if call is None and batch is None:
                         return  # stopping, and nothing left to call
                     self._busy = batch is not None
@@ -255,7 +263,7 @@ class _ProjectorThread:
                     except BaseException as error:  # handed to the caller
                         done.set_exception(error)
                 elif batch is not None:
-                    applied = self._apply(batch)
+                    applied = self._apply(batch, publish_until)
                     with self._changed:
                         self._busy = False
                         self._applied.append(applied)
@@ -286,14 +294,14 @@ class _ProjectorThread:
             return None
         return max(0.0, self._waiting_since + self._max_wait_seconds - time.monotonic())
 
-    def _apply(self, decoded: Decoded) -> _Applied:
+    def _apply(self, decoded: Decoded, publish_until: datetime | None) -> _Applied:
         projector = self._projections.projector()
         batch = decoded.batch()
         checkpoints = {(self._source, stream(tp)): o for tp, o in decoded.offsets.items()}
         result = projector.apply(batch, checkpoints)
         published = 0
         if self._publisher is not None:
-            published = self._publisher.publish(projector)
+            published = self._publisher.publish(projector, publish_until)
             with self._changed:
                 idle_next = self._waiting is None
             if idle_next:  # nothing else to do meanwhile
@@ -353,12 +361,13 @@ class _DerivedPublisher:
 
     # --- on the projector thread
 
-    def publish(self, projector: Projector) -> int:
-        """Mark what was acknowledged, send what is new; returns how many were marked."""
+    def publish(self, projector: Projector, until: datetime | None) -> int:
+        """Mark what was acknowledged, send what is new up to business time `until` (None:
+        all); returns how many were marked."""
         marked = self._mark_acknowledged(projector)
         pending = [
             fact
-            for fact in derived.unpublished(projector.con)
+            for fact in derived.unpublished(projector.con, until)
             if fact["event_id"] not in self._in_flight
         ]
         if pending:
@@ -458,8 +467,8 @@ class _Feed(Protocol):
         """What was decoded since the last call, waiting up to `timeout_ms` for something."""
         ...
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
-        """Whether everything there is to read now was handed over."""
+    def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
+        """The partitions with records to read that were not handed over yet."""
         ...
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
@@ -485,13 +494,11 @@ class _GroupMember:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         return [decode_polled(polled, self._dead_letters)] if polled else []
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
-        """Whether everything the broker had when it last answered a fetch was handed over."""
-        for tp in self.consumer.assignment():
-            end = self.consumer.highwater(tp)
-            if end is None or handed.get(stream(tp), 0) < end:
-                return False
-        return True
+    def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
+        """The assigned partitions where the broker had more when it last answered a fetch
+        (or has not answered yet)."""
+        ends = {tp: self.consumer.highwater(tp) for tp in self.consumer.assignment()}
+        return [tp for tp, end in ends.items() if end is None or handed.get(stream(tp), 0) < end]
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         """Tell the group too, for lag tooling (the projections keep the real offsets)."""
@@ -607,6 +614,7 @@ def _project(
     offset to hand over (kept up to date here, and by the listener on assignments)."""
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
+    latest: dict[TopicPartition, datetime] = {}  # business time handed over, per partition
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
 
@@ -625,7 +633,7 @@ def _project(
 
     while not should_stop():
         report_applied(projector.applied())
-        if targets is not None and reached(targets, handed):
+        if targets is not None and not unread(targets, handed):
             break
         found = feed.read(poll_ms)
         report.dead_letters = feed.dead_letters
@@ -636,8 +644,36 @@ def _project(
             continue
         for decoded in found:
             handed.update({stream(tp): o for tp, o in decoded.offsets.items()})
-            projector.hand_over(decoded, more_to_come=not feed.caught_up(handed))
+            keep_latest(latest, decoded.latest)
+            behind = feed.behind(handed)
+            projector.hand_over(
+                decoded, more_to_come=bool(behind), publish_until=publish_until(latest, behind)
+            )
     report_applied(projector.drain())
+
+
+def publish_until(
+    latest: Mapping[TopicPartition, datetime], behind: Collection[TopicPartition]
+) -> datetime | None:
+    """How far in business time derived events may go out (those before it): the point
+    every partition with records still to read has reached (None: nothing is behind).
+
+    Partitions are read at their own pace, so the projections' clock (the latest business
+    time handed over anywhere) runs ahead of a partition read later, and the transitions
+    it reveals there may be taken back by that partition's next records: a complaint
+    looks breached until its resolution, in time, is read. A partition holds the records
+    in the order they were recorded, which for events recorded as they happen is their
+    business-time order; so once every partition behind has reached a time, nothing read
+    later takes back a transition before it (a backfill recorded late still can). A
+    partition read to its end does not hold the others back.
+    """
+    if not behind:
+        return None
+    return min(latest.get(tp, NOTHING_YET) for tp in behind)
+
+
+NOTHING_YET = datetime.min.replace(tzinfo=UTC)
+"""The business time of a partition nothing was read from yet: it holds everything back."""
 
 
 def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:

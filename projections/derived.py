@@ -12,13 +12,17 @@ ladder entered in the batch (all of a customer's again when a late event made th
 walk it again), SLA transitions are recomputed with the complaint clocks in scope, so it
 always says what the events imply now, and a rebuild equals it row for
 row. `derived_published` remembers which ids went out; a rebuild carries it over, so it
-does not alert again unless asked. A late event can reveal a transition earlier than
-ones already published (subscribers order by `occurred_at` when they need strict time
-order), or retract one: a published id that no longer appears in `derived_events`.
+does not alert again unless asked. The Kafka consumer publishes a transition only once
+every partition with records still to read has reached its time (`unpublished(until=)`,
+see consumers.kafka_projection.publish_until), so how partitions interleave changes
+nothing that goes out. An event recorded late (a backfill) can still reveal a transition
+earlier than ones already published, or retract one: a published id that no longer
+appears in `derived_events`.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import duckdb
@@ -89,13 +93,17 @@ UNPUBLISHED = """
 SELECT d.event_id::VARCHAR, d.type, d.customer_id, iso(d.occurred_at), d.data
 FROM derived_events AS d
 WHERE d.event_id NOT IN (SELECT event_id FROM derived_published)
+  AND ($until IS NULL OR d.occurred_at < $until)
 ORDER BY d.occurred_at, d.event_id
 """
 
 
-def unpublished(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """Derived events the broker has not acknowledged yet, oldest first, in the
-    contract's recorded shape (see domain.events: the derived catalogue)."""
+def unpublished(
+    con: duckdb.DuckDBPyConnection, until: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Derived events the broker has not acknowledged yet (those before business time
+    `until`, when given), oldest first, in the contract's recorded shape (see
+    domain.events: the derived catalogue)."""
     return [
         {
             "event_id": event_id,
@@ -106,7 +114,9 @@ def unpublished(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             "source": "customer-ledger",
             "data": orjson.loads(data),
         }
-        for event_id, kind, customer_id, occurred_at, data in con.execute(UNPUBLISHED).fetchall()
+        for event_id, kind, customer_id, occurred_at, data in con.execute(
+            UNPUBLISHED, {"until": until}
+        ).fetchall()
     ]
 
 

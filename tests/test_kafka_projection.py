@@ -18,13 +18,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import orjson
 import pytest
-from conftest import COMPARED, accept, differences, embedded, fact_count, tables
+from conftest import COMPARED, accept, differences, embedded, event, fact_count, tables
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
@@ -435,6 +436,58 @@ def test_derived_events_are_published_once_and_remembered(
         headers = dict(letter.headers)
         assert headers["ce_id"].decode() == orjson.loads(letter.value)["event_id"]
         assert letter.key == headers["ce_subject"]
+
+
+def overlapping_complaints(customers: int) -> list[dict[str, Any]]:
+    """One complaint per customer, filed an hour after the previous customer's, answered
+    after 8 h and resolved after 80 h: both clocks stopped before their warnings (normal
+    priority: at 9 h and 90 h). In a partition, other records lie between a filing and
+    its answers."""
+    start = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
+    events = []
+    for n in range(customers):
+        customer, complaint, filed = f"IL{n:03d}", f"K{n:03d}", start + timedelta(hours=n)
+        for type_, hours, data in [
+            ("CustomerRegistered", 0, {"name": f"Customer {n}"}),
+            ("ComplaintFiled", 0.1, {"complaint_id": complaint, "channel": "email",
+                                     "category": "billing", "priority": "normal"}),
+            ("ComplaintAcknowledged", 8, {"complaint_id": complaint}),
+            ("ComplaintResolved", 80, {"complaint_id": complaint, "resolution": "refunded"}),
+        ]:  # fmt: skip
+            at = (filed + timedelta(hours=hours)).isoformat()
+            events.append(event(type_, customer, at, data))
+    return sorted(events, key=lambda e: e["occurred_at"])
+
+
+def test_derived_events_do_not_depend_on_how_partitions_interleave(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Partitions are read at their own pace: one decoder drains one partition's fetched
+    records before the next's, so the projections' clock runs ahead of the partitions read
+    later. A transition goes out only once every partition with records still to read has
+    passed its time: complaints resolved in time are never announced as late, and what
+    goes out is exactly what the projections finally derive, each once."""
+    accept(ledger, overlapping_complaints(60))
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    assert len(records_per_partition(kafka_settings)) == kafka_settings.partitions
+    path = settings.projections_path
+
+    report = kafka_projection.consume(
+        path, kafka_settings, group_name(), max_records=20, decoders=1
+    )
+
+    assert report.batches > 10
+    published = [
+        orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)
+    ]
+    ids = [p["event_id"] for p in published]
+    assert len(ids) == len(set(ids)) == report.derived, "published once"
+    late = [
+        (p["type"], p["data"]["complaint_id"]) for p in published if p["type"].startswith("Sla")
+    ]
+    assert late == [], "every complaint was answered and resolved in time"
+    derived = event_ids(path, "derived_events")
+    assert set(ids) == derived == event_ids(path, "derived_published")
 
 
 # --- (h) following the topic as a group member -------------------------------------------------
