@@ -490,6 +490,20 @@ def test_derived_events_do_not_depend_on_how_partitions_interleave(
     assert set(ids) == derived == event_ids(path, "derived_published")
 
 
+def test_derived_events_wait_for_the_partitions_behind() -> None:
+    """`publish_until`: the earliest business time among the partitions behind; one not
+    read from yet holds everything back; one read to its end holds nothing back."""
+    a, b, c = (TopicPartition("t", n) for n in range(3))
+    noon, evening = datetime(2025, 3, 3, 12, tzinfo=UTC), datetime(2025, 3, 3, 20, tzinfo=UTC)
+    latest = {a: evening, b: noon}
+    until = kafka_projection.publish_until
+
+    assert until(latest, []) is None
+    assert until(latest, [a]) == evening
+    assert until(latest, [a, b]) == noon  # c, caught up, does not count
+    assert until(latest, [a, c]) == kafka_projection.NOTHING_YET
+
+
 # --- (h) following the topic as a group member -------------------------------------------------
 
 
