@@ -212,6 +212,19 @@ class _ProjectorThread:
             while self._busy and self._failure is None:
                 self._changed.wait()
 
+    def publish_all(self) -> int:
+        """Send every derived event not sent yet (for when no partition is behind) and wait
+        for the broker; returns how many were marked published."""
+        publisher = self._publisher
+        if publisher is None:
+            return 0
+
+        def publish(writer: ProjectionWriter) -> int:
+            projector = writer.projector()
+            return publisher.publish(projector, None) + publisher.settle(projector)
+
+        return self.call(publish)
+
     def submit(self, function: Callable[[ProjectionWriter], T]) -> Future[T]:
         """Run `function` on this thread (DuckDB connections stay on one thread) before the
         next batch; its result, or its exception, comes in the future returned."""
@@ -615,6 +628,9 @@ def _project(
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
     latest: dict[TopicPartition, datetime] = {}  # business time handed over, per partition
+    # Derived events may wait unpublished: held back while partitions were behind, or left
+    # by an earlier run that ended between a commit and the broker's acknowledgement.
+    withheld = True
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
 
@@ -639,6 +655,9 @@ def _project(
         report.dead_letters = feed.dead_letters
         if not found:
             projector.nothing_more_to_come()
+            if withheld and projector.idle() and not feed.behind(handed):
+                report.derived += projector.publish_all()
+                withheld = False
             if release_when_idle and projector.idle():
                 projector.call(ProjectionWriter.release)
             continue
@@ -646,10 +665,12 @@ def _project(
             handed.update({stream(tp): o for tp, o in decoded.offsets.items()})
             keep_latest(latest, decoded.latest)
             behind = feed.behind(handed)
-            projector.hand_over(
-                decoded, more_to_come=bool(behind), publish_until=publish_until(latest, behind)
-            )
+            until = publish_until(latest, behind)
+            withheld = withheld or until is not None
+            projector.hand_over(decoded, more_to_come=bool(behind), publish_until=until)
     report_applied(projector.drain())
+    if withheld and not feed.behind(handed):
+        report.derived += projector.publish_all()
 
 
 def publish_until(

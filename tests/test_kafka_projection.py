@@ -490,6 +490,27 @@ def test_derived_events_do_not_depend_on_how_partitions_interleave(
     assert set(ids) == derived == event_ids(path, "derived_published")
 
 
+def test_derived_events_left_unacknowledged_go_out_with_nothing_new_to_read(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A consumer that ended between committing a batch and the broker's acknowledgement
+    of its derived events (here: their marks removed) sends them on its next run, even
+    with no new record to read."""
+    accept(ledger, overlapping_complaints(12))
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    path, group = settings.projections_path, group_name()
+    first = kafka_projection.consume(path, kafka_settings, group)
+    assert first.derived > 0
+    con = connect(path)
+    con.execute("DELETE FROM derived_published")
+    con.close()
+
+    again = kafka_projection.consume(path, kafka_settings, group)
+
+    assert (again.events, again.derived) == (0, first.derived)
+    assert event_ids(path, "derived_published") == event_ids(path, "derived_events")
+
+
 def test_derived_events_wait_for_the_partitions_behind() -> None:
     """`publish_until`: the earliest business time among the partitions behind; one not
     read from yet holds everything back; one read to its end holds nothing back."""
