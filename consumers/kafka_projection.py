@@ -673,6 +673,10 @@ def _project(
         report.derived += projector.publish_all()
 
 
+NOTHING_YET = datetime.min.replace(tzinfo=UTC)
+"""The business time of a partition nothing was read from yet: it holds everything back."""
+
+
 def publish_until(
     latest: Mapping[TopicPartition, datetime], behind: Collection[TopicPartition]
 ) -> datetime | None:
@@ -691,10 +695,6 @@ def publish_until(
     if not behind:
         return None
     return min(latest.get(tp, NOTHING_YET) for tp in behind)
-
-
-NOTHING_YET = datetime.min.replace(tzinfo=UTC)
-"""The business time of a partition nothing was read from yet: it holds everything back."""
 
 
 def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:

@@ -66,6 +66,21 @@ class Result:
         return json.loads(self.out)
 
 
+def ledger_command(
+    args: tuple[str, ...], data_dir: Path | None, env: dict[str, str] | None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and its environment: without the runner's ledger settings or
+    forced colours, wide and plain, plus `env`."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith("LEDGER_") and k != "FORCE_COLOR"
+    }
+    environment.update(COLUMNS="200", NO_COLOR="1", **(env or {}))
+    command = [str(LEDGER)]
+    if data_dir is not None:
+        command += ["--data-dir", str(data_dir)]
+    return [*command, *args], environment
+
+
 def run(
     *args: str,
     data_dir: Path | None = None,
@@ -73,16 +88,9 @@ def run(
     env: dict[str, str] | None = None,
     stdin: bytes | None = None,
 ) -> Result:
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith("LEDGER_") and k != "FORCE_COLOR"
-    }
-    environment.update(COLUMNS="200", NO_COLOR="1")
-    environment.update(env or {})
-    command = [str(LEDGER)]
-    if data_dir is not None:
-        command += ["--data-dir", str(data_dir)]
+    command, environment = ledger_command(args, data_dir, env)
     completed = subprocess.run(
-        [*command, *args],
+        command,
         cwd=cwd,
         env=environment,
         input=stdin or b"",
@@ -103,10 +111,9 @@ def run_on_a_terminal(
     """`run` with stderr on a pseudo-terminal, where the progress bars are drawn; `err` is
     what the terminal received."""
     main, terminal = pty.openpty()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
-    environment.update(COLUMNS="120", NO_COLOR="1", TERM="xterm", **env)
+    command, environment = ledger_command(args, data_dir, {"TERM": "xterm", **env})
     process = subprocess.Popen(
-        [str(LEDGER), "--data-dir", str(data_dir), *args],
+        command,
         cwd=cwd,
         env=environment,
         stdin=subprocess.PIPE,
