@@ -489,7 +489,10 @@ def consume(
     follow: Annotated[bool, typer.Option(help="Keep consuming until Ctrl-C.")] = False,
     group: Annotated[
         str | None,
-        typer.Option(help="The consumer group (default LEDGER_KAFKA_GROUP or ledger-projections)."),
+        typer.Option(
+            help="The consumer group (default LEDGER_KAFKA_GROUP or ledger-projections). "
+            "Only that default group publishes the derived events."
+        ),
     ] = None,
 ) -> None:
     """Project the events topic into DuckDB as a member of a consumer group."""
@@ -507,9 +510,14 @@ def consume(
         _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     except KeyboardInterrupt:
         return
+    derived = (
+        f"{report.derived:,} derived events published"
+        if report.publishing
+        else f"derived events are published by group {settings.group} only"
+    )
     out.print(
         f"projected {report.events:,} events in {report.batches:,} batches; "
-        f"{report.dead_letters:,} dead letters; {report.derived:,} derived events published"
+        f"{report.dead_letters:,} dead letters; {derived}"
     )
 
 

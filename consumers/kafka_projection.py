@@ -91,6 +91,7 @@ class ConsumeReport:
     # the ends at its start, and those committed so far
     to_read: int | None = None
     records: int = 0
+    publishing: bool = True  # whether this group publishes the derived events
 
 
 BatchCallback = Callable[[BatchResult, ConsumeReport], None]
@@ -317,7 +318,10 @@ class _ProjectorThread:
             published = self._publisher.publish(projector, publish_until)
             with self._changed:
                 idle_next = self._waiting is None
-            if idle_next:  # nothing else to do meanwhile
+            # Settled when there is nothing else to do meanwhile, and before the file is
+            # released: whoever opens it next (another member of the group) would send
+            # again what was sent and not marked yet.
+            if idle_next or self._projections.release_due():
                 published += self._publisher.settle(projector)
         self._projections.after_batch()
         return _Applied(decoded.offsets, result, len(batch), published)
@@ -547,11 +551,13 @@ def consume(
     (default: `decoder_count`) read every partition directly (no group join, so no
     waiting for members that died without leaving) from the stored offsets up to the high
     watermarks at the start, then it stops. A batch holds at most about `max_records`
-    records.
+    records. The derived events are published by `settings.group` alone
+    (`publishes_derived`).
     """
     group = group or settings.group
     source = source_name(group)
-    publisher = _DerivedPublisher(settings)
+    report = ConsumeReport(publishing=publishes_derived(settings, group))
+    publisher = _DerivedPublisher(settings) if report.publishing else None
     decoders = None if follow else decoders or decoder_count(settings)
     poll_records = min(max_records, POLL_RECORDS)
     writer = (
@@ -564,7 +570,6 @@ def consume(
         )
     )
     projector = _ProjectorThread(writer, source, max_waiting=max_records, publisher=publisher)
-    report = ConsumeReport()
     feed: _Feed | None = None
     projector.start()
     try:
@@ -597,10 +602,18 @@ def consume(
         )
     finally:
         projector.stop()
-        publisher.close()
+        if publisher is not None:
+            publisher.close()
         if feed is not None:
             feed.close()
     return report
+
+
+def publishes_derived(settings: KafkaSettings, group: str) -> bool:
+    """Only the ledger's own group (`settings.group`) publishes the derived events: another
+    group projects into a file of its own (an analyst's copy, a trial), and publishing
+    from there would alert downstream systems again for every transition."""
+    return group == settings.group
 
 
 def _projector_threads(decoders: int) -> int:

@@ -60,8 +60,12 @@ class ProjectionWriter:
             self._opened_at = time.monotonic()
         return self._projector
 
+    def release_due(self) -> bool:
+        """Whether `after_batch` will release the file: held longer than `hold_seconds`."""
+        return self._con is not None and time.monotonic() - self._opened_at > self.hold_seconds
+
     def after_batch(self) -> None:
-        if time.monotonic() - self._opened_at > self.hold_seconds:
+        if self.release_due():
             self.release()
 
     def release(self) -> None:

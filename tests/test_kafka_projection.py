@@ -31,9 +31,11 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.kafka import KafkaSettings
+from consumers.kafka_decoding import Decoded
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.schema import connect
+from projections.writer import ProjectionWriter
 
 pytestmark = pytest.mark.kafka
 
@@ -59,10 +61,6 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
     while not condition():
         assert time.monotonic() < deadline, f"{what} in {seconds:.0f} s"
         time.sleep(0.1)
-
-
-def group_name() -> str:
-    return f"test-group-{uuid.uuid4().hex[:10]}"
 
 
 def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
@@ -141,7 +139,7 @@ def test_kafka_projection_equals_the_embedded_path(
     assert (state.position, state.published) == (ledger.head(), facts)
 
     path = settings.projections_path
-    report = kafka_projection.consume(path, kafka_settings, group_name())
+    report = kafka_projection.consume(path, kafka_settings)
 
     assert (report.events, report.dead_letters) == (facts, 0)
     through_kafka = tables(path)
@@ -168,7 +166,7 @@ def test_relay_duplicates_are_ignored(
     assert sum(records_per_partition(kafka_settings).values()) == 2 * facts
 
     path = settings.projections_path
-    report = kafka_projection.consume(path, kafka_settings, group_name())
+    report = kafka_projection.consume(path, kafka_settings)
 
     assert report.events == 2 * facts  # every record decoded ...
     through_kafka = tables(path)
@@ -244,7 +242,7 @@ def test_poison_records_go_to_the_dead_letter_topic(
         < records_per_partition(kafka_settings)[poisoned_partition.pop()] - 1
     ), "valid events should follow the poison in its partition"
 
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
     report = kafka_projection.consume(path, kafka_settings, group)
 
@@ -296,7 +294,7 @@ def test_rebuild_from_kafka_equals_consume_and_swaps_the_file(
     accept(ledger, generate_history(customers=40))
     facts = fact_count(ledger)
     relay.run(ledger, kafka_settings, tmp_path / "relay.json")
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
     kafka_projection.consume(path, kafka_settings, group)
     consumed = tables(path, (*COMPARED, "projection_checkpoints"))
@@ -331,7 +329,7 @@ def test_restarted_consumer_continues_from_its_stored_offsets(
 ) -> None:
     history = generate_history(customers=40)
     cut = len(history) * 3 // 5
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
 
     with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
@@ -365,7 +363,7 @@ def test_partition_lag_follows_the_topic(
 ) -> None:
     history = generate_history(customers=40)
     cut = len(history) // 2
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
 
     with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
@@ -413,7 +411,7 @@ def test_derived_events_are_published_once_and_remembered(
 ) -> None:
     history = generate_history(customers=40)
     cut = len(history) // 2
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
 
     with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
@@ -436,6 +434,29 @@ def test_derived_events_are_published_once_and_remembered(
         headers = dict(letter.headers)
         assert headers["ce_id"].decode() == orjson.loads(letter.value)["event_id"]
         assert letter.key == headers["ce_subject"]
+
+
+def test_another_group_projects_but_only_the_ledgers_group_publishes(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A second group (an analyst's copy of the projections, in a file of its own) derives
+    the same events but does not publish them: downstream systems hear of each transition
+    once, whichever group runs first."""
+    accept(ledger, generate_history(customers=40))
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    copy = tmp_path / "copy.duckdb"
+
+    other = kafka_projection.consume(copy, kafka_settings, "analysts-copy")
+    assert (other.publishing, other.derived) == (False, 0)
+    assert read_topic(kafka_settings, kafka_settings.derived_topic) == []
+    own = kafka_projection.consume(settings.projections_path, kafka_settings)
+    assert own.publishing and own.derived > 0
+
+    letters = read_topic(kafka_settings, kafka_settings.derived_topic)
+    ids = [orjson.loads(letter.value)["event_id"] for letter in letters]
+    assert len(ids) == len(set(ids)) == own.derived
+    assert event_ids(copy, "derived_events") == set(ids), "the copy derives the same events"
+    assert event_ids(copy, "derived_published") == set()
 
 
 def overlapping_complaints(customers: int) -> list[dict[str, Any]]:
@@ -472,9 +493,7 @@ def test_derived_events_do_not_depend_on_how_partitions_interleave(
     assert len(records_per_partition(kafka_settings)) == kafka_settings.partitions
     path = settings.projections_path
 
-    report = kafka_projection.consume(
-        path, kafka_settings, group_name(), max_records=20, decoders=1
-    )
+    report = kafka_projection.consume(path, kafka_settings, max_records=20, decoders=1)
 
     assert report.batches > 10
     published = [
@@ -498,7 +517,7 @@ def test_derived_events_left_unacknowledged_go_out_with_nothing_new_to_read(
     with no new record to read."""
     accept(ledger, overlapping_complaints(12))
     relay.run(ledger, kafka_settings, tmp_path / "relay.json")
-    path, group = settings.projections_path, group_name()
+    path, group = settings.projections_path, kafka_settings.group
     first = kafka_projection.consume(path, kafka_settings, group)
     assert first.derived > 0
     con = connect(path)
@@ -509,6 +528,41 @@ def test_derived_events_left_unacknowledged_go_out_with_nothing_new_to_read(
 
     assert (again.events, again.derived) == (0, first.derived)
     assert event_ids(path, "derived_published") == event_ids(path, "derived_events")
+
+
+def test_a_member_settles_its_derived_events_before_leaving_the_file_to_others(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """Members of a group take turns on one file. One that releases it (held long enough)
+    with another batch waiting first waits for the broker to acknowledge the derived
+    events it sent, and marks them: whoever opens the file next would send them again."""
+    accept(ledger, generate_history(customers=40))
+    _, documents = ledger.documents_after(0, 100_000)
+    half = len(documents) // 2
+    tp = TopicPartition(kafka_settings.topic, 0)
+    publisher = kafka_projection._DerivedPublisher(kafka_settings)
+    writer = ProjectionWriter(settings.projections_path, hold_seconds=0)  # due after a batch
+    projector = kafka_projection._ProjectorThread(
+        writer, "kafka:test", max_waiting=1, publisher=publisher
+    )
+
+    def next_holder_sees(writer: ProjectionWriter) -> tuple[set[str], set[str]]:
+        rows = writer.projector().con.execute("SELECT event_id::VARCHAR FROM derived_published")
+        marked = {row[0] for row in rows.fetchall()}
+        sent = read_topic(kafka_settings, kafka_settings.derived_topic)
+        return marked, {orjson.loads(record.value)["event_id"] for record in sent}
+
+    projector.start()
+    try:
+        for part, end in [(documents[:half], half), (documents[half:], len(documents))]:
+            # the second waits until the first is taken, then behind it
+            decoded = Decoded(facts={tp: part}, offsets={tp: end}, records=len(part))
+            projector.hand_over(decoded, more_to_come=True, publish_until=None)
+        marked, sent = projector.call(next_holder_sees)  # calls go before the next batch
+    finally:
+        projector.stop()
+        publisher.close()
+    assert sent and marked == sent
 
 
 def test_derived_events_wait_for_the_partitions_behind() -> None:
@@ -533,7 +587,7 @@ def test_following_member_projects_what_arrives_and_stops_cleanly(
 ) -> None:
     history = generate_history(customers=40)
     cut = len(history) // 3
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
     stop = threading.Event()
     reports: list[kafka_projection.ConsumeReport] = []
@@ -596,9 +650,9 @@ def announce(self, partitions):
 listener.on_partitions_assigned = announce
 
 path, bootstrap, topic, group = sys.argv[1:5]
-settings = KafkaSettings(bootstrap=bootstrap, topic=topic)
+settings = KafkaSettings(bootstrap=bootstrap, topic=topic, group=group)
 try:
-    kafka_projection.consume(Path(path), settings, group, follow=True, max_records=500)
+    kafka_projection.consume(Path(path), settings, follow=True, max_records=500)
 except KeyboardInterrupt:
     pass
 """
@@ -642,7 +696,7 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     each member projects its share, and together they project every event once."""
     history = generate_history(customers=150)
     cuts = [0, len(history) // 3, 2 * len(history) // 3, len(history)]
-    group = group_name()
+    group = kafka_settings.group
     path = settings.projections_path
     members: list[Member] = []
 
@@ -679,3 +733,9 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     through_kafka = tables(path)
     assert len(through_kafka["events"]) == facts
     assert differences(through_kafka, embedded(ledger, tmp_path)) == {}
+    # a member does not leave the file to the other with derived events in flight, which
+    # the other would send again
+    letters = read_topic(kafka_settings, kafka_settings.derived_topic)
+    ids = [orjson.loads(letter.value)["event_id"] for letter in letters]
+    assert ids and len(ids) == len(set(ids)), "each derived event is published once"
+    assert event_ids(path, "derived_published") <= set(ids)
