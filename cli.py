@@ -404,9 +404,9 @@ def schema(
         bool, typer.Option("--ingest", help="The shape producers send (without ledger fields).")
     ] = False,
 ) -> None:
-    """Print the JSON Schema of every event type: by default the recorded shape that
-    subscribers receive (with event_id, schema_version, recorded_at), and the derived
-    events."""
+    """Print the JSON Schema of every event type and of the derived events.
+
+    By default the recorded shape subscribers receive; --ingest: the shape producers send."""
     shapes = EVENT_MODELS if ingest_format else RECORDED_MODELS
     models = {m.__name__: m for m in (*shapes, *DERIVED_MODELS)}
     if event_type is not None and event_type not in models:
