@@ -20,6 +20,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Collection, Mapping
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -260,24 +261,31 @@ class Decoders:
         return sum(self._letters.values())
 
     def read(self, timeout_ms: int) -> list[Decoded]:
-        """What the decoders sent, waiting up to `timeout_ms` for something."""
+        """What the decoders sent, waiting up to `timeout_ms` for something. A decoder that
+        reports its share read is no reason to return early: nothing found means nothing
+        more for now, and what waits for the projector would go as a batch of its own."""
         found: list[Decoded] = []
-        for connection in wait(self._open, timeout_ms / 1000):
-            assert isinstance(connection, Connection)
-            number = self._connections.index(connection)
-            try:
-                message = connection.recv()
-            except (EOFError, ConnectionResetError):
-                raise self._ended(number) from None
-            if message is None:  # its share is read
-                self._open.remove(connection)
-            elif isinstance(message, BaseException):
-                raise DecoderFailed(
-                    f"decoder process {number} failed: {type(message).__name__}: {message}"
-                ) from message
-            else:
-                decoded, self._letters[number] = message
-                found.append(decoded)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not found and self._open:
+            ready = wait(self._open, max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for connection in ready:
+                assert isinstance(connection, Connection)
+                number = self._connections.index(connection)
+                try:
+                    message = connection.recv()
+                except (EOFError, ConnectionResetError):
+                    raise self._ended(number) from None
+                if message is None:  # its share is read
+                    self._open.remove(connection)
+                elif isinstance(message, BaseException):
+                    raise DecoderFailed(
+                        f"decoder process {number} failed: {type(message).__name__}: {message}"
+                    ) from message
+                else:
+                    decoded, self._letters[number] = message
+                    found.append(decoded)
         return found
 
     def _ended(self, number: int) -> DecoderFailed:

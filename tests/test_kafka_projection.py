@@ -30,8 +30,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
-from consumers.kafka import KafkaSettings
-from consumers.kafka_decoding import Decoded
+from consumers.kafka import KafkaSettings, high_watermarks
+from consumers.kafka_decoding import Decoded, Decoders
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.schema import connect
@@ -392,6 +392,26 @@ def test_partition_lag_follows_the_topic(
         assert lag.lag == grown[lag.partition] - counts[lag.partition]
     assert any(lag.lag and lag.lag > 0 for lag in lags)
     assert sum(lag.lag or 0 for lag in lags) == fact_count(ledger) - sum(counts.values())
+
+
+def test_decoders_read_on_when_one_has_finished_its_share(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A decoder reporting its share read is no reason for `read` to come back empty:
+    that means nothing more for now, and what waits would go to the projector as a batch
+    of its own."""
+    accept(ledger, generate_history(customers=40))
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    ends = high_watermarks(kafka_settings, kafka_settings.topic)
+    first, second, third = sorted(ends)
+    decoders = Decoders(kafka_settings, 2, 1000)
+    try:  # shared round robin: the first decoder gets the first and third, here empty
+        decoders.assign({first: (None, 0), second: (None, ends[second]), third: (None, 0)})
+        found = decoders.read(timeout_ms=60_000)
+    finally:
+        decoders.close()
+    assert ends[second] > 0
+    assert found and found[0].offsets[second] > 0
 
 
 # --- (g) derived events are published once ---------------------------------------------------
