@@ -515,7 +515,7 @@ def test_derived_events_do_not_depend_on_how_partitions_interleave(
 
     report = kafka_projection.consume(path, kafka_settings, max_records=20, decoders=1)
 
-    assert report.batches > 10
+    assert report.batches > 5  # 240 records, at most 20 a poll: many batches, whatever the merges
     published = [
         orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)
     ]
