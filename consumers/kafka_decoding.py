@@ -350,6 +350,10 @@ def _decode_ranges(settings: KafkaSettings, poll_records: int, connection: Conne
             connection.send((decoded, dead_letters.count))
         connection.send(None)
     finally:
+        # Closing cancels what the clients have in flight (a metadata refresh, say), which
+        # kafka-python logs as an error: noise on the user's terminal, nothing to act on
+        # (dead letters were flushed after each poll).
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
         dead_letters.close()
         reader.close()
 
