@@ -434,13 +434,22 @@ class StageChange(_Data):
     trigger_event_id: str
 
 
-class LoyaltyStageChanged(BaseModel):
+class _Derived(BaseModel):
+    """What every derived event carries: a conclusion of the ledger's, not a recorded fact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: UUID = Field(description="stable: a hash of the transition, the same on rebuild")
+    schema_version: Literal[1]
+    customer_id: Id
+    occurred_at: AwareDatetime = Field(description="business time of the transition")
+    source: Literal["customer-ledger"]
+
+
+class LoyaltyStageChanged(_Derived):
     """A customer entered a stage of the ladder; `occurred_at` is when (business time)."""
 
     type: Literal["LoyaltyStageChanged"]
-    event_id: str
-    customer_id: Id
-    occurred_at: AwareDatetime
     data: StageChange
 
 
@@ -453,23 +462,17 @@ class SlaClock(_Data):
     warning_at: AwareDatetime
 
 
-class SlaWarning(BaseModel):
+class SlaWarning(_Derived):
     """75 % of a complaint's target elapsed with the clock running (at `warning_at`)."""
 
     type: Literal["SlaWarning"]
-    event_id: str
-    customer_id: Id
-    occurred_at: AwareDatetime
     data: SlaClock
 
 
-class SlaBreached(BaseModel):
+class SlaBreached(_Derived):
     """A complaint's target was missed (at `due_at`)."""
 
     type: Literal["SlaBreached"]
-    event_id: str
-    customer_id: Id
-    occurred_at: AwareDatetime
     data: SlaClock
 
 

@@ -22,6 +22,9 @@ from domain.events import INCOMING
 from domain.ledger import Ledger, Outcome
 from projections.schema import connect
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""The repository: tests run its code in child processes from here."""
+
 PG_DSN = os.environ.get("LEDGER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 EventFactory = Callable[..., dict[str, Any]]

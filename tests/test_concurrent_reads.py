@@ -15,11 +15,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import PROJECT_ROOT
 
 from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def ledger(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
@@ -27,7 +26,9 @@ def ledger(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> lis
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def write_files(tmp_path: Path, parts: int) -> tuple[list[Path], int]:
@@ -56,7 +57,7 @@ def query_while_following(
     the projections to reach `expected` events, querying all along."""
     data_dir = tmp_path / "data"
     following = subprocess.Popen(
-        follower, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        follower, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         seen: list[int] = []

@@ -34,14 +34,13 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import PG_DSN
+from conftest import PG_DSN, PROJECT_ROOT
 
 from bootstrap import Settings, open_ledger
 from consumers import store_follower
 from domain.demo_history import generate_history
 from domain.ledger import Fact
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("FAULT_SEED", "20250301"))
 Json = dict[str, Any]
 
@@ -82,7 +81,7 @@ def run_ledger(
 ) -> Finished:
     done = subprocess.run(
         command(data_dir, *args),
-        cwd=ROOT,
+        cwd=PROJECT_ROOT,
         env=env or environment(),
         capture_output=True,
         timeout=600,
@@ -106,7 +105,7 @@ class Processes:
         with out.open("wb") as stdout, err.open("wb") as stderr:
             process = subprocess.Popen(
                 command(data_dir, *args),
-                cwd=ROOT,
+                cwd=PROJECT_ROOT,
                 env=env or environment(),
                 stdout=stdout,
                 stderr=stderr,

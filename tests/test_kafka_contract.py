@@ -1,24 +1,30 @@
-"""The topic's wire contract, read by a different client library (confluent-kafka, i.e.
+"""The topics' wire contract, read by a different client library (confluent-kafka, i.e.
 librdkafka) with none of this project's decoding code: every record carries the documented
 CloudEvents 1.0 binary-mode headers, its key is the customer id, its value is the recorded
-event as JSON, and each customer's events sit in one partition in store order.
+event as JSON, and each customer's events sit in one partition in store order. The derived
+events follow the same conventions, valid against the schemas `ledger schema` prints.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
 
+import jsonschema
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message
-from conftest import record
+from conftest import PROJECT_ROOT, record
 
-from consumers import relay
+from bootstrap import Settings
+from consumers import kafka_projection, relay
 from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
@@ -134,3 +140,61 @@ def test_topic_follows_the_cloudevents_contract(
         assert [event_id for *_, event_id in records] == store_order[customer]
     assert set(in_topic) == set(store_order)
     assert len({p for ps in partitions_of.values() for p in ps}) > 1, "keys should spread"
+
+
+def test_derived_topic_follows_the_same_contract(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Stage changes, SLA warnings and breaches reach downstream systems in the events'
+    envelope: values valid against their schemas in `ledger schema`, headers naming them,
+    the customer as key, and each customer's derived events in one partition, in
+    business-time order."""
+    outcomes = record(ledger, generate_history(customers=40))
+    assert all(o.status == "accepted" for o in outcomes)
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    report = kafka_projection.consume(settings.projections_path, kafka_settings)
+    printed = subprocess.run(
+        [sys.executable, "-m", "cli", "schema"],
+        cwd=PROJECT_ROOT, capture_output=True, check=True, text=True,
+    )  # fmt: skip
+    schemas = json.loads(printed.stdout)["derived"]
+    assert set(schemas) == {"LoyaltyStageChanged", "SlaWarning", "SlaBreached"}
+
+    messages = read_everything(
+        kafka_settings.bootstrap, kafka_settings.derived_topic, report.derived
+    )
+
+    seen: set[str] = set()
+    partitions_of: dict[str, set[int]] = defaultdict(set)
+    in_topic: dict[str, list[tuple[int, int, datetime]]] = defaultdict(list)
+    for message in messages:
+        pairs = cast(list[tuple[str, bytes]], message.headers() or [])
+        headers = dict(pairs)
+        assert len(headers) == len(pairs), "a header is repeated"
+        value = json.loads(message.value() or b"")
+        key = (message.key() or b"").decode()
+
+        jsonschema.validate(value, schemas[value["type"]])
+        assert set(value) == set(schemas[value["type"]]["properties"]), "undocumented fields"
+        assert value["event_id"] not in seen, f"{value['event_id']} published twice"
+        seen.add(value["event_id"])
+        assert headers["ce_specversion"] == b"1.0"
+        assert headers["ce_id"].decode() == value["event_id"]
+        assert headers["ce_type"].decode() == "customer_ledger." + value["type"]
+        assert headers["ce_subject"].decode() == key == value["customer_id"]
+        assert headers["ce_time"].decode() == value["occurred_at"]
+        assert headers["content-type"] == b"application/json"
+        assert headers["ce_source"].decode().startswith("urn:customer-ledger:")
+        assert headers["ce_dataschema"]
+        assert "ce_ledgerposition" not in headers, "derived events have no store position"
+
+        partition, offset = message.partition(), message.offset()
+        assert partition is not None and offset is not None
+        partitions_of[key].add(partition)
+        in_topic[key].append((partition, offset, datetime.fromisoformat(value["occurred_at"])))
+
+    assert {t for t in (json.loads(m.value() or b"")["type"] for m in messages)} == set(schemas)
+    for customer, records in in_topic.items():
+        assert len(partitions_of[customer]) == 1, (customer, partitions_of[customer])
+        times = [at for *_, at in sorted(records)]  # in the topic's order
+        assert times == sorted(times), f"{customer}'s derived events are not in time order"

@@ -32,7 +32,7 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import accept, differences, embedded, fact_count, tables
+from conftest import PROJECT_ROOT, accept, differences, embedded, fact_count, tables
 from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
@@ -45,7 +45,6 @@ from projections.schema import connect
 
 pytestmark = pytest.mark.kafka
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # --- helpers ---------------------------------------------------------------------------------
 
 

@@ -25,7 +25,16 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import COMPARED, accept, differences, embedded, event, fact_count, tables
+from conftest import (
+    COMPARED,
+    PROJECT_ROOT,
+    accept,
+    differences,
+    embedded,
+    event,
+    fact_count,
+    tables,
+)
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
@@ -39,7 +48,6 @@ from projections.writer import ProjectionWriter
 
 pytestmark = pytest.mark.kafka
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # --- helpers ---------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import accept, event
+from conftest import PROJECT_ROOT, accept, event
 
 from bootstrap import Settings
 from consumers.store_follower import catch_up, rebuild
@@ -28,7 +28,6 @@ from domain.policy import LadderPolicy
 from projections.projector import Projector
 from projections.schema import ProjectionsOutdated, connect, stored_clock
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TABLES = {
     "events",
     "customer_profiles",
