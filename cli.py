@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -38,12 +39,13 @@ from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
 from consumers.kafka_decoding import DecoderFailed
+from consumers.status import PipelineStatus, pipeline_status
 from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
 from projections.projector import BatchResult
-from projections.schema import ProjectionsUnavailable, connect, stored_clock
+from projections.schema import ProjectionsUnavailable, connect
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
@@ -549,48 +551,44 @@ def status(
     group: Annotated[
         str | None, typer.Option(help="The consumer group to report (default LEDGER_KAFKA_GROUP).")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object, for monitoring (lag, waiting alerts).")
+    ] = False,
 ) -> None:
     """Store head, projection positions and clock, relay position, lag per partition."""
-    settings = State.settings
-    group = group or (settings.kafka.group if settings.kafka else "ledger-projections")
-    ledger = _ledger()
+    found = pipeline_status(State.settings, _ledger(), group)
+    if as_json:
+        _print_json_lines([_status_document(found)])
+    else:
+        _print_status(found)
+    if found.broker_error is not None:
+        _fail(found.broker_error)
+
+
+def _print_status(found: PipelineStatus) -> None:
     table = Table("what", "where", "position", title="customer-ledger", title_justify="left")
-    table.add_row("event store head", settings.event_store_label, f"{ledger.head():,}")
-    stored: dict[str, int] = {}
-    if settings.projections_path.exists():
-        con = connect(settings.projections_path, read_only=True)
-        try:
-            checkpoints = con.execute(
-                "SELECT source, stream, position FROM projection_checkpoints ORDER BY ALL"
-            ).fetchall()
-            clock = stored_clock(con)
-        finally:
-            con.close()
-        for source, stream, position in checkpoints:
-            if source == kafka_projection.source_name(group):
-                stored[stream] = position
-            elif not source.startswith("kafka:"):
-                table.add_row("projections", source, f"{position:,}")
-        table.add_row("projection as-of clock", "", str(clock))
-    if settings.kafka is not None:
-        relay_state = relay_tools.RelayState.load(settings.relay_state_path)
-        table.add_row("relay (acknowledged)", settings.kafka.topic, f"{relay_state.position:,}")
+    table.add_row("event store head", found.event_store, f"{found.store_head:,}")
+    for source, position in found.projections.items():
+        table.add_row("projections", source, f"{position:,}")
+    if found.clock is not None:
+        table.add_row("projection as-of clock", "", str(found.clock))
+    if found.relay_topic is not None:
+        table.add_row("relay (acknowledged)", found.relay_topic, f"{found.relay_position:,}")
+    if found.derived is not None:
+        published = f"{found.derived.published:,} of {found.derived.derived:,}"
+        table.add_row("derived events acknowledged", found.derived.topic, published)
     out.print(table)
-    if settings.kafka is None:
+    if found.relay_topic is None or found.broker_error is not None:
         return
-    try:
-        lags = kafka_projection.partition_lag(settings.kafka, stored)
-    except KafkaError as error:
-        _fail(f"cannot reach the broker at {settings.kafka.bootstrap}: {error}")
     lag_table = Table(
         "partition",
         "projected offset",
         "high watermark",
         "lag",
-        title=f"group {group} on {settings.kafka.topic}",
+        title=f"group {found.group} on {found.relay_topic}",
         title_justify="left",
     )
-    for lag in lags:
+    for lag in found.partitions:
         lag_table.add_row(
             str(lag.partition),
             f"{lag.projected or 0:,}",
@@ -598,6 +596,15 @@ def status(
             "?" if lag.lag is None else f"{lag.lag:,}",
         )
     out.print(lag_table)
+
+
+def _status_document(found: PipelineStatus) -> dict[str, Any]:
+    document = asdict(found)
+    if found.derived is not None:
+        document["derived"]["waiting"] = found.derived.waiting
+    for partition, lag in zip(document["partitions"], found.partitions, strict=True):
+        partition["lag"] = lag.lag
+    return document
 
 
 @app.command("dev-broker")

@@ -119,15 +119,21 @@ def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
 
 
 def high_watermarks(
-    settings: KafkaSettings, topic: str, wait_seconds: float = 10.0
+    settings: KafkaSettings,
+    topic: str,
+    wait_seconds: float = 10.0,
+    *,
+    bootstrap_seconds: float | None = None,
 ) -> dict[TopicPartition, int]:
-    """Each partition's high watermark, as fetch responses report it.
+    """Each partition's high watermark, as fetch responses report it. `bootstrap_seconds`
+    shortens kafka-python's wait for an unreachable broker (30 s) where someone waits.
 
     Not `end_offsets()`: some Kafka-protocol brokers (Tansu among them) answer ListOffsets
     with the base offset of the last record batch, short of the true end. A fetch from
     that offset returns the real high watermark.
     """
-    probe: KafkaConsumer = consumer(settings, group_id=None)
+    waits = {} if bootstrap_seconds is None else {"bootstrap_timeout_ms": bootstrap_seconds * 1000}
+    probe: KafkaConsumer = consumer(settings, group_id=None, **waits)
     try:
         partitions = [
             TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())

@@ -790,10 +790,13 @@ class PartitionLag:
         return self.highwater - (self.projected or 0)
 
 
-def partition_lag(settings: KafkaSettings, stored: dict[str, int]) -> list[PartitionLag]:
+def partition_lag(
+    settings: KafkaSettings, stored: dict[str, int], *, bootstrap_seconds: float | None = None
+) -> list[PartitionLag]:
     """Lag per partition of the events topic: fetched high watermark minus the offset
     the projections stored."""
+    ends = high_watermarks(settings, settings.topic, bootstrap_seconds=bootstrap_seconds)
     return [
         PartitionLag(tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), highwater)
-        for tp, highwater in high_watermarks(settings, settings.topic).items()
+        for tp, highwater in ends.items()
     ]

@@ -30,7 +30,7 @@ import orjson
 import pyarrow as pa
 
 from domain.events import SCHEMA_VERSION
-from projections.schema import run
+from projections.schema import one, run
 
 DELETE_IN_SCOPE = """
 DELETE FROM derived_events
@@ -126,3 +126,16 @@ def mark_published(con: duckdb.DuckDBPyConnection, event_ids: list[str]) -> None
         run(con, "INSERT OR IGNORE INTO derived_published SELECT event_id::UUID FROM acknowledged")
     finally:
         con.unregister("acknowledged")
+
+
+def publication(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """(derived, published): how many derived events the projections hold, and how many of
+    them the broker acknowledged."""
+    row = one(
+        con,
+        """
+        SELECT count(*), count(p.event_id)
+        FROM derived_events AS d LEFT JOIN derived_published AS p USING (event_id)
+        """,
+    )
+    return (int(row[0]), int(row[1])) if row else (0, 0)

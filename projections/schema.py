@@ -365,6 +365,17 @@ def stored_clock(con: duckdb.DuckDBPyConnection) -> datetime | None:
     return row[0] if row else None
 
 
+def stored_checkpoints(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, int]]:
+    """Where each source stands in a projections file: (source, stream, next position)."""
+    try:
+        rows = con.execute(
+            "SELECT source, stream, position FROM projection_checkpoints ORDER BY ALL"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return []
+    return [(source, stream, int(position)) for source, stream, position in rows]
+
+
 def create_schema(
     con: duckdb.DuckDBPyConnection,
     sla: SlaPolicy | None = None,

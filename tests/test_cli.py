@@ -596,6 +596,16 @@ def test_demo_is_deterministic_and_rebuild_changes_nothing(tmp_path: Path) -> No
     assert '""resolution_status"":""breached""' in after.out
 
 
+def kafka_env(settings: KafkaSettings) -> dict[str, str]:
+    """The environment naming the test's broker, topics and group."""
+    return {
+        "LEDGER_KAFKA_BOOTSTRAP": settings.bootstrap,
+        "LEDGER_KAFKA_TOPIC": settings.topic,
+        "LEDGER_KAFKA_PARTITIONS": str(settings.partitions),
+        "LEDGER_KAFKA_GROUP": settings.group,
+    }
+
+
 def test_long_work_shows_progress_on_a_terminal(
     tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:
@@ -603,11 +613,7 @@ def test_long_work_shows_progress_on_a_terminal(
     the total is not known yet (a file read from stdin, a projection or catch-up about to
     start); elsewhere they draw nothing (the other tests)."""
     data = tmp_path / "d"
-    kafka = {
-        "LEDGER_KAFKA_BOOTSTRAP": kafka_settings.bootstrap,
-        "LEDGER_KAFKA_TOPIC": kafka_settings.topic,
-        "LEDGER_KAFKA_PARTITIONS": str(kafka_settings.partitions),
-    }
+    kafka = kafka_env(kafka_settings)
     events = generate_history(customers=20)
     piped = b"".join(orjson.dumps(e) + b"\n" for e in events)
 
@@ -628,6 +634,47 @@ def test_long_work_shows_progress_on_a_terminal(
                    data_dir=data, cwd=tmp_path)  # fmt: skip
     assert consumed.code == 0, consumed
     assert consumed.json() == [{"n": len(events)}]
+
+
+def test_status_tells_where_each_stage_stands(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """`ledger status`: the store's head, the relay, the group's lag per partition and the
+    derived events acknowledged; `--json` says the same for monitoring. An unreachable
+    broker still leaves the rest, then exits 3 saying why."""
+    data, kafka = tmp_path / "d", kafka_env(kafka_settings)
+    events = generate_history(customers=20)
+    cut = len(events) // 2
+    (tmp_path / "first.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events[:cut]))
+    (tmp_path / "rest.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events[cut:]))
+    for command in [("ingest", "first.jsonl"), ("relay",), ("consume",),
+                    ("ingest", "rest.jsonl"), ("relay",)]:  # fmt: skip
+        done = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
+        assert done.code == 0, (command, done)
+
+    shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
+    assert shown.code == 0, shown
+    found = shown.json()
+    assert found["relay_position"] == found["store_head"] > len(events)
+    partitions = found["partitions"]
+    assert len(partitions) == kafka_settings.partitions
+    assert sum(p["lag"] for p in partitions) == len(events) - cut, "the rest is not consumed"
+    assert all(p["lag"] == p["highwater"] - (p["projected"] or 0) for p in partitions)
+    derived = found["derived"]
+    assert derived["published"] == derived["derived"] > 0 and derived["waiting"] == 0
+    assert found["group"] == kafka_settings.group and found["broker_error"] is None
+
+    table = run("status", data_dir=data, cwd=tmp_path, env=kafka)
+    assert table.code == 0, table
+    shown_text = " ".join(table.out.split())  # rich wraps a title wider than its table
+    assert f"group {kafka_settings.group} on {kafka_settings.topic}" in shown_text
+    assert f"{derived['published']:,} of {derived['derived']:,}" in shown_text
+
+    down = {**kafka, "LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    unreachable = run("status", data_dir=data, cwd=tmp_path, env=down)
+    assert unreachable.code == 3
+    assert "event store head" in unreachable.out and "relay (acknowledged)" in unreachable.out
+    assert "cannot reach the broker at 127.0.0.1:1" in unreachable.message
 
 
 # --- the command line as a whole -----------------------------------------------------------

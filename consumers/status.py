@@ -1,0 +1,84 @@
+"""Where each stage of the pipeline stands: the event store's head, the projections'
+positions and as-of clock, the relay's acknowledged position, the consumer group's lag per
+partition (from fetched high watermarks) and the derived events the broker acknowledged.
+`ledger status` prints it as tables, or as JSON for monitoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from kafka.errors import KafkaError
+
+from bootstrap import Settings
+from consumers import kafka_projection
+from consumers.kafka_projection import PartitionLag
+from consumers.relay import RelayState
+from domain.ledger import Ledger
+from projections import derived
+from projections.schema import connect, stored_checkpoints, stored_clock
+
+
+@dataclass(frozen=True)
+class DerivedPublication:
+    topic: str
+    derived: int  # in the projections file
+    published: int  # of those, acknowledged by the broker
+
+    @property
+    def waiting(self) -> int:
+        return self.derived - self.published
+
+
+@dataclass
+class PipelineStatus:
+    event_store: str
+    store_head: int
+    # positions of the sources fed from the event store (the embedded path)
+    projections: dict[str, int] = field(default_factory=dict)
+    clock: datetime | None = None
+    relay_topic: str | None = None
+    relay_position: int | None = None
+    derived: DerivedPublication | None = None
+    group: str | None = None
+    partitions: list[PartitionLag] = field(default_factory=list)
+    broker_error: str | None = None  # why the lag is unknown
+
+
+#: How long `ledger status` waits for an unreachable broker before saying so.
+BROKER_WAIT_SECONDS = 5.0
+
+
+def pipeline_status(settings: Settings, ledger: Ledger, group: str | None = None) -> PipelineStatus:
+    """Read every stage's position; with a broker configured, the lag of `group` (default:
+    the configured group). An unreachable broker leaves the lag out, with the reason: the
+    rest still tells where ingest and the relay stand."""
+    status = PipelineStatus(settings.event_store_label, ledger.head())
+    kafka = settings.kafka
+    stored: dict[str, int] = {}
+    if kafka is not None:
+        status.group = group or kafka.group
+    if settings.projections_path.exists():
+        con = connect(settings.projections_path, read_only=True)
+        try:
+            for source, stream, position in stored_checkpoints(con):
+                if source == kafka_projection.source_name(status.group or ""):
+                    stored[stream] = position
+                elif not source.startswith("kafka:"):
+                    status.projections[source] = position
+            status.clock = stored_clock(con)
+            if kafka is not None:
+                status.derived = DerivedPublication(kafka.derived_topic, *derived.publication(con))
+        finally:
+            con.close()
+    if kafka is not None:
+        status.relay_topic = kafka.topic
+        status.relay_position = RelayState.load(settings.relay_state_path).position
+        try:
+            status.partitions = kafka_projection.partition_lag(
+                kafka, stored, bootstrap_seconds=BROKER_WAIT_SECONDS
+            )
+        except KafkaError as error:
+            status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
+    return status
