@@ -350,10 +350,6 @@ def _decode_ranges(settings: KafkaSettings, poll_records: int, connection: Conne
             connection.send((decoded, dead_letters.count))
         connection.send(None)
     finally:
-        # Closing cancels what the clients have in flight (a metadata refresh, say), which
-        # kafka-python logs as an error: noise on the user's terminal, nothing to act on
-        # (dead letters were flushed after each poll).
-        logging.getLogger("kafka").setLevel(logging.CRITICAL)
         dead_letters.close()
         reader.close()
 
@@ -379,6 +375,10 @@ def main(fd: int) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # kafka-python logs each retry (a broker not reachable yet) and, on closing, what it
+    # cancels: noise on the user's terminal from every decoder. What comes of it reaches
+    # the parent as an exception, which reports it once.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     # What is sent back must pickle under the module's importable name, not __main__.
     from consumers import kafka_decoding
 
