@@ -704,11 +704,17 @@ def main() -> None:
         DecoderFailed,
     ) as error:
         err.print(
-            f"[red]error:[/red] {_what_failed(error)}: {type(error).__name__}: {error}\n"
+            f"[red]error:[/red] {_what_failed(error)}: {_named(error)}\n"
             "Everything recorded before this point is stored whole; fix the cause and run "
             "the same command again (re-ingesting a file adds nothing twice)."
         )
         sys.exit(EXIT_UNAVAILABLE)
+
+
+def _named(error: BaseException) -> str:
+    """The error with its class name once (kafka-python's errors already start with it)."""
+    text, name = str(error), type(error).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 def _what_failed(error: BaseException) -> str:

@@ -24,7 +24,9 @@ from typing import Any
 
 import orjson
 import pytest
+from kafka.errors import KafkaTimeoutError
 
+import cli
 from bootstrap import Settings, open_ledger
 from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
@@ -675,6 +677,12 @@ def test_status_tells_where_each_stage_stands(
     assert unreachable.code == 3
     assert "event store head" in unreachable.out and "relay (acknowledged)" in unreachable.out
     assert "cannot reach the broker at 127.0.0.1:1" in unreachable.message
+
+
+def test_errors_are_named_once() -> None:
+    """kafka-python's errors already start with their class name; others get it."""
+    assert cli._named(KafkaTimeoutError("no broker")) == "KafkaTimeoutError: no broker"
+    assert cli._named(OSError("disk full")) == "OSError: disk full"
 
 
 # --- the command line as a whole -----------------------------------------------------------
