@@ -25,6 +25,10 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 
+SAY_UNREACHABLE_AFTER_SECONDS = 5.0
+"""How long a command someone watches (`status`, the relay's retries) waits for an
+unreachable broker before saying so; kafka-python's own bootstrap wait is 30 s."""
+
 _SECURITY_OPTIONS = {
     "LEDGER_KAFKA_SECURITY_PROTOCOL": "security_protocol",
     "LEDGER_KAFKA_SASL_MECHANISM": "sasl_mechanism",

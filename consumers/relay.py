@@ -26,7 +26,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, high_watermarks, producer
+from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS, KafkaSettings, high_watermarks, producer
 from domain.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,9 @@ def run(
     checked_at: float | None = None  # a broker can restart empty between two batches
     while not should_stop():
         try:
-            if kafka_producer is None:
-                kafka_producer = producer(settings)
+            if kafka_producer is None:  # a broker that is down is reported, then retried
+                wait_ms = int(SAY_UNREACHABLE_AFTER_SECONDS * 1000)
+                kafka_producer = producer(settings, bootstrap_timeout_ms=wait_ms)
             if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
                 check_topic(settings, state)
                 checked_at = time.monotonic()
@@ -130,7 +131,10 @@ def run(
             if on_batch:
                 on_batch(state, ledger.head())
         except KafkaError as error:
-            log.warning("broker unavailable (%s); retrying in %.1fs", error, backoff)
+            log.warning(
+                "broker unavailable (%s); retrying in %.1fs from store position %s",
+                error, backoff, f"{state.position:,}",
+            )  # fmt: skip
             if kafka_producer is not None:
                 kafka_producer.close(timeout=1)
                 kafka_producer = None

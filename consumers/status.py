@@ -13,6 +13,7 @@ from kafka.errors import KafkaError
 
 from bootstrap import Settings
 from consumers import kafka_projection
+from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS
 from consumers.kafka_projection import PartitionLag
 from consumers.relay import RelayState
 from domain.ledger import Ledger
@@ -46,10 +47,6 @@ class PipelineStatus:
     broker_error: str | None = None  # why the lag is unknown
 
 
-#: How long `ledger status` waits for an unreachable broker before saying so.
-BROKER_WAIT_SECONDS = 5.0
-
-
 def pipeline_status(settings: Settings, ledger: Ledger, group: str | None = None) -> PipelineStatus:
     """Read every stage's position; with a broker configured, the lag of `group` (default:
     the configured group). An unreachable broker leaves the lag out, with the reason: the
@@ -77,7 +74,7 @@ def pipeline_status(settings: Settings, ledger: Ledger, group: str | None = None
         status.relay_position = RelayState.load(settings.relay_state_path).position
         try:
             status.partitions = kafka_projection.partition_lag(
-                kafka, stored, bootstrap_seconds=BROKER_WAIT_SECONDS
+                kafka, stored, bootstrap_seconds=SAY_UNREACHABLE_AFTER_SECONDS
             )
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"

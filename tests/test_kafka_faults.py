@@ -12,6 +12,7 @@ Real brokers, real subprocesses (`python -m cli`), no mocks.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -37,7 +38,13 @@ from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
-from consumers.kafka import DevBroker, KafkaSettings, ensure_topics, free_port
+from consumers.kafka import (
+    SAY_UNREACHABLE_AFTER_SECONDS,
+    DevBroker,
+    KafkaSettings,
+    ensure_topics,
+    free_port,
+)
 from consumers.kafka_decoding import DecoderFailed
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
@@ -192,6 +199,30 @@ def test_broker_restarted_empty_is_detected_then_republished(
         if thread.is_alive():
             thread.join(timeout=30)
         broker.stop()
+
+
+def test_the_relay_says_soon_that_the_broker_is_unreachable_and_keeps_trying(
+    ledger: Ledger, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone watching `ledger relay --follow` learns within seconds that the broker is
+    down (kafka-python alone waits 30 s before its first error), and where it resumes."""
+    accept(ledger, generate_history(customers=5))
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", topic="never-reached")
+    started = time.monotonic()
+    reported: list[float] = []
+
+    def reported_twice() -> bool:
+        messages = [r.getMessage() for r in caplog.records if r.name == "consumers.relay"]
+        reported.extend(time.monotonic() - started for _ in messages[len(reported) :])
+        return len(messages) >= 2
+
+    with caplog.at_level(logging.WARNING, logger="consumers.relay"):
+        state = relay.run(ledger, kafka, tmp_path / "relay.json", follow=True,
+                          max_backoff_seconds=0.1, should_stop=reported_twice)  # fmt: skip
+    assert state.position == 0
+    first = next(r.getMessage() for r in caplog.records if r.name == "consumers.relay")
+    assert "broker unavailable" in first and "from store position 0" in first, first
+    assert reported[0] < 3 * SAY_UNREACHABLE_AFTER_SECONDS, reported
 
 
 # --- a one-shot consume right after group members were killed ---------------------------
