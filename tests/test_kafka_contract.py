@@ -80,6 +80,25 @@ def read_everything(bootstrap: str, topic: str, expected: int) -> list[Message]:
     return messages
 
 
+def envelope(message: Message) -> tuple[str, dict[str, Any], dict[str, bytes]]:
+    """A record's key, JSON value and headers, checked against the envelope every topic
+    shares: CloudEvents 1.0 binary-mode headers naming the event, the customer as key."""
+    pairs = cast(list[tuple[str, bytes]], message.headers() or [])
+    headers = dict(pairs)
+    assert len(headers) == len(pairs), "a header is repeated"
+    value = json.loads(message.value() or b"")
+    key = (message.key() or b"").decode()
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_id"].decode() == value["event_id"]
+    assert headers["ce_type"].decode() == "customer_ledger." + value["type"]
+    assert headers["ce_subject"].decode() == key == value["customer_id"]
+    assert headers["ce_time"].decode() == value["occurred_at"]
+    assert headers["content-type"] == b"application/json"
+    assert headers["ce_source"].decode().startswith("urn:customer-ledger:")
+    assert headers["ce_dataschema"]
+    return key, value, headers
+
+
 def test_topic_follows_the_cloudevents_contract(
     ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
@@ -99,12 +118,7 @@ def test_topic_follows_the_cloudevents_contract(
     partitions_of: dict[str, set[int]] = defaultdict(set)
     in_topic: dict[str, list[tuple[int, int, int, str]]] = defaultdict(list)
     for message in messages:
-        pairs = cast(list[tuple[str, bytes]], message.headers() or [])
-        headers = dict(pairs)
-        assert len(headers) == len(pairs), "a header is repeated"
-        value = json.loads(message.value() or b"")
-        key = (message.key() or b"").decode()
-
+        key, value, headers = envelope(message)
         assert set(value) >= RECORDED_FIELDS, sorted(RECORDED_FIELDS - set(value))
         assert isinstance(value["data"], dict)
         event_id = value["event_id"]
@@ -113,15 +127,6 @@ def test_topic_follows_the_cloudevents_contract(
         seen.add(event_id)
         position, fact = stored[event_id]
         assert value == fact
-
-        assert headers["ce_specversion"] == b"1.0"
-        assert headers["ce_id"].decode() == event_id
-        assert headers["ce_type"].decode() == "customer_ledger." + value["type"]
-        assert headers["ce_subject"].decode() == key == value["customer_id"]
-        assert headers["ce_time"].decode() == value["occurred_at"]
-        assert headers["content-type"] == b"application/json"
-        assert headers["ce_source"].decode().startswith("urn:customer-ledger:")
-        assert headers["ce_dataschema"]
         ledger_position = headers["ce_ledgerposition"].decode()
         assert ledger_position.isdigit(), ledger_position
         assert int(ledger_position) == position
@@ -168,24 +173,11 @@ def test_derived_topic_follows_the_same_contract(
     partitions_of: dict[str, set[int]] = defaultdict(set)
     in_topic: dict[str, list[tuple[int, int, datetime]]] = defaultdict(list)
     for message in messages:
-        pairs = cast(list[tuple[str, bytes]], message.headers() or [])
-        headers = dict(pairs)
-        assert len(headers) == len(pairs), "a header is repeated"
-        value = json.loads(message.value() or b"")
-        key = (message.key() or b"").decode()
-
+        key, value, headers = envelope(message)
         jsonschema.validate(value, schemas[value["type"]])
         assert set(value) == set(schemas[value["type"]]["properties"]), "undocumented fields"
         assert value["event_id"] not in seen, f"{value['event_id']} published twice"
         seen.add(value["event_id"])
-        assert headers["ce_specversion"] == b"1.0"
-        assert headers["ce_id"].decode() == value["event_id"]
-        assert headers["ce_type"].decode() == "customer_ledger." + value["type"]
-        assert headers["ce_subject"].decode() == key == value["customer_id"]
-        assert headers["ce_time"].decode() == value["occurred_at"]
-        assert headers["content-type"] == b"application/json"
-        assert headers["ce_source"].decode().startswith("urn:customer-ledger:")
-        assert headers["ce_dataschema"]
         assert "ce_ledgerposition" not in headers, "derived events have no store position"
 
         partition, offset = message.partition(), message.offset()
