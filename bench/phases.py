@@ -243,6 +243,8 @@ def rebuild(p: Params) -> Result:
 def _kafka_settings(p: Params) -> Any:
     from consumers.kafka import KafkaSettings
 
+    if "group" in p:  # the ledger's own group: it publishes the derived events, as in production
+        return KafkaSettings(bootstrap=p["bootstrap"], topic=p["topic"], group=p["group"])
     return KafkaSettings(bootstrap=p["bootstrap"], topic=p["topic"])
 
 
