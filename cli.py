@@ -556,7 +556,15 @@ def status(
     ] = False,
 ) -> None:
     """Store head, projection positions and clock, relay position, lag per partition."""
-    found = pipeline_status(State.settings, _ledger(), group)
+    settings = State.settings
+    found = pipeline_status(
+        _ledger(),
+        event_store=settings.event_store_label,
+        projections_path=settings.projections_path,
+        relay_state_path=settings.relay_state_path,
+        kafka=settings.kafka,
+        group=group,
+    )
     if as_json:
         _print_json_lines([_status_document(found)])
     else:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from kafka.errors import KafkaError
 
-from bootstrap import Settings
 from consumers import kafka_projection
-from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS
+from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS, KafkaSettings
 from consumers.kafka_projection import PartitionLag
 from consumers.relay import RelayState
 from domain.ledger import Ledger
@@ -47,17 +47,24 @@ class PipelineStatus:
     broker_error: str | None = None  # why the lag is unknown
 
 
-def pipeline_status(settings: Settings, ledger: Ledger, group: str | None = None) -> PipelineStatus:
+def pipeline_status(
+    ledger: Ledger,
+    *,
+    event_store: str,
+    projections_path: Path,
+    relay_state_path: Path,
+    kafka: KafkaSettings | None,
+    group: str | None = None,
+) -> PipelineStatus:
     """Read every stage's position; with a broker configured, the lag of `group` (default:
     the configured group). An unreachable broker leaves the lag out, with the reason: the
     rest still tells where ingest and the relay stand."""
-    status = PipelineStatus(settings.event_store_label, ledger.head())
-    kafka = settings.kafka
+    status = PipelineStatus(event_store, ledger.head())
     stored: dict[str, int] = {}
     if kafka is not None:
         status.group = group or kafka.group
-    if settings.projections_path.exists():
-        con = connect(settings.projections_path, read_only=True)
+    if projections_path.exists():
+        con = connect(projections_path, read_only=True)
         try:
             for source, stream, position in stored_checkpoints(con):
                 if source == kafka_projection.source_name(status.group or ""):
@@ -71,7 +78,7 @@ def pipeline_status(settings: Settings, ledger: Ledger, group: str | None = None
             con.close()
     if kafka is not None:
         status.relay_topic = kafka.topic
-        status.relay_position = RelayState.load(settings.relay_state_path).position
+        status.relay_position = RelayState.load(relay_state_path).position
         try:
             status.partitions = kafka_projection.partition_lag(
                 kafka, stored, bootstrap_seconds=SAY_UNREACHABLE_AFTER_SECONDS
