@@ -38,7 +38,7 @@ from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings
-from consumers.kafka_decoding import DecoderFailed
+from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
 from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
 from domain.intake import Rejected, exact_json, parse_record
@@ -529,7 +529,7 @@ def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Show the dead letters with the topic, partition, offset and error of each."""
-    letters = kafka_projection.list_dead_letters(_kafka(), limit)
+    letters = list_dead_letters(_kafka(), limit)
     if as_json:
         _print_json_lines(letters)
         return

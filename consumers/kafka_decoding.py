@@ -33,7 +33,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, consumer, producer
+from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,33 @@ class DeadLetters:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close()
+
+
+def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:
+    """The dead-letter topic's records, oldest first, with their provenance headers."""
+    reader: KafkaConsumer = consumer(settings, group_id=None, consumer_timeout_ms=2000)
+    try:
+        ends = high_watermarks(settings, settings.dlq_topic)
+        tps = list(ends)
+        reader.assign(tps)
+        reader.seek_to_beginning(*tps)
+        found: list[dict[str, Any]] = []
+        while any(reader.position(tp) < ends[tp] for tp in tps) and len(found) < limit:
+            for tp, records in reader.poll(timeout_ms=1000).items():
+                for record in records:
+                    headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
+                    found.append(
+                        {
+                            "dlq_partition": tp.partition,
+                            "dlq_offset": record.offset,
+                            **{h.removeprefix("dlq_"): headers.get(h) for h in DLQ_HEADERS},
+                            "key": (record.key or b"").decode(errors="replace"),
+                            "value": (record.value or b"")[:500].decode(errors="replace"),
+                        }
+                    )
+        return found[:limit]
+    finally:
+        reader.close()
 
 
 def seek(

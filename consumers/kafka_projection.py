@@ -20,7 +20,8 @@ afterwards, for lag tooling only. Repeats from the relay are ignored by event id
 mirror skips known ids). Records that cannot be decoded go to the dead-letter topic with
 headers naming where they came from and why (acknowledged before they are handed to the
 projector thread, so no stored offset passes an unacknowledged dead letter), and the
-consumer moves on.
+consumer moves on. The derived events each batch reveals go out through
+`consumers.derived_publishing`.
 """
 
 from __future__ import annotations
@@ -30,21 +31,19 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import orjson
-from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from consumers import cloudevents
-from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer
+from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
+from consumers.kafka import KafkaSettings, consumer, high_watermarks
 from consumers.kafka_decoding import (
-    DLQ_HEADERS,
     POLL_RECORDS,
     DeadLetters,
     Decoded,
@@ -56,8 +55,7 @@ from consumers.kafka_decoding import (
     stream,
     unread,
 )
-from projections import derived
-from projections.projector import BatchResult, Projector
+from projections.projector import BatchResult
 from projections.rebuild import rebuilding
 from projections.writer import ProjectionWriter
 
@@ -129,7 +127,7 @@ class _ProjectorThread:
         *,
         max_waiting: int,
         max_wait_seconds: float = BATCH_WAIT_SECONDS,
-        publisher: _DerivedPublisher | None = None,
+        publisher: DerivedPublisher | None = None,
     ) -> None:
         self._projections = projections
         self._source = source
@@ -352,124 +350,6 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.handed.update({stream(tp): stored.get(stream(tp), 0) for tp in assigned})
 
 
-class _DerivedPublisher:
-    """Publishes the derived events each batch reveals, on a thread of its own, so that the
-    projector thread goes on with the next batch while they are sent.
-
-    Called by the projector thread (which owns the file) after each batch: it marks as
-    published (`derived_published`) what the broker acknowledged since, and hands the new
-    unpublished events to the sending thread; events sent and not marked yet are not sent
-    again. `settle` waits for every acknowledgement and marks them all. A crash between an
-    acknowledgement and its marking re-sends those events (same event ids) on restart:
-    nothing is skipped.
-    """
-
-    def __init__(self, settings: KafkaSettings) -> None:
-        self.settings = settings
-        self._changed = threading.Condition()
-        self._to_send: deque[list[dict[str, Any]]] = deque()
-        self._sending = False
-        self._acknowledged: list[str] = []
-        self._failure: BaseException | None = None
-        self._closing = False
-        self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
-        self._producer: KafkaProducer | None = None
-        self._thread: threading.Thread | None = None
-
-    # --- on the projector thread
-
-    def publish(self, projector: Projector, until: datetime | None) -> int:
-        """Mark what was acknowledged, send what is new up to business time `until` (None:
-        all); returns how many were marked."""
-        marked = self._mark_acknowledged(projector)
-        pending = [
-            fact
-            for fact in derived.unpublished(projector.con, until)
-            if fact["event_id"] not in self._in_flight
-        ]
-        if pending:
-            self._in_flight.update(fact["event_id"] for fact in pending)
-            with self._changed:
-                self._to_send.append(pending)
-                self._changed.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="derived", daemon=True)
-                self._thread.start()
-        return marked
-
-    def settle(self, projector: Projector) -> int:
-        """Wait until the broker acknowledged everything sent, and mark it published."""
-        with self._changed:
-            while (self._to_send or self._sending) and self._failure is None:
-                self._changed.wait()
-        return self._mark_acknowledged(projector)
-
-    def _mark_acknowledged(self, projector: Projector) -> int:
-        with self._changed:
-            if self._failure is not None:
-                raise self._failure
-            acknowledged, self._acknowledged = self._acknowledged, []
-        if acknowledged:
-            derived.mark_published(projector.con, acknowledged)
-            self._in_flight.difference_update(acknowledged)
-        return len(acknowledged)
-
-    def close(self) -> None:
-        """Stop sending (what was sent and not marked is sent again next time)."""
-        with self._changed:
-            self._closing = True
-            self._changed.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        if self._producer is not None:
-            self._producer.close()
-
-    # --- on the sending thread
-
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                while not (self._to_send or self._closing):
-                    self._changed.wait()
-                if self._closing:
-                    return
-                facts = self._to_send.popleft()
-                self._sending = True
-            try:
-                if self._producer is None:
-                    self._producer = producer(self.settings)
-                sent = _send_derived(self._producer, self.settings, facts)
-            except BaseException as error:  # raised on the projector thread
-                with self._changed:
-                    self._failure = error
-                    self._sending = False
-                    self._changed.notify_all()
-                return
-            with self._changed:
-                self._acknowledged.extend(sent)
-                self._sending = False
-                self._changed.notify_all()
-
-
-def _send_derived(
-    kafka_producer: KafkaProducer, settings: KafkaSettings, facts: list[dict[str, Any]]
-) -> list[str]:
-    """Send derived events (their recorded shape) and wait until the broker acknowledged
-    every one; returns their ids."""
-    futures = []
-    for fact in facts:
-        record = cloudevents.encode(fact, orjson.dumps(fact), None)
-        futures.append(
-            kafka_producer.send(
-                settings.derived_topic, key=record.key, value=record.value, headers=record.headers
-            )
-        )
-    kafka_producer.flush()
-    for future in futures:
-        future.get(timeout=0)
-    return [fact["event_id"] for fact in facts]
-
-
 # --- where decoded records come from ---------------------------------------------------------
 
 
@@ -557,7 +437,7 @@ def consume(
     group = group or settings.group
     source = source_name(group)
     report = ConsumeReport(publishing=publishes_derived(settings, group))
-    publisher = _DerivedPublisher(settings) if report.publishing else None
+    publisher = DerivedPublisher(settings) if report.publishing else None
     decoders = None if follow else decoders or decoder_count(settings)
     poll_records = min(max_records, POLL_RECORDS)
     writer = (
@@ -607,13 +487,6 @@ def consume(
         if feed is not None:
             feed.close()
     return report
-
-
-def publishes_derived(settings: KafkaSettings, group: str) -> bool:
-    """Only the ledger's own group (`settings.group`) publishes the derived events: another
-    group projects into a file of its own (an analyst's copy, a trial), and publishing
-    from there would alert downstream systems again for every transition."""
-    return group == settings.group
 
 
 def _projector_threads(decoders: int) -> int:
@@ -686,57 +559,6 @@ def _project(
         report.derived += projector.publish_all()
 
 
-NOTHING_YET = datetime.min.replace(tzinfo=UTC)
-"""The business time of a partition nothing was read from yet: it holds everything back."""
-
-
-def publish_until(
-    latest: Mapping[TopicPartition, datetime], behind: Collection[TopicPartition]
-) -> datetime | None:
-    """How far in business time derived events may go out (those before it): the point
-    every partition with records still to read has reached (None: nothing is behind).
-
-    Partitions are read at their own pace, so the projections' clock (the latest business
-    time handed over anywhere) runs ahead of a partition read later, and the transitions
-    it reveals there may be taken back by that partition's next records: a complaint
-    looks breached until its resolution, in time, is read. A partition holds the records
-    in the order they were recorded, which for events recorded as they happen is their
-    business-time order; so once every partition behind has reached a time, nothing read
-    later takes back a transition before it (a backfill recorded late still can). A
-    partition read to its end does not hold the others back.
-    """
-    if not behind:
-        return None
-    return min(latest.get(tp, NOTHING_YET) for tp in behind)
-
-
-def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:
-    """The dead-letter topic's records, oldest first, with their provenance headers."""
-    reader: KafkaConsumer = consumer(settings, group_id=None, consumer_timeout_ms=2000)
-    try:
-        ends = high_watermarks(settings, settings.dlq_topic)
-        tps = list(ends)
-        reader.assign(tps)
-        reader.seek_to_beginning(*tps)
-        found: list[dict[str, Any]] = []
-        while any(reader.position(tp) < ends[tp] for tp in tps) and len(found) < limit:
-            for tp, records in reader.poll(timeout_ms=1000).items():
-                for record in records:
-                    headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
-                    found.append(
-                        {
-                            "dlq_partition": tp.partition,
-                            "dlq_offset": record.offset,
-                            **{h.removeprefix("dlq_"): headers.get(h) for h in DLQ_HEADERS},
-                            "key": (record.key or b"").decode(errors="replace"),
-                            "value": (record.value or b"")[:500].decode(errors="replace"),
-                        }
-                    )
-        return found[:limit]
-    finally:
-        reader.close()
-
-
 def rebuild_from_kafka(
     projections_path: Path,
     settings: KafkaSettings,
@@ -775,28 +597,3 @@ def rebuild_from_kafka(
             projector.stop()
             decoders.close()
     return report.events
-
-
-@dataclass(frozen=True)
-class PartitionLag:
-    partition: int
-    projected: int | None  # next offset the projections will read (None: nothing yet)
-    highwater: int | None  # as the broker's last fetch response reported it
-
-    @property
-    def lag(self) -> int | None:
-        if self.highwater is None:
-            return None
-        return self.highwater - (self.projected or 0)
-
-
-def partition_lag(
-    settings: KafkaSettings, stored: dict[str, int], *, bootstrap_seconds: float | None = None
-) -> list[PartitionLag]:
-    """Lag per partition of the events topic: fetched high watermark minus the offset
-    the projections stored."""
-    ends = high_watermarks(settings, settings.topic, bootstrap_seconds=bootstrap_seconds)
-    return [
-        PartitionLag(tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), highwater)
-        for tp, highwater in ends.items()
-    ]

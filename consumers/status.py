@@ -13,12 +13,36 @@ from pathlib import Path
 from kafka.errors import KafkaError
 
 from consumers import kafka_projection
-from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS, KafkaSettings
-from consumers.kafka_projection import PartitionLag
+from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS, KafkaSettings, high_watermarks
 from consumers.relay import RelayState
 from domain.ledger import Ledger
 from projections import derived
 from projections.schema import connect, stored_checkpoints, stored_clock
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    projected: int | None  # next offset the projections will read (None: nothing yet)
+    highwater: int | None  # as the broker's last fetch response reported it
+
+    @property
+    def lag(self) -> int | None:
+        if self.highwater is None:
+            return None
+        return self.highwater - (self.projected or 0)
+
+
+def partition_lag(
+    settings: KafkaSettings, stored: dict[str, int], *, bootstrap_seconds: float | None = None
+) -> list[PartitionLag]:
+    """Lag per partition of the events topic: fetched high watermark minus the offset
+    the projections stored."""
+    ends = high_watermarks(settings, settings.topic, bootstrap_seconds=bootstrap_seconds)
+    return [
+        PartitionLag(tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), highwater)
+        for tp, highwater in ends.items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -80,7 +104,7 @@ def pipeline_status(
         status.relay_topic = kafka.topic
         status.relay_position = RelayState.load(relay_state_path).position
         try:
-            status.partitions = kafka_projection.partition_lag(
+            status.partitions = partition_lag(
                 kafka, stored, bootstrap_seconds=SAY_UNREACHABLE_AFTER_SECONDS
             )
         except KafkaError as error:

@@ -14,7 +14,7 @@ always says what the events imply now, and a rebuild equals it row for
 row. `derived_published` remembers which ids went out; a rebuild carries it over, so it
 does not alert again unless asked. The Kafka consumer publishes a transition only once
 every partition with records still to read has reached its time (`unpublished(until=)`,
-see consumers.kafka_projection.publish_until), so how partitions interleave changes
+see consumers.derived_publishing.publish_until), so how partitions interleave changes
 nothing that goes out. An event recorded late (a backfill) can still reveal a transition
 earlier than ones already published, or retract one: a published id that no longer
 appears in `derived_events`.

@@ -39,8 +39,10 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
+from consumers.derived_publishing import NOTHING_YET, DerivedPublisher, publish_until
 from consumers.kafka import KafkaSettings, high_watermarks
-from consumers.kafka_decoding import Decoded, Decoders
+from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters
+from consumers.status import partition_lag
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.schema import connect
@@ -281,7 +283,7 @@ def test_poison_records_go_to_the_dead_letter_topic(
         assert letter.value == value
     assert seen == set(sent)
 
-    listed = kafka_projection.list_dead_letters(kafka_settings)
+    listed = list_dead_letters(kafka_settings)
     assert len(listed) == len(poison)
     by_origin = {(int(x["original_partition"]), int(x["original_offset"])): x for x in listed}
     assert set(by_origin) == set(sent)
@@ -382,7 +384,7 @@ def test_partition_lag_follows_the_topic(
         assert sum(counts.values()) == fact_count(ledger)
         stored = checkpoints(path, group)
 
-        lags = kafka_projection.partition_lag(kafka_settings, stored)
+        lags = partition_lag(kafka_settings, stored)
         assert [lag.partition for lag in lags] == [0, 1, 2]
         for lag in lags:
             assert lag.highwater == counts[lag.partition], (lag, counts)
@@ -394,7 +396,7 @@ def test_partition_lag_follows_the_topic(
     grown = records_per_partition(kafka_settings)
     assert sum(grown.values()) == fact_count(ledger)
 
-    lags = kafka_projection.partition_lag(kafka_settings, stored)
+    lags = partition_lag(kafka_settings, stored)
     for lag in lags:
         assert lag.highwater == grown[lag.partition], (lag, grown)
         assert lag.lag == grown[lag.partition] - counts[lag.partition]
@@ -568,7 +570,7 @@ def test_a_member_settles_its_derived_events_before_leaving_the_file_to_others(
     _, documents = ledger.documents_after(0, 100_000)
     half = len(documents) // 2
     tp = TopicPartition(kafka_settings.topic, 0)
-    publisher = kafka_projection._DerivedPublisher(kafka_settings)
+    publisher = DerivedPublisher(kafka_settings)
     writer = ProjectionWriter(settings.projections_path, hold_seconds=0)  # due after a batch
     projector = kafka_projection._ProjectorThread(
         writer, "kafka:test", max_waiting=1, publisher=publisher
@@ -599,12 +601,12 @@ def test_derived_events_wait_for_the_partitions_behind() -> None:
     a, b, c = (TopicPartition("t", n) for n in range(3))
     noon, evening = datetime(2025, 3, 3, 12, tzinfo=UTC), datetime(2025, 3, 3, 20, tzinfo=UTC)
     latest = {a: evening, b: noon}
-    until = kafka_projection.publish_until
+    until = publish_until
 
     assert until(latest, []) is None
     assert until(latest, [a]) == evening
     assert until(latest, [a, b]) == noon  # c, caught up, does not count
-    assert until(latest, [a, c]) == kafka_projection.NOTHING_YET
+    assert until(latest, [a, c]) == NOTHING_YET
 
 
 # --- (h) following the topic as a group member -------------------------------------------------

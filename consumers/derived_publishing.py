@@ -1,0 +1,173 @@
+"""Publishing the derived events (stage changes, SLA warnings and breaches) to the derived
+topic: once per transition, in business-time order, by the ledger's own consumer group.
+
+The projector thread decides what may go out (`publish_until`: nothing a partition still
+behind could take back); `DerivedPublisher` sends it on a thread of its own and marks in
+the projections file what the broker acknowledged, so a restart re-sends only what was
+sent and not marked (under the same ids), never skips.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from kafka import KafkaProducer, TopicPartition
+
+from consumers import cloudevents
+from consumers.kafka import KafkaSettings, producer
+from projections import derived
+from projections.projector import Projector
+
+
+def publishes_derived(settings: KafkaSettings, group: str) -> bool:
+    """Only the ledger's own group (`settings.group`) publishes the derived events: another
+    group projects into a file of its own (an analyst's copy, a trial), and publishing
+    from there would alert downstream systems again for every transition."""
+    return group == settings.group
+
+
+NOTHING_YET = datetime.min.replace(tzinfo=UTC)
+"""The business time of a partition nothing was read from yet: it holds everything back."""
+
+
+def publish_until(
+    latest: Mapping[TopicPartition, datetime], behind: Collection[TopicPartition]
+) -> datetime | None:
+    """How far in business time derived events may go out (those before it): the point
+    every partition with records still to read has reached (None: nothing is behind).
+
+    Partitions are read at their own pace, so the projections' clock (the latest business
+    time handed over anywhere) runs ahead of a partition read later, and the transitions
+    it reveals there may be taken back by that partition's next records: a complaint
+    looks breached until its resolution, in time, is read. A partition holds the records
+    in the order they were recorded, which for events recorded as they happen is their
+    business-time order; so once every partition behind has reached a time, nothing read
+    later takes back a transition before it (a backfill recorded late still can). A
+    partition read to its end does not hold the others back.
+    """
+    if not behind:
+        return None
+    return min(latest.get(tp, NOTHING_YET) for tp in behind)
+
+
+class DerivedPublisher:
+    """Publishes the derived events each batch reveals, on a thread of its own, so that the
+    projector thread goes on with the next batch while they are sent.
+
+    Called by the projector thread (which owns the file) after each batch: it marks as
+    published (`derived_published`) what the broker acknowledged since, and hands the new
+    unpublished events to the sending thread; events sent and not marked yet are not sent
+    again. `settle` waits for every acknowledgement and marks them all. A crash between an
+    acknowledgement and its marking re-sends those events (same event ids) on restart:
+    nothing is skipped.
+    """
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._changed = threading.Condition()
+        self._to_send: deque[list[dict[str, Any]]] = deque()
+        self._sending = False
+        self._acknowledged: list[str] = []
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
+        self._producer: KafkaProducer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- on the projector thread
+
+    def publish(self, projector: Projector, until: datetime | None) -> int:
+        """Mark what was acknowledged, send what is new up to business time `until` (None:
+        all); returns how many were marked."""
+        marked = self._mark_acknowledged(projector)
+        pending = [
+            fact
+            for fact in derived.unpublished(projector.con, until)
+            if fact["event_id"] not in self._in_flight
+        ]
+        if pending:
+            self._in_flight.update(fact["event_id"] for fact in pending)
+            with self._changed:
+                self._to_send.append(pending)
+                self._changed.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="derived", daemon=True)
+                self._thread.start()
+        return marked
+
+    def settle(self, projector: Projector) -> int:
+        """Wait until the broker acknowledged everything sent, and mark it published."""
+        with self._changed:
+            while (self._to_send or self._sending) and self._failure is None:
+                self._changed.wait()
+        return self._mark_acknowledged(projector)
+
+    def _mark_acknowledged(self, projector: Projector) -> int:
+        with self._changed:
+            if self._failure is not None:
+                raise self._failure
+            acknowledged, self._acknowledged = self._acknowledged, []
+        if acknowledged:
+            derived.mark_published(projector.con, acknowledged)
+            self._in_flight.difference_update(acknowledged)
+        return len(acknowledged)
+
+    def close(self) -> None:
+        """Stop sending (what was sent and not marked is sent again next time)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self._producer is not None:
+            self._producer.close()
+
+    # --- on the sending thread
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not (self._to_send or self._closing):
+                    self._changed.wait()
+                if self._closing:
+                    return
+                facts = self._to_send.popleft()
+                self._sending = True
+            try:
+                if self._producer is None:
+                    self._producer = producer(self.settings)
+                sent = send_derived(self._producer, self.settings, facts)
+            except BaseException as error:  # raised on the projector thread
+                with self._changed:
+                    self._failure = error
+                    self._sending = False
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._acknowledged.extend(sent)
+                self._sending = False
+                self._changed.notify_all()
+
+
+def send_derived(
+    kafka_producer: KafkaProducer, settings: KafkaSettings, facts: list[dict[str, Any]]
+) -> list[str]:
+    """Send derived events (their recorded shape) and wait until the broker acknowledged
+    every one; returns their ids."""
+    futures = []
+    for fact in facts:
+        record = cloudevents.encode(fact, orjson.dumps(fact), None)
+        futures.append(
+            kafka_producer.send(
+                settings.derived_topic, key=record.key, value=record.value, headers=record.headers
+            )
+        )
+    kafka_producer.flush()
+    for future in futures:
+        future.get(timeout=0)
+    return [fact["event_id"] for fact in facts]
