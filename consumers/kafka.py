@@ -103,6 +103,25 @@ def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**settings.client_options(), **options)
 
 
+class _Consumer(KafkaConsumer):  # type: ignore[misc]
+    """A KafkaConsumer that stops the IO thread it started when its bootstrap fails.
+
+    kafka-python 3.0 starts that thread before bootstrapping and leaves it running when
+    the broker cannot be reached: one more thread per failed attempt, and at exit a
+    process that used DuckDB printed screens of nanobind "leaked instance" warnings after
+    its error message (`ledger status` with the broker down).
+    """
+
+    def __init__(self, *topics: str, **configs: Any) -> None:
+        try:
+            super().__init__(*topics, **configs)
+        except BaseException:
+            client = getattr(self, "_client", None)  # made before the bootstrap
+            if client is not None:
+                client.close()
+            raise
+
+
 def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
     """Manual offsets only (the projections keep them); a short session, because the
     development broker holds group joins for half the session timeout."""
@@ -119,7 +138,7 @@ def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
     }
     options.update(overrides)
-    return KafkaConsumer(**settings.client_options(), **options)
+    return _Consumer(**settings.client_options(), **options)
 
 
 def high_watermarks(

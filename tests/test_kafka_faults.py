@@ -35,6 +35,7 @@ import orjson
 import pytest
 from conftest import PROJECT_ROOT, accept, differences, embedded, fact_count, tables
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
@@ -42,6 +43,7 @@ from consumers.kafka import (
     SAY_UNREACHABLE_AFTER_SECONDS,
     DevBroker,
     KafkaSettings,
+    consumer,
     ensure_topics,
     free_port,
 )
@@ -199,6 +201,20 @@ def test_broker_restarted_empty_is_detected_then_republished(
         if thread.is_alive():
             thread.join(timeout=30)
         broker.stop()
+
+
+def test_a_consumer_that_cannot_reach_the_broker_leaves_no_thread_running() -> None:
+    """kafka-python 3.0 starts a consumer's IO thread before its bootstrap and left it
+    running when the bootstrap failed (see `consumers.kafka._Consumer`)."""
+    before = set(threading.enumerate())
+    with pytest.raises(KafkaTimeoutError):
+        consumer(KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}"), bootstrap_timeout_ms=500)
+    deadline = time.monotonic() + 5
+    while (left := [t.name for t in set(threading.enumerate()) - before if t.is_alive()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert left == []
 
 
 def test_the_relay_says_soon_that_the_broker_is_unreachable_and_keeps_trying(
