@@ -155,7 +155,9 @@ def high_watermarks(
     with the base offset of the last record batch, short of the true end. A fetch from
     that offset returns the real high watermark.
     """
-    waits = {} if bootstrap_seconds is None else {"bootstrap_timeout_ms": bootstrap_seconds * 1000}
+    waits = (
+        {} if bootstrap_seconds is None else {"bootstrap_timeout_ms": int(bootstrap_seconds * 1000)}
+    )
     probe: KafkaConsumer = consumer(settings, group_id=None, **waits)
     try:
         partitions = [

@@ -299,21 +299,28 @@ class Decoders:
                 break
             for connection in ready:
                 assert isinstance(connection, Connection)
-                number = self._connections.index(connection)
-                try:
-                    message = connection.recv()
-                except (EOFError, ConnectionResetError):
-                    raise self._ended(number) from None
-                if message is None:  # its share is read
-                    self._open.remove(connection)
-                elif isinstance(message, BaseException):
-                    raise DecoderFailed(
-                        f"decoder process {number} failed: {type(message).__name__}: {message}"
-                    ) from message
-                else:
-                    decoded, self._letters[number] = message
+                decoded = self._receive(connection)
+                if decoded is not None:
                     found.append(decoded)
         return found
+
+    def _receive(self, connection: Connection) -> Decoded | None:
+        """One message of a decoder: what it decoded, or None when its share is read."""
+        number = self._connections.index(connection)
+        try:
+            message = connection.recv()
+        except (EOFError, ConnectionResetError):
+            raise self._ended(number) from None
+        if message is None:
+            self._open.remove(connection)
+            return None
+        if isinstance(message, BaseException):
+            raise DecoderFailed(
+                f"decoder process {number} failed: {type(message).__name__}: {message}"
+            ) from message
+        decoded: Decoded
+        decoded, self._letters[number] = message
+        return decoded
 
     def _ended(self, number: int) -> DecoderFailed:
         try:

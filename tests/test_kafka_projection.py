@@ -96,6 +96,14 @@ def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
         reader.close()
 
 
+def published_ids(settings: KafkaSettings) -> list[str]:
+    """The ids of the derived events on the derived topic, in the topic's order."""
+    return [
+        orjson.loads(record.value)["event_id"]
+        for record in read_topic(settings, settings.derived_topic)
+    ]
+
+
 def records_per_partition(settings: KafkaSettings) -> Counter[int]:
     return Counter(r.partition for r in read_topic(settings, settings.topic))
 
@@ -482,8 +490,7 @@ def test_another_group_projects_but_only_the_ledgers_group_publishes(
     own = kafka_projection.consume(settings.projections_path, kafka_settings)
     assert own.publishing and own.derived > 0
 
-    letters = read_topic(kafka_settings, kafka_settings.derived_topic)
-    ids = [orjson.loads(letter.value)["event_id"] for letter in letters]
+    ids = published_ids(kafka_settings)
     assert len(ids) == len(set(ids)) == own.derived
     assert event_ids(copy, "derived_events") == set(ids), "the copy derives the same events"
     assert event_ids(copy, "derived_published") == set()
@@ -579,8 +586,7 @@ def test_a_member_settles_its_derived_events_before_leaving_the_file_to_others(
     def next_holder_sees(writer: ProjectionWriter) -> tuple[set[str], set[str]]:
         rows = writer.projector().con.execute("SELECT event_id::VARCHAR FROM derived_published")
         marked = {row[0] for row in rows.fetchall()}
-        sent = read_topic(kafka_settings, kafka_settings.derived_topic)
-        return marked, {orjson.loads(record.value)["event_id"] for record in sent}
+        return marked, set(published_ids(kafka_settings))
 
     projector.start()
     try:
@@ -765,7 +771,6 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     assert differences(through_kafka, embedded(ledger, tmp_path)) == {}
     # a member does not leave the file to the other with derived events in flight, which
     # the other would send again
-    letters = read_topic(kafka_settings, kafka_settings.derived_topic)
-    ids = [orjson.loads(letter.value)["event_id"] for letter in letters]
+    ids = published_ids(kafka_settings)
     assert ids and len(ids) == len(set(ids)), "each derived event is published once"
     assert event_ids(path, "derived_published") <= set(ids)
