@@ -244,6 +244,10 @@ class SizeRun:
         self.best_of("raw_consume", lambda i: {
             "bootstrap": self.bootstrap, "topic": self.topic("events0"), "expected": relayed,
             "timeout": self.timeout})
+        produced = int(self.results["raw_produce"].get("records") or self.size)
+        self.best_of("raw_consume_headerless", lambda i: {
+            "bootstrap": self.bootstrap, "topic": self.topic("raw0"), "expected": produced,
+            "timeout": self.timeout})
         self.best_of("kafka_projection", lambda i: {
             "bootstrap": self.bootstrap, "topic": self.topic("events0"),
             "group": f"bench-{self.run_id}-{self.size}-{i}",
@@ -440,6 +444,8 @@ NOTES = {
     "one flush at the end",
     "raw_consume": "bare KafkaConsumer on the relayed topic, assigned partitions (no group), "
     "the ledger consumer's fetch sizes; timed from the first poll to the last record",
+    "raw_consume_headerless": "the raw_consume loop over raw_produce's topic: the same keys "
+    "and values without the CloudEvents headers, uncompressed",
     "raw_duckdb": "INSERT INTO plain table SELECT * FROM Arrow table (typed, parsed outside "
     "the clock), one commit per batch of the embedded projection's size",
     "kafka_projection": "one-shot consume (decoder processes, no group join); rate: timed from "

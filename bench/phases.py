@@ -461,6 +461,15 @@ def raw_produce(p: Params) -> Result:
     }
 
 
+@phase
+def raw_consume_headerless(p: Params) -> Result:
+    """`raw_consume` over the raw produce topic: the same keys and values as the relayed
+    topic, without its nine CloudEvents headers (and uncompressed). kafka-python parses
+    each header in pure Python, so the gap between the two loops is what the event
+    contract's headers cost every reader of the topic that uses it."""
+    return raw_consume(p)
+
+
 def _crc32c_in_use() -> bool:
     """Whether kafka-python checksums record batches with the C crc32c package."""
     from kafka.record import util
