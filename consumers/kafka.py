@@ -29,6 +29,13 @@ SAY_UNREACHABLE_AFTER_SECONDS = 5.0
 """How long a command someone watches (`status`, the relay's retries) waits for an
 unreachable broker before saying so; kafka-python's own bootstrap wait is 30 s."""
 
+
+def watched() -> dict[str, Any]:
+    """Client options for a command someone watches: give up on an unreachable broker
+    after `SAY_UNREACHABLE_AFTER_SECONDS`."""
+    return {"bootstrap_timeout_ms": int(SAY_UNREACHABLE_AFTER_SECONDS * 1000)}
+
+
 _SECURITY_OPTIONS = {
     "LEDGER_KAFKA_SECURITY_PROTOCOL": "security_protocol",
     "LEDGER_KAFKA_SASL_MECHANISM": "sasl_mechanism",
@@ -145,20 +152,16 @@ def high_watermarks(
     settings: KafkaSettings,
     topic: str,
     wait_seconds: float = 10.0,
-    *,
-    bootstrap_seconds: float | None = None,
+    **overrides: Any,
 ) -> dict[TopicPartition, int]:
-    """Each partition's high watermark, as fetch responses report it. `bootstrap_seconds`
-    shortens kafka-python's wait for an unreachable broker (30 s) where someone waits.
+    """Each partition's high watermark, as fetch responses report it; `overrides` are
+    options of the consumer that asks (e.g. `watched()`).
 
     Not `end_offsets()`: some Kafka-protocol brokers (Tansu among them) answer ListOffsets
     with the base offset of the last record batch, short of the true end. A fetch from
     that offset returns the real high watermark.
     """
-    waits = (
-        {} if bootstrap_seconds is None else {"bootstrap_timeout_ms": int(bootstrap_seconds * 1000)}
-    )
-    probe: KafkaConsumer = consumer(settings, group_id=None, **waits)
+    probe: KafkaConsumer = consumer(settings, group_id=None, **overrides)
     try:
         partitions = [
             TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())

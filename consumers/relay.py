@@ -26,7 +26,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS, KafkaSettings, high_watermarks, producer
+from consumers.kafka import KafkaSettings, high_watermarks, producer, watched
 from domain.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ def run(
     while not should_stop():
         try:
             if kafka_producer is None:  # a broker that is down is reported, then retried
-                wait_ms = int(SAY_UNREACHABLE_AFTER_SECONDS * 1000)
-                kafka_producer = producer(settings, bootstrap_timeout_ms=wait_ms)
+                kafka_producer = producer(settings, **watched())
             if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
                 check_topic(settings, state)
                 checked_at = time.monotonic()

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from kafka.errors import KafkaError
 
 from consumers import kafka_projection
-from consumers.kafka import SAY_UNREACHABLE_AFTER_SECONDS, KafkaSettings, high_watermarks
+from consumers.kafka import KafkaSettings, high_watermarks, watched
 from consumers.relay import RelayState
 from domain.ledger import Ledger
 from projections import derived
@@ -34,11 +35,11 @@ class PartitionLag:
 
 
 def partition_lag(
-    settings: KafkaSettings, stored: dict[str, int], *, bootstrap_seconds: float | None = None
+    settings: KafkaSettings, stored: dict[str, int], **overrides: Any
 ) -> list[PartitionLag]:
     """Lag per partition of the events topic: fetched high watermark minus the offset
-    the projections stored."""
-    ends = high_watermarks(settings, settings.topic, bootstrap_seconds=bootstrap_seconds)
+    the projections stored (`overrides`: options of the consumer that asks)."""
+    ends = high_watermarks(settings, settings.topic, **overrides)
     return [
         PartitionLag(tp.partition, stored.get(f"{tp.topic}:{tp.partition}"), highwater)
         for tp, highwater in ends.items()
@@ -104,9 +105,7 @@ def pipeline_status(
         status.relay_topic = kafka.topic
         status.relay_position = RelayState.load(relay_state_path).position
         try:
-            status.partitions = partition_lag(
-                kafka, stored, bootstrap_seconds=SAY_UNREACHABLE_AFTER_SECONDS
-            )
+            status.partitions = partition_lag(kafka, stored, **watched())
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
     return status
