@@ -37,7 +37,7 @@ from consumers import ingest as ingest_files
 from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
-from consumers.kafka import KafkaSettings
+from consumers.kafka import KafkaSettings, TopicMissing
 from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
 from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
@@ -45,6 +45,7 @@ from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
 from projections.projector import BatchResult
+from projections.rebuild import RebuildBehind
 from projections.schema import ProjectionsUnavailable, connect
 
 EXIT_REJECTED = 1
@@ -460,14 +461,20 @@ def relay(
         bool, typer.Option(help="Publish again from --from (after the topic lost data).")
     ] = False,
     from_position: Annotated[
-        int, typer.Option("--from", min=0, help="With --republish: the store position.")
-    ] = 0,
+        int | None,
+        typer.Option("--from", min=0, help="With --republish: the store position (default 0)."),
+    ] = None,
 ) -> None:
     """Publish every stored event, in order, to the events topic (CloudEvents on Kafka)."""
+    if from_position is not None and not republish:
+        _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
     settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
     try:
         if republish:
-            relay_tools.republish_from(settings, state_path, from_position)
+            try:
+                relay_tools.republish_from(settings, state_path, from_position or 0, ledger.head())
+            except ValueError as error:
+                _fail(str(error), code=2)
         with _progress() as progress:
             task = progress.add_task("publishing", total=ledger.head())
             state = relay_tools.run(
@@ -700,7 +707,7 @@ def main() -> None:
     stays recorded (whole batches only), so the same command can simply be run again."""
     try:
         app()
-    except ProjectionsUnavailable as error:
+    except (ProjectionsUnavailable, TopicMissing, RebuildBehind) as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(EXIT_UNAVAILABLE)
     except (

@@ -30,6 +30,10 @@ SAY_UNREACHABLE_AFTER_SECONDS = 5.0
 unreachable broker before saying so; kafka-python's own bootstrap wait is 30 s."""
 
 
+class TopicMissing(LookupError):
+    """A topic the command reads is not on the broker (`ledger kafka init` creates them)."""
+
+
 def watched() -> dict[str, Any]:
     """Client options for a command someone watches: give up on an unreachable broker
     after `SAY_UNREACHABLE_AFTER_SECONDS`."""
@@ -135,6 +139,8 @@ def consumer(settings: KafkaSettings, **overrides: Any) -> KafkaConsumer:
     options: dict[str, Any] = {
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        # reading a mistyped topic must not create it with the broker's defaults
+        "allow_auto_create_topics": False,
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
         # also the rebalance timeout: how long a join waits for members that died
@@ -155,7 +161,8 @@ def high_watermarks(
     **overrides: Any,
 ) -> dict[TopicPartition, int]:
     """Each partition's high watermark, as fetch responses report it; `overrides` are
-    options of the consumer that asks (e.g. `watched()`).
+    options of the consumer that asks (e.g. `watched()`). Raises `TopicMissing` when the
+    topic is not on the broker.
 
     Not `end_offsets()`: some Kafka-protocol brokers (Tansu among them) answer ListOffsets
     with the base offset of the last record batch, short of the true end. A fetch from
@@ -167,7 +174,7 @@ def high_watermarks(
             TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())
         ]
         if not partitions:
-            return {}
+            raise missing_topic(settings, topic)
         probe.assign(partitions)
         probe.seek_to_end(*partitions)
         deadline = time.monotonic() + wait_seconds
@@ -178,6 +185,13 @@ def high_watermarks(
         return {tp: int(probe.highwater(tp)) for tp in partitions}
     finally:
         probe.close()
+
+
+def missing_topic(settings: KafkaSettings, topic: str) -> TopicMissing:
+    return TopicMissing(
+        f"topic {topic} does not exist on the broker at {settings.bootstrap}: "
+        "create the topics with `ledger kafka init` (check LEDGER_KAFKA_TOPIC)"
+    )
 
 
 def ensure_topics(settings: KafkaSettings) -> list[str]:

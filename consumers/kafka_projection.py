@@ -42,7 +42,7 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
-from consumers.kafka import KafkaSettings, consumer, high_watermarks
+from consumers.kafka import KafkaSettings, consumer, high_watermarks, missing_topic
 from consumers.kafka_decoding import (
     POLL_RECORDS,
     DeadLetters,
@@ -459,6 +459,8 @@ def consume(
         if decoders is None:
             kafka_consumer = consumer(settings, group_id=group, max_poll_records=poll_records)
             feed = _GroupMember(kafka_consumer, DeadLetters(settings))
+            if not kafka_consumer.partitions_for_topic(settings.topic):
+                raise missing_topic(settings, settings.topic)
             handed = dict(stored_soon.result())
             projector.call(ProjectionWriter.release)  # not held through the group join
             listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed)

@@ -26,7 +26,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, high_watermarks, producer, watched
+from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, producer, watched
 from domain.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,16 @@ def topic_size(settings: KafkaSettings) -> int:
 
 
 def check_topic(settings: KafkaSettings, state: RelayState) -> None:
-    size = topic_size(settings)
+    try:
+        size = topic_size(settings)
+    except TopicMissing as missing:
+        if not state.published:
+            raise  # never created: `ledger kafka init`
+        raise TopicDataLost(
+            f"{missing}. The relay has had {state.published:,} records acknowledged (up to "
+            f"store position {state.position:,}): if the broker lost the topic, create it and "
+            "republish with `ledger relay --republish --from 0`"
+        ) from None
     if size < state.published:
         raise TopicDataLost(
             f"topic {settings.topic} holds {size:,} records but the relay has had "
@@ -77,8 +86,14 @@ def check_topic(settings: KafkaSettings, state: RelayState) -> None:
         )
 
 
-def republish_from(settings: KafkaSettings, path: Path, position: int) -> RelayState:
-    """Rewind the relay to `position`; the topic's current size becomes the baseline."""
+def republish_from(settings: KafkaSettings, path: Path, position: int, head: int) -> RelayState:
+    """Rewind the relay to `position` (at most the store's `head`); the topic's current
+    size becomes the baseline."""
+    if position > head:
+        raise ValueError(
+            f"--from {position:,} is beyond the event store's head ({head:,}): "
+            "nothing after it would ever be published"
+        )
     state = RelayState(position=position, published=topic_size(settings))
     state.save(path)
     return state
@@ -103,8 +118,9 @@ def run(
 ) -> RelayState:
     """Publish what the broker has not acknowledged yet; with `follow`, keep going.
 
-    While the broker is unreachable it retries with exponential backoff (from the last
-    acknowledged position) and catches up when the broker returns.
+    Following, it outlasts an unreachable broker: it retries with exponential backoff
+    (from the last acknowledged position) and catches up when the broker returns. A
+    one-shot run raises the broker's error instead (run it again later).
     """
     state = RelayState.load(state_path)
     backoff = 0.5
@@ -130,6 +146,10 @@ def run(
             if on_batch:
                 on_batch(state, ledger.head())
         except KafkaError as error:
+            if not follow:
+                if kafka_producer is not None:
+                    kafka_producer.close(timeout=1)
+                raise
             log.warning(
                 "broker unavailable (%s); retrying in %.1fs from store position %s",
                 error, backoff, f"{state.position:,}",

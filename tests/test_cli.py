@@ -680,6 +680,54 @@ def test_status_tells_where_each_stage_stands(
     assert "leaked" not in unreachable.err  # nanobind, at exit with a Kafka thread left over
 
 
+def test_kafka_commands_refuse_what_would_lose_data(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """A mistyped topic, a republish past the store's head, a stray --from, a one-shot
+    relay with no broker: each ends with one line saying why and a non-zero status, and
+    the projections and the relay's position stay as they were."""
+    data, kafka = tmp_path / "d", kafka_env(kafka_settings)
+    events = generate_history(customers=10)
+    (tmp_path / "h.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events))
+    for command in [("ingest", "h.jsonl"), ("relay",), ("consume",)]:
+        done = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
+        assert done.code == 0, (command, done)
+
+    def projected() -> int:
+        counted = run("query", "SELECT count(*) AS n FROM events", "--format", "json",
+                      data_dir=data, cwd=tmp_path)  # fmt: skip
+        assert counted.code == 0, counted
+        return int(counted.json()[0]["n"])
+
+    assert projected() == len(events)
+    typo = {**kafka, "LEDGER_KAFKA_TOPIC": kafka_settings.topic + "-typo"}
+    for command in [("rebuild", "--from-kafka"), ("consume",), ("consume", "--follow"),
+                    ("dlq", "list"), ("relay",)]:  # fmt: skip
+        refused = run(*command, data_dir=data, cwd=tmp_path, env=typo)
+        assert refused.code == 3, (command, refused)
+        assert f"topic {kafka_settings.topic}-typo" in refused.message, (command, refused)
+        assert "does not exist" in refused.message and "ledger kafka init" in refused.message
+        assert "Traceback" not in refused.err
+    assert projected() == len(events), "a rebuild from a missing topic emptied the projections"
+
+    def relay_position() -> int:
+        shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
+        assert shown.code == 0, shown
+        return int(shown.json()["relay_position"])
+
+    head = relay_position()
+    beyond = run("relay", "--republish", "--from", str(head + 1), data_dir=data, cwd=tmp_path,
+                 env=kafka)  # fmt: skip
+    assert beyond.code == 2 and "beyond the event store's head" in beyond.message, beyond
+    stray = run("relay", "--from", "0", data_dir=data, cwd=tmp_path, env=kafka)
+    assert stray.code == 2 and "--republish" in stray.message, stray
+    assert relay_position() == head
+
+    down = {**kafka, "LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    once = run("relay", data_dir=data, cwd=tmp_path, env=down)  # returns: no endless retries
+    assert once.code == 3 and "cannot reach the broker at 127.0.0.1:1" in once.message, once
+
+
 def test_errors_are_named_once() -> None:
     """kafka-python's errors already start with their class name; others get it."""
     assert cli._named(KafkaTimeoutError("no broker")) == "KafkaTimeoutError: no broker"

@@ -184,7 +184,7 @@ def test_broker_restarted_empty_is_detected_then_republished(
 
         accept(ledger, parts[2][len(parts[2]) // 2 :])
         ensure_topics(kafka)
-        relay.republish_from(kafka, state_path, 0)
+        relay.republish_from(kafka, state_path, 0, ledger.head())
         state = relay.run(ledger, kafka, state_path)
         facts = fact_count(ledger)
         assert (state.position, state.published) == (ledger.head(), facts)

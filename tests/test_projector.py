@@ -26,6 +26,7 @@ from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from domain.policy import LadderPolicy
 from projections.projector import Projector
+from projections.rebuild import RebuildBehind, rebuilding
 from projections.schema import ProjectionsOutdated, connect, stored_clock
 
 TABLES = {
@@ -185,6 +186,35 @@ def test_batch_size_does_not_change_the_projection(
 
 
 # --- (b) rebuild equals the live projection --------------------------------------------------
+
+
+def test_a_rebuild_behind_the_live_file_leaves_it_unchanged(tmp_path: Path) -> None:
+    """A source that lost data (a broker restarted empty) rebuilds into fewer events than
+    the live file was built from: the swap is refused, and the live file stays."""
+    path = tmp_path / "projections.duckdb"
+    source, stream = "kafka:ledger-projections", "customer-interactions:0"
+    live = Projector(connect(path))
+    live.apply([], {(source, stream): 120, ("kafka:other", stream): 7})
+    live.con.close()
+    before = path.read_bytes()
+
+    behind = r"up to 40 but the live projections stand at 120"
+    with pytest.raises(RebuildBehind, match=behind), rebuilding(path) as staging:
+        rebuilt = Projector(connect(staging))
+        rebuilt.apply([], {(source, stream): 40})
+        rebuilt.con.close()
+    assert path.read_bytes() == before
+    assert not staging.exists()
+
+    with rebuilding(path) as staging:  # as far as the live file, or further: swapped in
+        rebuilt = Projector(connect(staging))
+        rebuilt.apply([], {(source, stream): 120})
+        rebuilt.con.close()
+    con = connect(path, read_only=True)
+    assert con.execute("SELECT source, position FROM projection_checkpoints").fetchall() == [
+        (source, 120)
+    ]
+    con.close()
 
 
 def test_rebuild_equals_the_live_projection(ledger: Ledger, settings: Settings) -> None:
