@@ -332,16 +332,22 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         projector: _ProjectorThread,
         source: str,
         handed: dict[str, int],
+        latest: dict[TopicPartition, datetime],
     ):
         self.consumer = kafka_consumer
         self.projector = projector
         self.source = source
         self.handed = handed  # where the Kafka side stands, per partition
+        self.latest = latest  # the business time handed over, per partition
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         # Before the partitions move on: the batch being applied commits, the records of
-        # theirs still waiting are dropped (their next owner reads them again).
+        # theirs still waiting are dropped (their next owner reads them again), and so is
+        # the business time they reached: were it kept, derived events those records
+        # take back (a breach before its acknowledgement) could go out meanwhile.
         self.projector.discard(revoked)
+        for tp in revoked:
+            self.latest.pop(tp, None)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         source = self.source
@@ -451,6 +457,7 @@ def consume(
     )
     projector = _ProjectorThread(writer, source, max_waiting=max_records, publisher=publisher)
     feed: _Feed | None = None
+    latest: dict[TopicPartition, datetime] = {}  # business time handed over, per partition
     projector.start()
     try:
         # The file and its tables are created, and the stored offsets read, while the
@@ -463,7 +470,7 @@ def consume(
                 raise missing_topic(settings, settings.topic)
             handed = dict(stored_soon.result())
             projector.call(ProjectionWriter.release)  # not held through the group join
-            listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed)
+            listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed, latest)
             kafka_consumer.subscribe([settings.topic], listener=listener)
             targets = None
         else:
@@ -476,6 +483,7 @@ def consume(
             projector,
             report,
             handed=handed,
+            latest=latest,
             targets=targets,
             poll_ms=poll_ms,
             release_when_idle=True,
@@ -503,6 +511,7 @@ def _project(
     report: ConsumeReport,
     *,
     handed: dict[str, int],
+    latest: dict[TopicPartition, datetime] | None = None,
     targets: dict[TopicPartition, int] | None,
     poll_ms: int,
     release_when_idle: bool,
@@ -512,10 +521,12 @@ def _project(
     """Hand what the feed decodes to the projector thread and report the batches it
     committed, until `should_stop` or (with `targets`) every partition was read to its
     target; returns when everything read is applied. `handed` holds, per stream, the next
-    offset to hand over (kept up to date here, and by the listener on assignments)."""
+    offset to hand over (kept up to date here, and by the listener on assignments);
+    `latest` the business time handed over per partition (the listener drops revoked
+    partitions' times)."""
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
-    latest: dict[TopicPartition, datetime] = {}  # business time handed over, per partition
+    latest = {} if latest is None else latest
     # Derived events may wait unpublished: held back while partitions were behind, or left
     # by an earlier run that ended between a commit and the broker's acknowledgement.
     withheld = True

@@ -41,7 +41,7 @@ from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.derived_publishing import NOTHING_YET, DerivedPublisher, publish_until
 from consumers.kafka import KafkaSettings, high_watermarks
-from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters
+from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, stream
 from consumers.status import partition_lag
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
@@ -599,6 +599,119 @@ def test_a_member_settles_its_derived_events_before_leaving_the_file_to_others(
         projector.stop()
         publisher.close()
     assert sent and marked == sent
+
+
+class _RebalancedFeed:
+    """A group member's feed, scripted: partition P's next records wait for their batch
+    when a rebalance takes P away and gives it back; P is then read again from its
+    stored offset (what kafka-python does, calling the listener inside `poll`)."""
+
+    dead_letters = 0
+
+    def __init__(self, listener: Any, p: TopicPartition, q: TopicPartition,
+                 documents: list[tuple[int, bytes]]) -> None:  # fmt: skip
+        self.listener, self.p, self.q = listener, p, q
+        self.targets = {p: 4, q: 2}
+        registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
+        at = datetime.fromisoformat
+        self.script: list[list[Decoded]] = [
+            [self.decoded(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"),
+                          q, [registered_y], 1, at("2025-01-06T08:00:00+00:00"))],
+            [self.decoded(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
+            [self.decoded(q, [y_later], 2, at("2025-01-06T11:00:00+00:00"))],
+            [self.decoded(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
+        ]  # fmt: skip
+
+    @staticmethod
+    def decoded(*parts: Any) -> Decoded:
+        found = Decoded()
+        for tp, facts, offset, latest in zip(*(iter(parts),) * 4, strict=True):
+            found.facts[tp], found.offsets[tp], found.latest[tp] = facts, offset, latest
+            found.records += len(facts)
+        return found
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        if not self.script:
+            return []
+        step = self.script.pop(0)
+        if len(self.script) == 2:
+            time.sleep(0.5)  # the first batch is applied meanwhile; P's next records wait
+        if len(self.script) == 1:  # P's wait for a batch when the rebalance comes
+            self.listener.on_partitions_revoked({self.p, self.q})
+            self.listener.on_partitions_assigned({self.p, self.q})
+        if not self.script:
+            time.sleep(1.0)  # Q's record was applied on its own meanwhile
+        return step
+
+    def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
+        return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
+
+    def applied(self, offsets: dict[TopicPartition, int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _NoSeeking:
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        pass
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        pass
+
+
+def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_back(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """A complaint filed at 09:00 (urgent) and acknowledged at 09:30 never warns nor
+    breaches. A rebalance drops the acknowledgement while it waits for its batch; until
+    it is read again, another partition moving the clock to 11:00 must not publish the
+    warning and the breach it reveals meanwhile."""
+    accept(ledger, [
+        event("CustomerRegistered", "X", "2025-01-06T08:00:00Z"),
+        event("CustomerRegistered", "Y", "2025-01-06T08:00:00Z"),
+        event("ComplaintFiled", "X", "2025-01-06T09:00:00Z", {"complaint_id": "c1",
+              "channel": "phone", "category": "billing", "priority": "urgent"}),
+        event("ComplaintAcknowledged", "X", "2025-01-06T09:30:00Z", {"complaint_id": "c1"}),
+        event("ContactLogged", "X", "2025-01-06T10:30:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+        event("ContactLogged", "Y", "2025-01-06T11:00:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+    ])  # fmt: skip
+    _, documents = ledger.documents_after(0, 100)
+    p, q = (TopicPartition(kafka_settings.topic, n) for n in (0, 1))
+    publisher = DerivedPublisher(kafka_settings)
+    projector = kafka_projection._ProjectorThread(
+        ProjectionWriter(settings.projections_path), "kafka:test",
+        max_waiting=3, max_wait_seconds=0.3, publisher=publisher,
+    )  # fmt: skip
+    handed: dict[str, int] = {}
+    latest: dict[TopicPartition, datetime] = {}
+    listener = kafka_projection._SeekToStoredOffsets(
+        _NoSeeking(), projector, "kafka:test", handed, latest
+    )
+    feed = _RebalancedFeed(listener, p, q, documents)
+    projector.start()
+    try:
+        kafka_projection._project(
+            feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
+            targets=None, poll_ms=100, release_when_idle=False,
+            should_stop=lambda: not feed.script,
+        )  # fmt: skip
+    finally:
+        projector.stop()
+        publisher.close()
+    sent = [orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)]
+    assert [f for f in sent if f["type"].startswith("Sla")] == []
+    con = connect(settings.projections_path, read_only=True)
+    try:
+        assert con.execute(
+            "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
+        ).fetchall() == [(0,)]
+        assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
+    finally:
+        con.close()
 
 
 def test_derived_events_wait_for_the_partitions_behind() -> None:
