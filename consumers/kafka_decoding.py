@@ -33,7 +33,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer
+from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer, watched
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ DLQ_HEADERS = (
     "dlq_error_class",
     "dlq_error_message",
 )
+
+STALLED_SECONDS = 15.0
+"""How long a decoder polls without getting anything before it asks whether the broker is
+still there (an unreachable one fails the catch-up instead of stalling it for ever)."""
 
 POLL_RECORDS = 5_000
 """Records per poll: decoded records reach the projector soon after they arrive, and few
@@ -244,7 +248,13 @@ class Decoders:
     their partitions.
     """
 
-    def __init__(self, settings: KafkaSettings, count: int, poll_records: int) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        count: int,
+        poll_records: int,
+        stalled_seconds: float = STALLED_SECONDS,
+    ) -> None:
         self._processes: list[subprocess.Popen[bytes]] = []
         self._connections: list[Connection] = []
         try:
@@ -260,7 +270,7 @@ class Decoders:
                 theirs.close()
                 self._connections.append(ours)
                 try:
-                    ours.send((asdict(settings), poll_records))
+                    ours.send((asdict(settings), poll_records, stalled_seconds))
                 except OSError:  # it died at once
                     raise self._ended(number) from None
         except BaseException:
@@ -359,9 +369,13 @@ def _child_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 
-def _decode_ranges(settings: KafkaSettings, poll_records: int, connection: Connection) -> None:
+def _decode_ranges(
+    settings: KafkaSettings, poll_records: int, stalled_seconds: float, connection: Connection
+) -> None:
     """The decoder process: reads the ranges sent to it, sends what `decode_polled` makes
-    of each poll (with its dead-letter count so far), then None."""
+    of each poll (with its dead-letter count so far), then None. It stops when its parent
+    is gone, and raises the broker's error when it cannot be reached."""
+    parent = os.getppid()
     reader = consumer(settings, group_id=None, max_poll_records=poll_records)
     dead_letters = DeadLetters(settings)
     try:
@@ -369,6 +383,7 @@ def _decode_ranges(settings: KafkaSettings, poll_records: int, connection: Conne
         reader.assign(list(ranges))
         seek(reader, ranges, {stream(tp): s for tp, (s, _) in ranges.items() if s is not None})
         sent = {tp: start or 0 for tp, (start, _) in ranges.items()}
+        progressed = time.monotonic()
         while any(sent[tp] < end for tp, (_, end) in ranges.items()):
             polled = reader.poll(timeout_ms=500)
             if polled:
@@ -379,7 +394,13 @@ def _decode_ranges(settings: KafkaSettings, poll_records: int, connection: Conne
                     offsets={tp: p for tp, p in positions.items() if p is not None and p > sent[tp]}
                 )
                 if not decoded.offsets:
+                    if os.getppid() != parent:
+                        return  # killed: nobody will apply what it reads
+                    if time.monotonic() - progressed > stalled_seconds:
+                        high_watermarks(settings, settings.topic, **watched())  # raises
+                        progressed = time.monotonic()
                     continue
+            progressed = time.monotonic()
             sent.update(decoded.offsets)
             connection.send((decoded, dead_letters.count))
         connection.send(None)
@@ -394,8 +415,8 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     connection = Connection(fd)
     try:
-        settings, poll_records = connection.recv()
-        _decode_ranges(KafkaSettings(**settings), poll_records, connection)
+        settings, poll_records, stalled_seconds = connection.recv()
+        _decode_ranges(KafkaSettings(**settings), poll_records, stalled_seconds, connection)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass
     except BaseException as error:

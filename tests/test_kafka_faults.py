@@ -47,7 +47,7 @@ from consumers.kafka import (
     ensure_topics,
     free_port,
 )
-from consumers.kafka_decoding import DecoderFailed
+from consumers.kafka_decoding import DecoderFailed, Decoders
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections.schema import connect
@@ -341,6 +341,68 @@ def test_decoders_that_cannot_start_fail_the_catch_up_and_leave_no_process(
 
     assert set(children_of(os.getpid())) <= before
     assert progress(path, "never-started") == (0, 0)
+
+
+def test_decoders_stop_when_the_broker_goes_away_or_their_parent_dies() -> None:
+    """A broker that dies in the middle of a catch-up fails it (`DecoderFailed`, exit
+    status 3 from the CLI) instead of leaving it polling for ever; a decoder whose parent
+    was killed (no clean-up ran) ends on its own instead of polling for ever."""
+    broker = DevBroker(free_port())
+    kafka = KafkaSettings(bootstrap=broker.bootstrap, topic=f"gone-{uuid.uuid4().hex[:10]}")
+    empty = {TopicPartition(kafka.topic, 0): (None, 10)}  # nothing to read there: it waits
+    broker.start()
+    try:
+        ensure_topics(kafka)
+        decoders = Decoders(kafka, 1, 100, stalled_seconds=1.0)
+        decoders.assign(empty)
+        assert decoders.read(1500) == []
+        broker.stop()
+        deadline = time.monotonic() + 60
+        with pytest.raises(DecoderFailed, match="KafkaTimeoutError"):
+            while time.monotonic() < deadline:
+                decoders.read(500)
+        decoders.close()
+
+        broker.start()
+        ensure_topics(kafka)
+        orphaning = (  # a parent that starts a decoder, then is killed before closing it
+            "import time\n"
+            "from kafka import TopicPartition\n"
+            "from consumers.kafka import KafkaSettings\n"
+            "from consumers.kafka_decoding import Decoders\n"
+            f"kafka = KafkaSettings(bootstrap={kafka.bootstrap!r}, topic={kafka.topic!r})\n"
+            "decoders = Decoders(kafka, 1, 100, stalled_seconds=600)\n"
+            "decoders.assign({TopicPartition(kafka.topic, 0): (None, 10)})\n"
+            "print(decoders._processes[0].pid, flush=True)\n"
+            "time.sleep(600)\n"
+        )
+        parent = subprocess.Popen([sys.executable, "-c", orphaning], cwd=PROJECT_ROOT,
+                                  stdout=subprocess.PIPE)  # fmt: skip
+        decoder = 0
+        try:
+            assert parent.stdout is not None
+            decoder = int(parent.stdout.readline())
+            time.sleep(2)  # reading, polling its empty partition
+            assert alive(decoder)
+            parent.kill()
+            parent.wait()
+            wait_for(lambda: not alive(decoder), 20, "the orphaned decoder kept running")
+        finally:
+            stop_child(parent)
+            if decoder:
+                with suppress(ProcessLookupError):
+                    os.kill(decoder, signal.SIGKILL)
+    finally:
+        broker.stop()
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 # --- (b) relay and consumer killed at random instants ----------------------------------------
