@@ -7,6 +7,7 @@ nothing else reads the environment. Every variable is documented in the README.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -34,13 +35,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, data_dir: Path | None = None) -> Settings:
+        """Raises ConfigError naming the variable that is malformed."""
         env = os.environ
+        currency = env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper()
+        if not re.fullmatch(r"[A-Z]{3}", currency):
+            raise ConfigError(
+                f"LEDGER_REPORTING_CURRENCY={currency!r}: expected a three-letter ISO 4217 "
+                "code such as EUR"
+            )
+        try:
+            kafka = KafkaSettings.from_env(env)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return cls(
             data_dir=data_dir or Path(env.get("LEDGER_DATA_DIR", "ledger-data")),
             event_store=env.get("LEDGER_EVENT_STORE") or None,
-            reporting_currency=env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper(),
+            reporting_currency=currency,
             cipher_key=env.get("LEDGER_CIPHER_KEY") or None,
-            kafka=KafkaSettings.from_env(env),
+            kafka=kafka,
         )
 
     @property

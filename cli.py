@@ -7,6 +7,7 @@ Exit status: 0 success; 1 some input was rejected (the rest landed); 2 usage err
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
@@ -31,6 +32,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from bootstrap import ConfigError, Settings, open_ledger
 from consumers import ingest as ingest_files
@@ -58,8 +60,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Text is printed as it is (data holding "[/b]" is not rich markup), one message a
+    line; piped or redirected, tables keep their natural width instead of 80 columns."""
+    terminal = Console(stderr=stderr).is_terminal
+    return Console(stderr=stderr, markup=False, soft_wrap=True, width=None if terminal else 10_000)
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 class State:
@@ -76,7 +87,10 @@ def _global(
         ),
     ] = Path("ledger-data"),
 ) -> None:
-    State.settings = Settings.from_env(data_dir=data_dir)
+    try:
+        State.settings = Settings.from_env(data_dir=data_dir)
+    except ConfigError as error:
+        _fail(str(error), code=2)
 
 
 def _ledger() -> Ledger:
@@ -89,8 +103,12 @@ def _ledger() -> Ledger:
 
 
 def _fail(message: str, code: int = EXIT_UNAVAILABLE) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    _say_error(message)
     raise typer.Exit(code)
+
+
+def _say_error(message: str) -> None:
+    err.print(Text.assemble(("error:", "red"), " ", message))
 
 
 def _parse_as_of(value: str | None) -> datetime | None:
@@ -150,7 +168,7 @@ def _kafka_progress(progress: Progress, description: str) -> kafka_projection.Ba
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TaskProgressColumn(),
         MofNCompleteColumn(),  # "?" while the total is unknown
@@ -339,6 +357,8 @@ def query(
 ) -> None:
     """Run read-only SQL on the projections (events, customer_profiles, complaint_sla, ...)."""
     path = State.settings.projections_path
+    if not sql.strip(" \t\n;"):
+        _fail("no SQL given, e.g. ledger query 'SELECT * FROM customer_profiles LIMIT 5'", 2)
     if not path.exists():
         _fail(f"no projections at {path}; run `ledger ingest` or `ledger project` first")
     con = connect(path, read_only=True)
@@ -633,6 +653,8 @@ def dev_broker(
     except RuntimeError as error:
         _fail(str(error))
     err.print(f"broker on {broker.bootstrap}; export LEDGER_KAFKA_BOOTSTRAP={broker.bootstrap}")
+    # `kill` (SIGTERM) too stops the broker, which would otherwise outlive this command
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         assert broker.process is not None
         broker.process.wait()
@@ -708,7 +730,7 @@ def main() -> None:
     try:
         app()
     except (ProjectionsUnavailable, TopicMissing, RebuildBehind) as error:
-        err.print(f"[red]error:[/red] {error}")
+        _say_error(str(error))
         sys.exit(EXIT_UNAVAILABLE)
     except (
         PersistenceError,
@@ -718,8 +740,8 @@ def main() -> None:
         KafkaError,
         DecoderFailed,
     ) as error:
-        err.print(
-            f"[red]error:[/red] {_what_failed(error)}: {_named(error)}\n"
+        _say_error(
+            f"{_what_failed(error)}: {_named(error)}\n"
             "Everything recorded before this point is stored whole; fix the cause and run "
             "the same command again (re-ingesting a file adds nothing twice)."
         )

@@ -34,6 +34,20 @@ class TopicMissing(LookupError):
     """A topic the command reads is not on the broker (`ledger kafka init` creates them)."""
 
 
+def _count(env: Mapping[str, str], name: str, default: int, *, least: int) -> int:
+    """A whole-number setting; a ValueError naming the variable when it is not one."""
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ValueError(f"{name}={text!r}: expected a whole number of at least {least}")
+    return value
+
+
 def watched() -> dict[str, Any]:
     """Client options for a command someone watches: give up on an unreachable broker
     after `SAY_UNREACHABLE_AFTER_SECONDS`."""
@@ -80,11 +94,11 @@ class KafkaSettings:
         return cls(
             bootstrap=bootstrap,
             topic=env.get("LEDGER_KAFKA_TOPIC", "customer-interactions"),
-            partitions=int(env.get("LEDGER_KAFKA_PARTITIONS", "6")),
-            replication=int(env.get("LEDGER_KAFKA_REPLICATION", "1")),
+            partitions=_count(env, "LEDGER_KAFKA_PARTITIONS", 6, least=1),
+            replication=_count(env, "LEDGER_KAFKA_REPLICATION", 1, least=1),
             client_id=env.get("LEDGER_KAFKA_CLIENT_ID", "customer-ledger"),
             group=env.get("LEDGER_KAFKA_GROUP", "ledger-projections"),
-            decoders=int(env.get("LEDGER_KAFKA_DECODERS", "0")),
+            decoders=_count(env, "LEDGER_KAFKA_DECODERS", 0, least=0),
             security={opt: env[var] for var, opt in _SECURITY_OPTIONS.items() if env.get(var)},
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,28 @@ def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
             yield Settings(data_dir=tmp_path / "data", event_store=f"{PG_DSN}?schema={schema}")
         finally:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes `pid` started and that still run (from /proc)."""
+    found: set[int] = set()
+    with suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with suppress(FileNotFoundError):
+                found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (an orphan that ended may stay a zombie: that counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 # --- Kafka ---------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import children_of, running
 from kafka.errors import KafkaTimeoutError
 
 import cli
 from bootstrap import Settings, open_ledger
-from consumers.kafka import KafkaSettings
+from consumers.kafka import KafkaSettings, free_port
 from domain.demo_history import generate_history
 
 LEDGER = Path(sys.executable).parent / "ledger"
@@ -742,6 +743,58 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     assert helped.code == 0, helped
     for command in COMMANDS:
         assert re.search(rf"^\W*{command}\s", helped.out, re.MULTILINE), command
+
+
+def test_data_is_printed_as_it_is_and_tables_keep_their_width(tmp_path: Path) -> None:
+    """Square brackets in data are text, not rich markup (a note holding "[/code]" crashed
+    `history`; "[red]hi" lost its brackets); piped, a table is not cut to 80 columns."""
+    data = tmp_path / "d"
+    note = {"channel": "chat", "direction": "inbound", "notes": "pasted [/code] and [red]hi"}
+    recorded = run("record", "ContactLogged", "--customer", "M[/b]1", "--data",
+                   json.dumps(note), data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert recorded.code == 0, recorded
+    shown = run("history", "M[/b]1", data_dir=data, cwd=tmp_path)
+    assert shown.code == 0, shown
+    assert "pasted [/code] and [red]hi" in shown.out
+    wide = "x" * 250
+    queried = run("query", f"SELECT '[red]hi' AS tag, '{wide}' AS wide", data_dir=data,
+                  cwd=tmp_path)  # fmt: skip
+    assert queried.code == 0, queried
+    assert "[red]hi" in queried.out and wide in queried.out
+
+
+def test_malformed_settings_and_empty_sql_are_usage_errors(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    broker = {"LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    malformed = [
+        ({**broker, "LEDGER_KAFKA_DECODERS": "two"}, "LEDGER_KAFKA_DECODERS='two'"),
+        ({**broker, "LEDGER_KAFKA_PARTITIONS": "0"}, "LEDGER_KAFKA_PARTITIONS='0'"),
+        ({"LEDGER_REPORTING_CURRENCY": "euro"}, "LEDGER_REPORTING_CURRENCY='EURO'"),
+    ]
+    for env, named in malformed:
+        refused = run("query", "SELECT 1", data_dir=data, cwd=tmp_path, env=env)
+        assert refused.code == 2 and named in refused.message, (env, refused)
+        assert "Traceback" not in refused.err
+    empty = run("query", " ; ", data_dir=data, cwd=tmp_path)
+    assert empty.code == 2 and "no SQL given" in empty.message, empty
+
+
+def test_the_dev_broker_stops_its_broker_when_killed(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) of `ledger dev-broker` stops the Tansu process it started."""
+    command, env = ledger_command(("dev-broker", "--port", str(free_port())), None, None)
+    dev = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    try:
+        assert dev.stderr is not None
+        assert "broker on" in dev.stderr.readline().decode()
+        brokers = children_of(dev.pid)
+        assert brokers and all(running(pid) for pid in brokers)
+        dev.terminate()
+        assert dev.wait(timeout=20) == 0
+        assert not any(running(pid) for pid in brokers), "the broker outlived dev-broker"
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
 
 
 def test_the_data_dir_comes_from_ledger_data_dir(tmp_path: Path) -> None:

@@ -33,7 +33,16 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import PROJECT_ROOT, accept, differences, embedded, fact_count, tables
+from conftest import (
+    PROJECT_ROOT,
+    accept,
+    children_of,
+    differences,
+    embedded,
+    fact_count,
+    running,
+    tables,
+)
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
@@ -383,10 +392,10 @@ def test_decoders_stop_when_the_broker_goes_away_or_their_parent_dies() -> None:
             assert parent.stdout is not None
             decoder = int(parent.stdout.readline())
             time.sleep(2)  # reading, polling its empty partition
-            assert alive(decoder)
+            assert running(decoder)
             parent.kill()
             parent.wait()
-            wait_for(lambda: not alive(decoder), 20, "the orphaned decoder kept running")
+            wait_for(lambda: not running(decoder), 20, "the orphaned decoder kept running")
         finally:
             stop_child(parent)
             if decoder:
@@ -394,15 +403,6 @@ def test_decoders_stop_when_the_broker_goes_away_or_their_parent_dies() -> None:
                     os.kill(decoder, signal.SIGKILL)
     finally:
         broker.stop()
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not reaped, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 # --- (b) relay and consumer killed at random instants ----------------------------------------
@@ -452,25 +452,6 @@ def holds_file(pid: int, path: Path) -> bool:
             if found and int(found[1]) == pid and int(found[2]) == inode:
                 return True
     return False
-
-
-def children_of(pid: int) -> set[int]:
-    """The processes `pid` started and that still run (from /proc)."""
-    found: set[int] = set()
-    with suppress(FileNotFoundError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with suppress(FileNotFoundError):
-                found.update(int(c) for c in (task / "children").read_text().split())
-    return found
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` runs (an orphan that ended may stay a zombie: that counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def kill_at(child: subprocess.Popen[bytes], instant: float, path: Path | None = None) -> str:
