@@ -447,7 +447,7 @@ def consume(
     decoders = None if follow else decoders or decoder_count(settings)
     poll_records = min(max_records, POLL_RECORDS)
     writer = (
-        ProjectionWriter(projections_path)
+        ProjectionWriter(projections_path, wait_seconds=None)  # outlasts a reader's session
         if decoders is None
         else ProjectionWriter(
             projections_path,

@@ -40,7 +40,8 @@ def catch_up(
     (see `projections.writer`), so analysts can query it meanwhile; in `bulk` (a file
     nobody reads yet) it is held throughout.
     """
-    writer = ProjectionWriter(projections_path, bulk=bulk)
+    # following, it outlasts an analyst's session holding the file
+    writer = ProjectionWriter(projections_path, bulk=bulk, wait_seconds=None if follow else 30.0)
     try:
         position = writer.projector().checkpoint(*EVENT_STORE) or 0
         if as_of is not None:

@@ -7,6 +7,7 @@ can join them and analysts can read them.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -17,6 +18,8 @@ import duckdb
 
 from domain.events import SURVEY_SCALES
 from domain.policy import STAGES, LadderPolicy, SlaPolicy
+
+log = logging.getLogger(__name__)
 
 DDL = """
 -- round(a / b, 4), half up, in exact integer arithmetic: DuckDB's DECIMAL division
@@ -332,11 +335,17 @@ class ProjectionsOutdated(ProjectionsUnavailable):
     """The projections file was built by another version of the projections."""
 
 
+LOCKED_SAY_EVERY_SECONDS = 30.0
+
+
 def connect(
-    path: Path | str, *, read_only: bool = False, wait_seconds: float = 30.0
+    path: Path | str, *, read_only: bool = False, wait_seconds: float | None = 30.0
 ) -> duckdb.DuckDBPyConnection:
-    """Open the projections file; waits while another process holds the write lock."""
-    deadline = time.monotonic() + wait_seconds
+    """Open the projections file; waits while another process holds the lock, at most
+    `wait_seconds` (None: as long as it takes, saying so every
+    `LOCKED_SAY_EVERY_SECONDS`: for a follower, which has nothing better to do)."""
+    started = time.monotonic()
+    said = started
     if not read_only:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -346,11 +355,17 @@ def connect(
         except duckdb.IOException as error:
             if "lock" not in str(error).lower():
                 raise
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if wait_seconds is not None and now - started > wait_seconds:
                 raise ProjectionsBusy(
-                    f"{path} is locked by another process (a running `ledger project "
-                    f"--follow` or ingest); try again when it is idle: {error}"
+                    f"{path} is locked by another process (a writer such as `ledger consume "
+                    "--follow`, `project --follow` or ingest, or a reader holding it open); "
+                    f"try again when it is idle: {error}"
                 ) from error
+            if wait_seconds is None and now - said > LOCKED_SAY_EVERY_SECONDS:
+                log.warning("waiting %.0f s so far for %s: another process holds it",
+                            now - started, path)  # fmt: skip
+                said = now
             time.sleep(0.01)
     run(con, "SET TimeZone = 'UTC'")
     return con

@@ -33,8 +33,10 @@ class ProjectionWriter:
         *,
         bulk: bool = False,
         threads: int | None = None,
+        wait_seconds: float | None = 30.0,
     ) -> None:
         self.path = path
+        self.wait_seconds = wait_seconds  # for the lock, at each opening (None: no limit)
         self.bulk = bulk
         self.threads = threads  # DuckDB's threads (None: one per core)
         self.hold_seconds = float("inf") if bulk else hold_seconds
@@ -51,7 +53,7 @@ class ProjectionWriter:
             wait = self._released_at + self.readers_turn_seconds - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            self._con = connect(self.path)
+            self._con = connect(self.path, wait_seconds=self.wait_seconds)
             if self.bulk:
                 self._con.execute(f"SET checkpoint_threshold = '{BULK_CHECKPOINT_THRESHOLD}'")
             if self.threads:

@@ -6,6 +6,7 @@ query` run side by side; every query must succeed and the projections catch up.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ from conftest import PROJECT_ROOT
 
 from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
+from projections import schema
+from projections.schema import connect
 
 
 def ledger(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
@@ -114,3 +117,34 @@ def test_queries_succeed_while_a_consumer_group_follows(
     for path in files[1:]:
         feed += [ledger(data_dir, "ingest", str(path)), ledger(data_dir, "relay")]
     query_while_following(tmp_path, ledger(data_dir, "consume", "--follow"), feed, total, env)
+
+
+def test_a_follower_outlasts_a_reader_holding_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An analyst's session may hold the file open for minutes: a follower's writer waits
+    for it as long as it takes (saying so now and then) instead of failing after 30 s,
+    which ended `consume --follow` with an error. A one-shot writer still gives up."""
+    path = tmp_path / "projections.duckdb"
+    connect(path).close()
+    monkeypatch.setattr(schema, "LOCKED_SAY_EVERY_SECONDS", 0.3)
+    holding = (  # a reader that keeps the file open for 2 s
+        "import duckdb, sys, time\n"
+        "con = duckdb.connect(sys.argv[1], read_only=True)\n"
+        "print('open', flush=True)\n"
+        "time.sleep(2)\n"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", holding, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
+        opened = time.monotonic()
+        with pytest.raises(schema.ProjectionsBusy, match="a reader holding it open"):
+            connect(path, wait_seconds=0.5)
+        with caplog.at_level(logging.WARNING, logger="projections.schema"):
+            con = connect(path, wait_seconds=None)  # longer than the reader's 2 s
+        con.close()
+        assert time.monotonic() - opened > 1.5, "the writer opened the file while it was held"
+        assert any("another process holds it" in r.getMessage() for r in caplog.records)
+    finally:
+        reader.kill()
+        reader.wait()
