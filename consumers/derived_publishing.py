@@ -19,7 +19,7 @@ import orjson
 from kafka import KafkaProducer, TopicPartition
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, producer
+from consumers.kafka import KafkaSettings, partition_of, producer
 from projections import derived
 from projections.projector import Projector
 
@@ -78,6 +78,15 @@ class DerivedPublisher:
         self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
         self._producer: KafkaProducer | None = None
         self._thread: threading.Thread | None = None
+        self._owned: tuple[frozenset[int], int] | None = None  # None: every customer
+
+    def own(self, partitions: Collection[int], count: int) -> None:
+        """Publish from now on the derived events of the customers whose events live in
+        `partitions` (of the events topic's `count`) only. Members of a group share one
+        file, and each knows how far in business time its own partitions were read: one
+        publishing another's customers' transitions could send what that member's
+        records, not read yet, take back."""
+        self._owned = (frozenset(partitions), count)
 
     # --- on the projector thread
 
@@ -88,7 +97,7 @@ class DerivedPublisher:
         pending = [
             fact
             for fact in derived.unpublished(projector.con, until)
-            if fact["event_id"] not in self._in_flight
+            if fact["event_id"] not in self._in_flight and self._owns(fact["customer_id"])
         ]
         if pending:
             self._in_flight.update(fact["event_id"] for fact in pending)
@@ -99,6 +108,13 @@ class DerivedPublisher:
                 self._thread = threading.Thread(target=self._run, name="derived", daemon=True)
                 self._thread.start()
         return marked
+
+    def _owns(self, customer_id: str) -> bool:
+        owned = self._owned
+        if owned is None:
+            return True
+        partitions, count = owned
+        return bool(partitions) and partition_of(customer_id, count) in partitions
 
     def settle(self, projector: Projector) -> int:
         """Wait until the broker acknowledged everything sent, and mark it published."""

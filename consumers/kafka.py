@@ -24,6 +24,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 SAY_UNREACHABLE_AFTER_SECONDS = 5.0
 """How long a command someone watches (`status`, the relay's retries) waits for an
@@ -46,6 +47,12 @@ def _count(env: Mapping[str, str], name: str, default: int, *, least: int) -> in
     if value < least:
         raise ValueError(f"{name}={text!r}: expected a whole number of at least {least}")
     return value
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition the relay's records of `key` (a customer id) go to in a topic of
+    `partitions`: Kafka's default partitioner (murmur2 of the key), as kafka-python's."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def watched() -> dict[str, Any]:

@@ -333,12 +333,16 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         source: str,
         handed: dict[str, int],
         latest: dict[TopicPartition, datetime],
+        publisher: DerivedPublisher | None = None,
+        topic: str = "",
     ):
         self.consumer = kafka_consumer
         self.projector = projector
         self.source = source
         self.handed = handed  # where the Kafka side stands, per partition
         self.latest = latest  # the business time handed over, per partition
+        self.publisher = publisher
+        self.topic = topic  # the events topic, for its partition count
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         # Before the partitions move on: the batch being applied commits, the records of
@@ -348,12 +352,21 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.projector.discard(revoked)
         for tp in revoked:
             self.latest.pop(tp, None)
+        self._publish_for_assigned(excluding=revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         source = self.source
         stored = self.projector.call(lambda writer: writer.projector().checkpoints(source))
         seek(self.consumer, assigned, stored)
         self.handed.update({stream(tp): stored.get(stream(tp), 0) for tp in assigned})
+        self._publish_for_assigned()
+
+    def _publish_for_assigned(self, excluding: Collection[TopicPartition] = ()) -> None:
+        """The derived events this member publishes: its own partitions' customers'."""
+        if self.publisher is not None:
+            owned = {tp.partition for tp in self.consumer.assignment() if tp not in excluding}
+            count = len(self.consumer.partitions_for_topic(self.topic) or ())
+            self.publisher.own(owned, count)
 
 
 # --- where decoded records come from ---------------------------------------------------------
@@ -470,7 +483,11 @@ def consume(
                 raise missing_topic(settings, settings.topic)
             handed = dict(stored_soon.result())
             projector.call(ProjectionWriter.release)  # not held through the group join
-            listener = _SeekToStoredOffsets(kafka_consumer, projector, source, handed, latest)
+            listener = _SeekToStoredOffsets(
+                kafka_consumer, projector, source, handed, latest, publisher, settings.topic
+            )
+            if publisher is not None:
+                publisher.own((), 0)  # nobody's derived events until partitions are assigned
             kafka_consumer.subscribe([settings.topic], listener=listener)
             targets = None
         else:

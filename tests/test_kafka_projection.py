@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +40,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.derived_publishing import NOTHING_YET, DerivedPublisher, publish_until
-from consumers.kafka import KafkaSettings, high_watermarks
+from consumers.kafka import KafkaSettings, high_watermarks, partition_of
 from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, stream
 from consumers.status import partition_lag
 from domain.demo_history import generate_history
@@ -601,6 +601,15 @@ def test_a_member_settles_its_derived_events_before_leaving_the_file_to_others(
     assert sent and marked == sent
 
 
+def scripted(*parts: Any) -> Decoded:
+    """What a feed decoded: per partition (tp, facts, next offset, latest business time)."""
+    found = Decoded()
+    for tp, facts, offset, latest in zip(*(iter(parts),) * 4, strict=True):
+        found.facts[tp], found.offsets[tp], found.latest[tp] = facts, offset, latest
+        found.records += len(facts)
+    return found
+
+
 class _RebalancedFeed:
     """A group member's feed, scripted: partition P's next records wait for their batch
     when a rebalance takes P away and gives it back; P is then read again from its
@@ -615,20 +624,12 @@ class _RebalancedFeed:
         registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
         at = datetime.fromisoformat
         self.script: list[list[Decoded]] = [
-            [self.decoded(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"),
+            [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"),
                           q, [registered_y], 1, at("2025-01-06T08:00:00+00:00"))],
-            [self.decoded(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
-            [self.decoded(q, [y_later], 2, at("2025-01-06T11:00:00+00:00"))],
-            [self.decoded(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
+            [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
+            [scripted(q, [y_later], 2, at("2025-01-06T11:00:00+00:00"))],
+            [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
         ]  # fmt: skip
-
-    @staticmethod
-    def decoded(*parts: Any) -> Decoded:
-        found = Decoded()
-        for tp, facts, offset, latest in zip(*(iter(parts),) * 4, strict=True):
-            found.facts[tp], found.offsets[tp], found.latest[tp] = facts, offset, latest
-            found.records += len(facts)
-        return found
 
     def read(self, timeout_ms: int) -> list[Decoded]:
         if not self.script:
@@ -654,11 +655,22 @@ class _RebalancedFeed:
 
 
 class _NoSeeking:
+    """The consumer as the rebalance listener sees it: its assignment, no seeking."""
+
+    def __init__(self, assigned: Collection[TopicPartition] = (), partitions: int = 3) -> None:
+        self.assigned, self.partitions = set(assigned), partitions
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         pass
 
     def seek_to_beginning(self, tp: TopicPartition) -> None:
         pass
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(range(self.partitions))
 
 
 def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_back(
@@ -710,6 +722,89 @@ def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_ba
             "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
         ).fetchall() == [(0,)]
         assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
+    finally:
+        con.close()
+
+
+class _ScriptedFeed:
+    """A group member's feed that decodes what it is given, then nothing."""
+
+    dead_letters = 0
+
+    def __init__(self, script: list[Decoded], targets: dict[TopicPartition, int]) -> None:
+        self.script, self.targets = script, targets
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        return [self.script.pop(0)] if self.script else []
+
+    def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
+        return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
+
+    def applied(self, offsets: dict[TopicPartition, int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """Member B owns X's partition and has read X's complaint, not yet its acknowledgement;
+    member A owns Y's and reads it to the end, moving the file's clock past X's deadlines.
+    A must not publish X's warning and breach (B's records take them back): each member
+    publishes its own partitions' customers' transitions, up to where it has read."""
+    x, y = "X-0", next(f"Y-{n}" for n in range(100)
+                       if partition_of(f"Y-{n}", 3) != partition_of("X-0", 3))  # fmt: skip
+    accept(ledger, [
+        event("CustomerRegistered", x, "2025-01-06T08:00:00Z"),
+        event("CustomerRegistered", y, "2025-01-06T08:00:00Z"),
+        event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
+              "channel": "phone", "category": "billing", "priority": "urgent"}),
+        event("ComplaintAcknowledged", x, "2025-01-06T09:30:00Z", {"complaint_id": "c1"}),
+        event("ContactLogged", x, "2025-01-06T10:30:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+        event("ContactLogged", y, "2025-01-06T11:00:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+    ])  # fmt: skip
+    _, documents = ledger.documents_after(0, 100)
+    registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
+    p, q = (TopicPartition(kafka_settings.topic, partition_of(c, 3)) for c in (x, y))
+    at = datetime.fromisoformat
+
+    def member(owns: TopicPartition, end: int, script: list[Decoded]) -> None:
+        publisher = DerivedPublisher(kafka_settings)
+        projector = kafka_projection._ProjectorThread(
+            ProjectionWriter(settings.projections_path), "kafka:test", max_waiting=1,
+            publisher=publisher,
+        )  # fmt: skip
+        handed: dict[str, int] = {}
+        listener = kafka_projection._SeekToStoredOffsets(
+            _NoSeeking({owns}), projector, "kafka:test", handed, {}, publisher, "t"
+        )
+        feed = _ScriptedFeed(script, {owns: end})
+        projector.start()
+        try:
+            listener.on_partitions_assigned({owns})
+            kafka_projection._project(
+                feed, projector, kafka_projection.ConsumeReport(), handed=handed, targets=None,
+                poll_ms=100, release_when_idle=True, should_stop=lambda: not feed.script,
+            )  # fmt: skip
+        finally:
+            projector.stop()
+            publisher.close()
+
+    member(p, 4, [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"))])
+    member(q, 2, [scripted(q, [registered_y, y_later], 2, at("2025-01-06T11:00:00+00:00"))])
+    member(p, 4, [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))])
+
+    sent = [orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)]
+    assert [(f["type"], f["customer_id"]) for f in sent if f["type"].startswith("Sla")] == []
+    con = connect(settings.projections_path, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
+        sla = "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
+        assert con.execute(sla).fetchall() == [(0,)]
     finally:
         con.close()
 
