@@ -7,6 +7,7 @@ Exit status: 0 success; 1 some input was rejected (the rest landed); 2 usage err
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterable, Sequence
@@ -93,9 +94,17 @@ def _global(
         _fail(str(error), code=2)
 
 
-def _ledger() -> Ledger:
+def _ledger(*, create: bool = True) -> Ledger:
+    """The ledger; commands that only look (not `create`) start no new one: a mistyped
+    --data-dir would otherwise look like an empty, healthy ledger."""
+    settings = State.settings
+    if not create and settings.event_store is None and not settings.data_dir.is_dir():
+        _fail(
+            f"no ledger in {settings.data_dir} (--data-dir, LEDGER_DATA_DIR): "
+            "`ledger ingest` or `ledger demo` creates one there"
+        )
     try:
-        return open_ledger(State.settings)
+        return open_ledger(settings)
     except ConfigError as error:
         _fail(str(error))
     except Exception as error:  # the store's driver errors vary by backend
@@ -200,6 +209,9 @@ def ingest(
     ] = True,
 ) -> None:
     """Validate and record events; bad lines are kept in DATA_DIR/rejects/ with reasons."""
+    for name in files:  # all readable before anything is recorded
+        if name != "-" and not os.access(name, os.R_OK):
+            _fail(f"cannot read {name}: no such file, or not readable", code=2)
     ledger = _ledger()
     total = ingest_files.IngestReport()
     for name in files:
@@ -259,7 +271,7 @@ def record(
     source_event_id: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
     actor: Annotated[str | None, typer.Option(help="Who records it.")] = None,
 ) -> None:
-    """Record one event (and update the projections)."""
+    """Record one event (and, with no broker configured, update the projections)."""
     try:
         payload = exact_json(data)
     except ValueError as error:
@@ -273,6 +285,9 @@ def record(
         "actor": actor,
         "data": payload,
     }
+    known = [m.__name__ for m in EVENT_MODELS]
+    if event_type not in known:
+        _fail(f"unknown event type {event_type!r}; known: {', '.join(known)}", code=2)
     parsed = parse_record(candidate)
     if isinstance(parsed, Rejected):
         _fail(parsed.reason, code=EXIT_REJECTED)
@@ -280,7 +295,10 @@ def record(
     (outcome,) = ledger.record([parsed])
     if outcome.status == "rejected":
         _fail(outcome.reason or "rejected", code=EXIT_REJECTED)
-    _project(ledger)
+    if State.settings.kafka is None:
+        _project(ledger)
+    else:
+        err.print("projections follow through Kafka: run `ledger relay` and `ledger consume`")
     out.print(f"{outcome.status} {outcome.event_id}")
 
 
@@ -397,7 +415,7 @@ def history(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Print a customer's full timeline from the event store, in business-time order."""
-    facts = _ledger().timeline(customer_id)
+    facts = _ledger(create=False).timeline(customer_id)
     if not facts:
         _fail(f"no events for customer {customer_id!r}", code=EXIT_REJECTED)
     if as_json:
@@ -420,9 +438,7 @@ def history(
 
 @app.command()
 def schema(
-    event_type: Annotated[
-        str | None, typer.Argument(metavar="[TYPE]", help="One type only.")
-    ] = None,
+    event_type: Annotated[str | None, typer.Argument(metavar="TYPE", help="One type only.")] = None,
     ingest_format: Annotated[
         bool, typer.Option("--ingest", help="The shape producers send (without ledger fields).")
     ] = False,
@@ -585,7 +601,7 @@ def status(
     """Store head, projection positions and clock, relay position, lag per partition."""
     settings = State.settings
     found = pipeline_status(
-        _ledger(),
+        _ledger(create=False),
         event_store=settings.event_store_label,
         projections_path=settings.projections_path,
         relay_state_path=settings.relay_state_path,

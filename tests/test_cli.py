@@ -797,6 +797,29 @@ def test_the_dev_broker_stops_its_broker_when_killed(tmp_path: Path) -> None:
             dev.wait()
 
 
+def test_mistakes_start_nothing(tmp_path: Path) -> None:
+    """A mistyped data dir is not a new, empty ledger to the commands that only look; a
+    file list with a missing file records none of them; an unknown type is a usage
+    error."""
+    typo = tmp_path / "typo"
+    for command in [("status",), ("history", "C1")]:
+        refused = run(*command, data_dir=typo, cwd=tmp_path)
+        assert refused.code == 3 and f"no ledger in {typo}" in refused.message, refused
+    assert not typo.exists()
+
+    data = tmp_path / "d"
+    good = tmp_path / "good.jsonl"
+    good.write_text(line("CustomerRegistered", "C1", "2025-01-01T09:00:00Z", {}) + "\n")
+    refused = run("ingest", str(good), str(tmp_path / "missing.jsonl"), data_dir=data,
+                  cwd=tmp_path)  # fmt: skip
+    assert refused.code == 2 and "missing.jsonl" in refused.message, refused
+    assert not data.exists(), "nothing is recorded when one of the files cannot be read"
+
+    unknown = run("record", "CustomerRegisterd", "--customer", "C1", data_dir=data,
+                  cwd=tmp_path)  # fmt: skip
+    assert unknown.code == 2 and "unknown event type 'CustomerRegisterd'" in unknown.message
+
+
 def test_the_data_dir_comes_from_ledger_data_dir(tmp_path: Path) -> None:
     data, cwd = tmp_path / "from-env", tmp_path / "cwd"
     cwd.mkdir()
