@@ -338,14 +338,18 @@ def rebuild(
     """Rebuild every projection from the start into a new file, then swap it in atomically."""
     path = State.settings.projections_path
     if from_kafka:
-        with _progress() as progress:
-            events = kafka_projection.rebuild_from_kafka(
-                path,
-                _kafka(),
-                group,
-                realert=realert,
-                on_batch=_kafka_progress(progress, "rebuilding"),
-            )
+        settings = _kafka()
+        try:
+            with _progress() as progress:
+                events = kafka_projection.rebuild_from_kafka(
+                    path,
+                    settings,
+                    group,
+                    realert=realert,
+                    on_batch=_kafka_progress(progress, "rebuilding"),
+                )
+        except KafkaError as error:
+            _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
         out.print(f"rebuilt projections from {events:,} events on Kafka")
         return
     ledger = _ledger()
@@ -572,7 +576,11 @@ def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Show the dead letters with the topic, partition, offset and error of each."""
-    letters = list_dead_letters(_kafka(), limit)
+    settings = _kafka()
+    try:
+        letters = list_dead_letters(settings, limit)
+    except KafkaError as error:
+        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     if as_json:
         _print_json_lines(letters)
         return

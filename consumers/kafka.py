@@ -27,8 +27,9 @@ from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
 SAY_UNREACHABLE_AFTER_SECONDS = 5.0
-"""How long a command someone watches (`status`, the relay's retries) waits for an
-unreachable broker before saying so; kafka-python's own bootstrap wait is 30 s."""
+"""How long a command someone (or a cron job) waits for an unreachable broker before
+saying so: `status`, `kafka init`, `dlq list`, the relay's retries, a one-shot `consume`
+or `rebuild --from-kafka`; kafka-python's own bootstrap wait is 30 s."""
 
 
 class TopicMissing(LookupError):
@@ -217,7 +218,7 @@ def missing_topic(settings: KafkaSettings, topic: str) -> TopicMissing:
 
 def ensure_topics(settings: KafkaSettings) -> list[str]:
     """Create the event, derived and dead-letter topics when missing; returns those created."""
-    admin = KafkaAdminClient(**settings.client_options())
+    admin = KafkaAdminClient(**settings.client_options(), **watched())
     try:
         existing = set(admin.list_topics())
         wanted = [settings.topic, settings.derived_topic, settings.dlq_topic]

@@ -183,7 +183,7 @@ class DeadLetters:
 
 def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:
     """The dead-letter topic's records, oldest first, with their provenance headers."""
-    reader: KafkaConsumer = consumer(settings, group_id=None, consumer_timeout_ms=2000)
+    reader: KafkaConsumer = consumer(settings, group_id=None, consumer_timeout_ms=2000, **watched())
     try:
         ends = high_watermarks(settings, settings.dlq_topic)
         tps = list(ends)

@@ -42,7 +42,7 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
-from consumers.kafka import KafkaSettings, consumer, high_watermarks, missing_topic
+from consumers.kafka import KafkaSettings, consumer, high_watermarks, missing_topic, watched
 from consumers.kafka_decoding import (
     POLL_RECORDS,
     DeadLetters,
@@ -492,7 +492,7 @@ def consume(
             targets = None
         else:
             feed = Decoders(settings, decoders, poll_records)
-            targets = high_watermarks(settings, settings.topic)
+            targets = high_watermarks(settings, settings.topic, **watched())
             handed = dict(stored_soon.result())
             feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
         _project(
@@ -614,7 +614,7 @@ def rebuild_from_kafka(
         )
         try:
             projector.start()
-            ends = high_watermarks(settings, settings.topic)
+            ends = high_watermarks(settings, settings.topic, **watched())
             projector.call(
                 lambda writer: writer.projector().apply(
                     [], {(source, stream(tp)): 0 for tp in ends}

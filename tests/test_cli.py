@@ -725,8 +725,13 @@ def test_kafka_commands_refuse_what_would_lose_data(
     assert relay_position() == head
 
     down = {**kafka, "LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
-    once = run("relay", data_dir=data, cwd=tmp_path, env=down)  # returns: no endless retries
-    assert once.code == 3 and "cannot reach the broker at 127.0.0.1:1" in once.message, once
+    # a one-shot relay returns (no endless retries); each says so in one line
+    for command in [("relay",), ("dlq", "list"), ("rebuild", "--from-kafka")]:
+        failed = run(*command, data_dir=data, cwd=tmp_path, env=down)
+        assert failed.code == 3, (command, failed)
+        said = "error: cannot reach the broker at 127.0.0.1:1: KafkaTimeoutError: Unable to"
+        assert failed.message.startswith(said), (command, failed)
+    assert projected() == len(events)
 
 
 def test_errors_are_named_once() -> None:
