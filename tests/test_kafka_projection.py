@@ -610,39 +610,16 @@ def scripted(*parts: Any) -> Decoded:
     return found
 
 
-class _RebalancedFeed:
-    """A group member's feed, scripted: partition P's next records wait for their batch
-    when a rebalance takes P away and gives it back; P is then read again from its
-    stored offset (what kafka-python does, calling the listener inside `poll`)."""
+class _ScriptedFeed:
+    """A group member's feed that decodes what it is given, then nothing."""
 
     dead_letters = 0
 
-    def __init__(self, listener: Any, p: TopicPartition, q: TopicPartition,
-                 documents: list[tuple[int, bytes]]) -> None:  # fmt: skip
-        self.listener, self.p, self.q = listener, p, q
-        self.targets = {p: 4, q: 2}
-        registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
-        at = datetime.fromisoformat
-        self.script: list[list[Decoded]] = [
-            [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"),
-                          q, [registered_y], 1, at("2025-01-06T08:00:00+00:00"))],
-            [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
-            [scripted(q, [y_later], 2, at("2025-01-06T11:00:00+00:00"))],
-            [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))],
-        ]  # fmt: skip
+    def __init__(self, script: list[Decoded], targets: dict[TopicPartition, int]) -> None:
+        self.script, self.targets = script, targets
 
     def read(self, timeout_ms: int) -> list[Decoded]:
-        if not self.script:
-            return []
-        step = self.script.pop(0)
-        if len(self.script) == 2:
-            time.sleep(0.5)  # the first batch is applied meanwhile; P's next records wait
-        if len(self.script) == 1:  # P's wait for a batch when the rebalance comes
-            self.listener.on_partitions_revoked({self.p, self.q})
-            self.listener.on_partitions_assigned({self.p, self.q})
-        if not self.script:
-            time.sleep(1.0)  # Q's record was applied on its own meanwhile
-        return step
+        return [self.script.pop(0)] if self.script else []
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
@@ -652,6 +629,36 @@ class _RebalancedFeed:
 
     def close(self) -> None:
         pass
+
+
+class _RebalancedFeed(_ScriptedFeed):
+    """A group member's feed, scripted: partition P's next records wait for their batch
+    when a rebalance takes P away and gives it back; P is then read again from its
+    stored offset (what kafka-python does, calling the listener inside `poll`)."""
+
+    def __init__(self, listener: Any, p: TopicPartition, q: TopicPartition,
+                 documents: list[tuple[int, bytes]]) -> None:  # fmt: skip
+        self.listener, self.p, self.q = listener, p, q
+        registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
+        at = datetime.fromisoformat
+        super().__init__([
+            scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"),
+                     q, [registered_y], 1, at("2025-01-06T08:00:00+00:00")),
+            scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00")),
+            scripted(q, [y_later], 2, at("2025-01-06T11:00:00+00:00")),
+            scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00")),
+        ], {p: 4, q: 2})  # fmt: skip
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        step = super().read(timeout_ms)
+        if len(self.script) == 2:
+            time.sleep(0.5)  # the first batch is applied meanwhile; P's next records wait
+        if len(self.script) == 1:  # P's wait for a batch when the rebalance comes
+            self.listener.on_partitions_revoked({self.p, self.q})
+            self.listener.on_partitions_assigned({self.p, self.q})
+        if step and not self.script:
+            time.sleep(1.0)  # Q's record was applied on its own meanwhile
+        return step
 
 
 class _NoSeeking:
@@ -724,27 +731,6 @@ def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_ba
         assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
     finally:
         con.close()
-
-
-class _ScriptedFeed:
-    """A group member's feed that decodes what it is given, then nothing."""
-
-    dead_letters = 0
-
-    def __init__(self, script: list[Decoded], targets: dict[TopicPartition, int]) -> None:
-        self.script, self.targets = script, targets
-
-    def read(self, timeout_ms: int) -> list[Decoded]:
-        return [self.script.pop(0)] if self.script else []
-
-    def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
-        return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
-
-    def applied(self, offsets: dict[TopicPartition, int]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
