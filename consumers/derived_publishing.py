@@ -79,6 +79,7 @@ class DerivedPublisher:
         self._producer: KafkaProducer | None = None
         self._thread: threading.Thread | None = None
         self._owned: tuple[frozenset[int], int] | None = None  # None: every customer
+        self._newly_owned = False
 
     def own(self, partitions: Collection[int], count: int) -> None:
         """Publish from now on the derived events of the customers whose events live in
@@ -87,6 +88,13 @@ class DerivedPublisher:
         publishing another's customers' transitions could send what that member's
         records, not read yet, take back."""
         self._owned = (frozenset(partitions), count)
+        self._newly_owned = bool(partitions)
+
+    def newly_owned(self) -> bool:
+        """Whether it was given partitions since the last call: what waits unpublished for
+        their customers (held back, or left by an earlier run) may go out now."""
+        found, self._newly_owned = self._newly_owned, False
+        return found
 
     # --- on the projector thread
 

@@ -211,6 +211,10 @@ class _ProjectorThread:
             while self._busy and self._failure is None:
                 self._changed.wait()
 
+    def newly_owned(self) -> bool:
+        """Whether this member was given partitions to publish for since the last call."""
+        return self._publisher is not None and self._publisher.newly_owned()
+
     def publish_all(self) -> int:
         """Send every derived event not sent yet (for when no partition is behind) and wait
         for the broker; returns how many were marked published."""
@@ -571,6 +575,7 @@ def _project(
         report.dead_letters = feed.dead_letters
         if not found:
             projector.nothing_more_to_come()
+            withheld = projector.newly_owned() or withheld
             if withheld and projector.idle() and not feed.behind(handed):
                 report.derived += projector.publish_all()
                 withheld = False
