@@ -40,6 +40,7 @@ from typing import Any, Protocol, TypeVar
 
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
 from consumers.kafka import KafkaSettings, consumer, high_watermarks, missing_topic, watched
@@ -481,7 +482,9 @@ def consume(
         # consumer (or the decoder processes) start and connect.
         stored_soon = projector.submit(lambda writer: writer.projector().checkpoints(source))
         if decoders is None:
-            kafka_consumer = consumer(settings, group_id=group, max_poll_records=poll_records)
+            kafka_consumer = _joining(settings, group, poll_records, should_stop)
+            if kafka_consumer is None:
+                return report  # stopped while the broker was unreachable
             feed = _GroupMember(kafka_consumer, DeadLetters(settings))
             if not kafka_consumer.partitions_for_topic(settings.topic):
                 raise missing_topic(settings, settings.topic)
@@ -518,6 +521,29 @@ def consume(
         if feed is not None:
             feed.close()
     return report
+
+
+def _joining(
+    settings: KafkaSettings,
+    group: str,
+    poll_records: int,
+    should_stop: Callable[[], bool],
+    max_backoff_seconds: float = 30.0,
+) -> KafkaConsumer | None:
+    """A group member's consumer. A follower outlasts a broker that cannot be reached at
+    its start, as the relay does: it says so and retries with backoff (once connected,
+    kafka-python reconnects by itself). None: stopped meanwhile."""
+    backoff = 0.5
+    while not should_stop():
+        try:
+            return consumer(settings, group_id=group, max_poll_records=poll_records, **watched())
+        except KafkaError as error:
+            log.warning("broker unavailable (%s); retrying in %.1fs", error, backoff)
+        waited_until = time.monotonic() + backoff
+        while time.monotonic() < waited_until and not should_stop():
+            time.sleep(0.1)
+        backoff = min(backoff * 2, max_backoff_seconds)
+    return None
 
 
 def _projector_threads(decoders: int) -> int:

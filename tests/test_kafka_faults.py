@@ -250,6 +250,26 @@ def test_the_relay_says_soon_that_the_broker_is_unreachable_and_keeps_trying(
     assert reported[0] < 3 * SAY_UNREACHABLE_AFTER_SECONDS, reported
 
 
+def test_a_following_member_outlasts_a_broker_unreachable_at_its_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`consume --follow` started while the broker is down says so and keeps trying, as
+    `relay --follow` does (it exited after kafka-python's 30 s)."""
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", topic="never-reached")
+
+    def reported_twice() -> bool:
+        said = [r for r in caplog.records if r.name == "consumers.kafka_projection"]
+        return len(said) >= 2
+
+    with caplog.at_level(logging.WARNING, logger="consumers.kafka_projection"):
+        report = kafka_projection.consume(
+            tmp_path / "projections.duckdb", kafka, follow=True, should_stop=reported_twice
+        )
+    assert report.events == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "consumers.kafka_projection"]
+    assert len(said) == 2 and all("broker unavailable" in m for m in said), said
+
+
 # --- a one-shot consume right after group members were killed ---------------------------
 
 MEMBER = """
