@@ -546,12 +546,16 @@ def test_derived_events_do_not_depend_on_how_partitions_interleave(
     assert set(ids) == derived == event_ids(path, "derived_published")
 
 
+@pytest.mark.parametrize("follow", [False, True], ids=["one-shot", "group-member"])
 def test_derived_events_left_unacknowledged_go_out_with_nothing_new_to_read(
-    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
-) -> None:
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path,
+    follow: bool,
+) -> None:  # fmt: skip
     """A consumer that ended between committing a batch and the broker's acknowledgement
     of its derived events (here: their marks removed) sends them on its next run, even
-    with no new record to read."""
+    with no new record to read. A member of the group (`--follow`) publishes only for
+    the partitions it was assigned: once they are, what waits for their customers goes
+    out."""
     accept(ledger, overlapping_complaints(12))
     relay.run(ledger, kafka_settings, tmp_path / "relay.json")
     path, group = settings.projections_path, kafka_settings.group
@@ -560,28 +564,6 @@ def test_derived_events_left_unacknowledged_go_out_with_nothing_new_to_read(
     con = connect(path)
     con.execute("DELETE FROM derived_published")
     con.close()
-
-    again = kafka_projection.consume(path, kafka_settings, group)
-
-    assert (again.events, again.derived) == (0, first.derived)
-    assert event_ids(path, "derived_published") == event_ids(path, "derived_events")
-
-
-def test_a_group_member_sends_what_was_left_unacknowledged_once_assigned(
-    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
-) -> None:
-    """The same as a member of the group (`--follow`): it publishes only for partitions it
-    was assigned, and once they are, what waits for their customers goes out, with no
-    new record to read."""
-    accept(ledger, overlapping_complaints(12))
-    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
-    path, group = settings.projections_path, kafka_settings.group
-    first = kafka_projection.consume(path, kafka_settings, group)
-    assert first.derived > 0
-    con = connect(path)
-    con.execute("DELETE FROM derived_published")
-    con.close()
-
     deadline, looked = time.monotonic() + 60, [0.0]
 
     def sent_again() -> bool:  # the topic holds them twice (the same ids)
@@ -591,9 +573,10 @@ def test_a_group_member_sends_what_was_left_unacknowledged_once_assigned(
         return len(published_ids(kafka_settings)) >= 2 * first.derived
 
     again = kafka_projection.consume(
-        path, kafka_settings, group, follow=True, poll_ms=100,
+        path, kafka_settings, group, follow=follow, poll_ms=100,
         should_stop=lambda: sent_again() or time.monotonic() > deadline,
     )  # fmt: skip
+
     assert (again.events, again.derived) == (0, first.derived)
     assert event_ids(path, "derived_published") == event_ids(path, "derived_events")
 
