@@ -10,8 +10,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -339,17 +339,14 @@ def rebuild(
     path = State.settings.projections_path
     if from_kafka:
         settings = _kafka()
-        try:
-            with _progress() as progress:
-                events = kafka_projection.rebuild_from_kafka(
-                    path,
-                    settings,
-                    group,
-                    realert=realert,
-                    on_batch=_kafka_progress(progress, "rebuilding"),
-                )
-        except KafkaError as error:
-            _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
+        with _reaching(settings), _progress() as progress:
+            events = kafka_projection.rebuild_from_kafka(
+                path,
+                settings,
+                group,
+                realert=realert,
+                on_batch=_kafka_progress(progress, "rebuilding"),
+            )
         out.print(f"rebuilt projections from {events:,} events on Kafka")
         return
     ledger = _ledger()
@@ -483,14 +480,21 @@ def _kafka() -> KafkaSettings:
     return State.settings.kafka
 
 
+@contextmanager
+def _reaching(settings: KafkaSettings) -> Iterator[None]:
+    """A Kafka command's block: a broker error ends it with one line and exit status 3."""
+    try:
+        yield
+    except KafkaError as error:
+        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
+
+
 @kafka_app.command("init")
 def kafka_init() -> None:
     """Create the events, derived-events and dead-letter topics (when missing)."""
     settings = _kafka()
-    try:
+    with _reaching(settings):
         created = kafka_tools.ensure_topics(settings)
-    except KafkaError as error:
-        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     out.print(f"created: {', '.join(created)}" if created else "topics already exist")
 
 
@@ -509,27 +513,30 @@ def relay(
     if from_position is not None and not republish:
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
     settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
-    try:
-        if republish:
-            try:
-                relay_tools.republish_from(settings, state_path, from_position or 0, ledger.head())
-            except ValueError as error:
-                _fail(str(error), code=2)
-        with _progress() as progress:
-            task = progress.add_task("publishing", total=ledger.head())
-            state = relay_tools.run(
-                ledger,
-                settings,
-                state_path,
-                follow=follow,
-                on_batch=lambda st, head: progress.update(task, completed=st.position, total=head),
-            )
-    except relay_tools.TopicDataLost as error:
-        _fail(str(error))
-    except KafkaError as error:
-        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
-    except KeyboardInterrupt:
-        return
+    with _reaching(settings):
+        try:
+            if republish:
+                try:
+                    relay_tools.republish_from(
+                        settings, state_path, from_position or 0, ledger.head()
+                    )
+                except ValueError as error:
+                    _fail(str(error), code=2)
+            with _progress() as progress:
+                task = progress.add_task("publishing", total=ledger.head())
+                state = relay_tools.run(
+                    ledger,
+                    settings,
+                    state_path,
+                    follow=follow,
+                    on_batch=lambda st, head: progress.update(
+                        task, completed=st.position, total=head
+                    ),
+                )
+        except relay_tools.TopicDataLost as error:
+            _fail(str(error))
+        except KeyboardInterrupt:
+            return
     out.print(f"relay at position {state.position:,}; {state.published:,} records acknowledged")
 
 
@@ -546,19 +553,18 @@ def consume(
 ) -> None:
     """Project the events topic into DuckDB as a member of a consumer group."""
     settings = _kafka()
-    try:
-        with _progress() as progress:
-            report = kafka_projection.consume(
-                State.settings.projections_path,
-                settings,
-                group,
-                follow=follow,
-                on_batch=None if follow else _kafka_progress(progress, "consuming"),
-            )
-    except KafkaError as error:
-        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
-    except KeyboardInterrupt:
-        return
+    with _reaching(settings):
+        try:
+            with _progress() as progress:
+                report = kafka_projection.consume(
+                    State.settings.projections_path,
+                    settings,
+                    group,
+                    follow=follow,
+                    on_batch=None if follow else _kafka_progress(progress, "consuming"),
+                )
+        except KeyboardInterrupt:
+            return
     derived = (
         f"{report.derived:,} derived events published"
         if report.publishing
@@ -577,10 +583,8 @@ def dlq_list(
 ) -> None:
     """Show the dead letters with the topic, partition, offset and error of each."""
     settings = _kafka()
-    try:
+    with _reaching(settings):
         letters = list_dead_letters(settings, limit)
-    except KafkaError as error:
-        _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     if as_json:
         _print_json_lines(letters)
         return

@@ -146,17 +146,15 @@ def run(
             if on_batch:
                 on_batch(state, ledger.head())
         except KafkaError as error:
+            if kafka_producer is not None:
+                kafka_producer.close(timeout=1)
+                kafka_producer = None
             if not follow:
-                if kafka_producer is not None:
-                    kafka_producer.close(timeout=1)
                 raise
             log.warning(
                 "broker unavailable (%s); retrying in %.1fs from store position %s",
                 error, backoff, f"{state.position:,}",
             )  # fmt: skip
-            if kafka_producer is not None:
-                kafka_producer.close(timeout=1)
-                kafka_producer = None
             checked_at = None  # the broker may come back empty: look again
             time.sleep(backoff)
             backoff = min(backoff * 2, max_backoff_seconds)
