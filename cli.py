@@ -332,7 +332,11 @@ def rebuild(
         typer.Option(help="With --from-kafka: the consumer group (default LEDGER_KAFKA_GROUP)."),
     ] = None,
     realert: Annotated[
-        bool, typer.Option(help="Publish every derived event again (default: only new ones).")
+        bool,
+        typer.Option(
+            help="Publish every derived event again, and with --from-kafka send the dead "
+            "letters again (default: only new ones)."
+        ),
     ] = False,
 ) -> None:
     """Rebuild every projection from the start into a new file, then swap it in atomically."""

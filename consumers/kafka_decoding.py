@@ -135,10 +135,17 @@ def decode_polled(polled: Mapping[TopicPartition, list[Any]], dead_letters: Dead
 
 class DeadLetters:
     """The dead-letter topic: each record that cannot be decoded, with headers naming where
-    it came from and why."""
+    it came from and why.
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    `sent_below` holds, per stream, an offset below which the dead letters were sent
+    already (by the consumer that built the live projections, when this reads the topic
+    again to rebuild them): those are counted, not sent again."""
+
+    def __init__(
+        self, settings: KafkaSettings, sent_below: Mapping[str, int] | None = None
+    ) -> None:
         self.settings = settings
+        self.sent_below = dict(sent_below or {})
         self.count = 0
         self._producer: KafkaProducer | None = None
         self._pending: list[Any] = []
@@ -149,6 +156,9 @@ class DeadLetters:
         return self._producer
 
     def send(self, record: Any, error: Exception) -> None:
+        self.count += 1
+        if record.offset < self.sent_below.get(f"{record.topic}:{record.partition}", 0):
+            return
         log.warning(
             "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error
         )
@@ -165,7 +175,6 @@ class DeadLetters:
                 self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
             )
         )
-        self.count += 1
 
     def flush(self) -> None:
         """Wait until the broker has every dead letter; raises if one was not delivered."""
@@ -280,14 +289,20 @@ class Decoders:
         self._letters = dict.fromkeys(range(count), 0)
         self._targets: dict[TopicPartition, int] = {}
 
-    def assign(self, ranges: Ranges) -> None:
-        """Share the partitions out (round robin) and start reading."""
+    def assign(
+        self, ranges: Ranges, dead_letters_sent_below: Mapping[str, int] | None = None
+    ) -> None:
+        """Share the partitions out (round robin) and start reading. Dead letters below
+        `dead_letters_sent_below` (per stream) were sent already: see `DeadLetters`."""
         shares: list[Ranges] = [{} for _ in self._connections]
         for n, tp in enumerate(sorted(ranges)):
             shares[n % len(shares)][tp] = ranges[tp]
+        sent_below = dead_letters_sent_below or {}
         for number, (connection, share) in enumerate(zip(self._connections, shares, strict=True)):
             try:
-                connection.send(share)
+                connection.send(
+                    (share, {stream(tp): sent_below.get(stream(tp), 0) for tp in share})
+                )
             except OSError:
                 raise self._ended(number) from None
         self._open = list(self._connections)
@@ -377,9 +392,11 @@ def _decode_ranges(
     is gone, and raises the broker's error when it cannot be reached."""
     parent = os.getppid()
     reader = consumer(settings, group_id=None, max_poll_records=poll_records)
-    dead_letters = DeadLetters(settings)
+    dead_letters: DeadLetters | None = None
     try:
-        ranges: Ranges = connection.recv()
+        ranges: Ranges
+        ranges, sent_below = connection.recv()
+        dead_letters = DeadLetters(settings, sent_below)
         reader.assign(list(ranges))
         seek(reader, ranges, {stream(tp): s for tp, (s, _) in ranges.items() if s is not None})
         sent = {tp: start or 0 for tp, (start, _) in ranges.items()}
@@ -405,7 +422,8 @@ def _decode_ranges(
             connection.send((decoded, dead_letters.count))
         connection.send(None)
     finally:
-        dead_letters.close()
+        if dead_letters is not None:
+            dead_letters.close()
         reader.close()
 
 

@@ -58,6 +58,7 @@ from consumers.kafka_decoding import (
 )
 from projections.projector import BatchResult
 from projections.rebuild import rebuilding
+from projections.schema import connect, stored_checkpoints
 from projections.writer import ProjectionWriter
 
 log = logging.getLogger(__name__)
@@ -631,8 +632,11 @@ def rebuild_from_kafka(
 ) -> int:
     """Project the whole topic from offset 0 into a new file, then swap it in atomically
     (see `projections.rebuild`). The new file holds the group's offsets at the topic's
-    end, so `consume` continues from there."""
+    end, so `consume` continues from there. Nothing is sent again unless `realert`: neither
+    the derived events the live file published nor the dead letters of the records the
+    live file's consumer read (it had them acknowledged before it committed past them)."""
     source = source_name(group or settings.group)
+    dead_letters_sent_below = {} if realert else _stored_offsets(projections_path, source)
     report = ConsumeReport()
     with rebuilding(projections_path, realert=realert) as staging:
         count = decoder_count(settings)
@@ -651,10 +655,21 @@ def rebuild_from_kafka(
                     [], {(source, stream(tp)): 0 for tp in ends}
                 )
             )
-            decoders.assign({tp: (None, end) for tp, end in ends.items()})
+            decoders.assign({tp: (None, end) for tp, end in ends.items()}, dead_letters_sent_below)
             _project(decoders, projector, report, handed={}, targets=ends, poll_ms=1000,
                      release_when_idle=False, on_batch=on_batch)  # fmt: skip
         finally:
             projector.stop()
             decoders.close()
     return report.events
+
+
+def _stored_offsets(projections_path: Path, source: str) -> dict[str, int]:
+    """The offsets `source` committed in a projections file, per stream (none: no file)."""
+    if not projections_path.exists():
+        return {}
+    con = connect(projections_path, read_only=True)
+    try:
+        return {stream: offset for s, stream, offset in stored_checkpoints(con) if s == source}
+    finally:
+        con.close()

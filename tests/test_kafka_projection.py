@@ -302,6 +302,15 @@ def test_poison_records_go_to_the_dead_letter_topic(
         assert reason in shown["error_message"].lower(), (reason, shown)
         assert shown["key"] == customer
 
+    # A rebuild reads them again and sends none of them again, unless asked (--realert).
+    assert kafka_projection.rebuild_from_kafka(path, kafka_settings, group) == facts
+    assert len(read_topic(kafka_settings, kafka_settings.dlq_topic)) == len(poison)
+    kafka_projection.rebuild_from_kafka(path, kafka_settings, group, realert=True)
+    again = read_topic(kafka_settings, kafka_settings.dlq_topic)[len(poison) :]
+    assert sorted((int(dict(r.headers)["dlq_original_offset"]), r.value) for r in again) == sorted(
+        (offset, value) for (_, offset), (_, value) in sent.items()
+    )
+
 
 # --- (d) rebuild from Kafka --------------------------------------------------------------------
 
