@@ -40,7 +40,13 @@ from typing import Any, Protocol, TypeVar
 
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
 from consumers.kafka import KafkaSettings, consumer, high_watermarks, missing_topic, watched
@@ -75,6 +81,15 @@ CATCH_UP_HOLD_SECONDS = 5.0
 """How long a one-shot catch-up holds the projections file before leaving readers a turn
 (a group member: `ProjectionWriter`'s default): each release costs a checkpoint and a
 reopen, and `ledger query` waits for its turn."""
+
+
+REBALANCING = (
+    CommitFailedError,
+    RebalanceInProgressError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+)
+"""What a group offset commit raises when the group rebalances meanwhile."""
 
 
 def source_name(group: str) -> str:
@@ -141,7 +156,10 @@ class _ProjectorThread:
         self._waiting_since = 0.0
         self._more_to_come = True
         self._publish_until: datetime | None = None
-        self._busy = False
+        self._busy = False  # applying a batch
+        self._writing = False  # the batch has the file (it may have waited for it)
+        self._dropped: set[TopicPartition] = set()  # revoked while the batch waited for it
+        self._calling = False  # running a call (which may be waiting for the file)
         self._calls: deque[tuple[Callable[[ProjectionWriter], Any], Future[Any]]] = deque()
         self._applied: list[_Applied] = []
         self._failure: BaseException | None = None
@@ -190,7 +208,15 @@ class _ProjectorThread:
 
     def idle(self) -> bool:
         with self._changed:
-            return self._waiting is None and not self._busy and not self._calls
+            return (
+                self._waiting is None and not self._busy and not self._calling and not self._calls
+            )
+
+    def full(self) -> bool:
+        """Whether `hand_over` would wait for the batch being applied (which may itself
+        wait for the file while a reader holds it)."""
+        with self._changed:
+            return self._waiting is not None and self._waiting.records >= self._max_waiting
 
     def drain(self) -> list[_Applied]:
         """Wait until everything handed over is applied; the batches committed since the
@@ -203,13 +229,19 @@ class _ProjectorThread:
         return self.applied()
 
     def discard(self, partitions: Collection[TopicPartition]) -> None:
-        """Forget the waiting records of `partitions`, and wait until the batch being applied
-        is committed: whoever gets those partitions next starts from the stored offsets."""
+        """Forget the records of `partitions` not committed yet: whoever gets them next
+        starts from the stored offsets. Those waiting are dropped; so are those of the
+        batch being applied while it still waits for the file (a reader may hold it for
+        minutes, and this runs inside the group's rebalance); once it has the file, this
+        waits until the batch is committed."""
         with self._changed:
             if self._waiting is not None:
                 kept = self._waiting.without(partitions)
                 self._waiting = kept if kept.offsets else None
                 self._changed.notify_all()
+            if self._busy and not self._writing:
+                self._dropped.update(partitions)
+                return
             while self._busy and self._failure is None:
                 self._changed.wait()
 
@@ -217,18 +249,18 @@ class _ProjectorThread:
         """Whether this member was given partitions to publish for since the last call."""
         return self._publisher is not None and self._publisher.newly_owned()
 
-    def publish_all(self) -> int:
+    def publish_all(self) -> Future[int]:
         """Send every derived event not sent yet (for when no partition is behind) and wait
-        for the broker; returns how many were marked published."""
+        for the broker; how many were marked published comes in the future returned."""
         publisher = self._publisher
-        if publisher is None:
-            return 0
 
         def publish(writer: ProjectionWriter) -> int:
+            if publisher is None:
+                return 0
             projector = writer.projector()
             return publisher.publish(projector, None) + publisher.settle(projector)
 
-        return self.call(publish)
+        return self.submit(publish)
 
     def submit(self, function: Callable[[ProjectionWriter], T]) -> Future[T]:
         """Run `function` on this thread (DuckDB connections stay on one thread) before the
@@ -273,6 +305,7 @@ class _ProjectorThread:
                     if call is None and batch is None:
                         return  # stopping, and nothing left to call
                     self._busy = batch is not None
+                    self._calling = call is not None
                     self._changed.notify_all()  # room for more to wait
                 if call is not None:
                     function, done = call
@@ -280,16 +313,18 @@ class _ProjectorThread:
                         done.set_result(function(self._projections))
                     except BaseException as error:  # handed to the caller
                         done.set_exception(error)
+                    with self._changed:
+                        self._calling = False
                 elif batch is not None:
                     applied = self._apply(batch, publish_until)
                     with self._changed:
-                        self._busy = False
+                        self._busy = self._writing = False
                         self._applied.append(applied)
                         self._changed.notify_all()
         except BaseException as error:  # raised on the Kafka side
             with self._changed:
                 self._failure = error
-                self._busy = False
+                self._busy = self._writing = False
                 self._changed.notify_all()
         finally:
             with self._changed:
@@ -313,7 +348,12 @@ class _ProjectorThread:
         return max(0.0, self._waiting_since + self._max_wait_seconds - time.monotonic())
 
     def _apply(self, decoded: Decoded, publish_until: datetime | None) -> _Applied:
-        projector = self._projections.projector()
+        projector = self._projections.projector()  # may wait for the file
+        with self._changed:
+            self._writing = True
+            dropped, self._dropped = self._dropped, set()
+        if dropped:
+            decoded = decoded.without(dropped)
         batch = decoded.batch()
         checkpoints = {(self._source, stream(tp)): o for tp, o in decoded.offsets.items()}
         result = projector.apply(batch, checkpoints)
@@ -332,6 +372,15 @@ class _ProjectorThread:
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Positions a group member's assigned partitions at the offsets stored in DuckDB.
+
+    The listener runs inside `poll`, and reading the stored offsets may wait for the file
+    (a reader holding it, the batch being applied): so assigned partitions are paused and
+    the offsets read on the projector thread meanwhile; `seek_assigned`, called before
+    each poll, seeks them once they are read. The member goes on polling in between, and
+    so stays in the group however long the file is busy.
+    """
+
     def __init__(
         self,
         kafka_consumer: KafkaConsumer,
@@ -349,6 +398,8 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.latest = latest  # the business time handed over, per partition
         self.publisher = publisher
         self.topic = topic  # the events topic, for its partition count
+        self.unpositioned: set[TopicPartition] = set()  # paused until their offsets are read
+        self._stored: Future[dict[str, int]] | None = None
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         # Before the partitions move on: the batch being applied commits, the records of
@@ -358,19 +409,38 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.projector.discard(revoked)
         for tp in revoked:
             self.latest.pop(tp, None)
+        self.unpositioned.difference_update(revoked)
         self._publish_for_assigned(excluding=revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        source = self.source
-        stored = self.projector.call(lambda writer: writer.projector().checkpoints(source))
-        seek(self.consumer, assigned, stored)
-        self.handed.update({stream(tp): stored.get(stream(tp), 0) for tp in assigned})
+        self.consumer.pause(*assigned)
+        self.unpositioned.update(assigned)
+        source = self.source  # read after whatever the projector thread has queued
+        self._stored = self.projector.submit(lambda writer: writer.projector().checkpoints(source))
+
+    def seek_assigned(self) -> bool:
+        """Seek the assigned partitions to their stored offsets once those are read (the
+        member resumes them); whether none is left waiting for them."""
+        if self._stored is None:
+            return True
+        if not self._stored.done():
+            return False
+        stored, self._stored = self._stored.result(), None
+        partitions, self.unpositioned = self.unpositioned, set()  # revoked ones left it
+        seek(self.consumer, partitions, stored)
+        self.handed.update({stream(tp): stored.get(stream(tp), 0) for tp in partitions})
         self._publish_for_assigned()
+        return True
 
     def _publish_for_assigned(self, excluding: Collection[TopicPartition] = ()) -> None:
-        """The derived events this member publishes: its own partitions' customers'."""
+        """The derived events this member publishes: its own positioned partitions'
+        customers'."""
         if self.publisher is not None:
-            owned = {tp.partition for tp in self.consumer.assignment() if tp not in excluding}
+            owned = {
+                tp.partition
+                for tp in self.consumer.assignment()
+                if tp not in excluding and tp not in self.unpositioned
+            }
             count = len(self.consumer.partitions_for_topic(self.topic) or ())
             self.publisher.own(owned, count)
 
@@ -402,17 +472,36 @@ class _Feed(Protocol):
 
 class _GroupMember:
     """A consumer group member polling and decoding on the calling thread (following the
-    topic: records arrive a few at a time, and the group moves partitions around)."""
+    topic: records arrive a few at a time, and the group moves partitions around).
 
-    def __init__(self, kafka_consumer: KafkaConsumer, dead_letters: DeadLetters) -> None:
+    It never stops polling, which would make the group drop it after
+    `max_poll_interval_ms`: while the projector thread has a full batch waiting (the
+    file held by a reader, say), its partitions are paused instead of the hand-over
+    blocking; while their stored offsets are read, newly assigned ones are."""
+
+    def __init__(
+        self,
+        kafka_consumer: KafkaConsumer,
+        dead_letters: DeadLetters,
+        listener: _SeekToStoredOffsets,
+    ) -> None:
         self.consumer = kafka_consumer
         self._dead_letters = dead_letters
+        self._listener = listener
 
     @property
     def dead_letters(self) -> int:
         return self._dead_letters.count
 
     def read(self, timeout_ms: int) -> list[Decoded]:
+        listener = self._listener
+        listener.seek_assigned()
+        assigned = self.consumer.assignment()
+        held = assigned if listener.projector.full() else assigned & listener.unpositioned
+        paused = self.consumer.paused()
+        if held != paused:
+            self.consumer.resume(*(paused - held))
+            self.consumer.pause(*(held - paused))
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         return [decode_polled(polled, self._dead_letters)] if polled else []
 
@@ -423,11 +512,15 @@ class _GroupMember:
         return [tp for tp, end in ends.items() if end is None or handed.get(stream(tp), 0) < end]
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
-        """Tell the group too, for lag tooling (the projections keep the real offsets)."""
+        """Tell the group too, for lag tooling (the projections keep the real offsets): not
+        worth failing for when the group is rebalancing meanwhile (its next commit says)."""
         assigned = self.consumer.assignment()
-        self.consumer.commit(
-            {tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items() if tp in assigned}
-        )
+        try:
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(o, None, -1) for tp, o in offsets.items() if tp in assigned}
+            )
+        except REBALANCING as error:
+            log.info("group offsets not committed during a rebalance: %s", error)
 
     def close(self) -> None:
         self._dead_letters.close()
@@ -478,22 +571,21 @@ def consume(
     feed: _Feed | None = None
     latest: dict[TopicPartition, datetime] = {}  # business time handed over, per partition
     projector.start()
+    handed: dict[str, int] = {}  # the next offset to hand over, per stream
     try:
-        # The file and its tables are created, and the stored offsets read, while the
-        # consumer (or the decoder processes) start and connect.
-        stored_soon = projector.submit(lambda writer: writer.projector().checkpoints(source))
         if decoders is None:
+            # The file is not needed to join: the stored offsets of the partitions
+            # assigned are read then (a reader may be holding it meanwhile).
             kafka_consumer = _joining(settings, group, poll_records, should_stop)
             if kafka_consumer is None:
                 return report  # stopped while the broker was unreachable
-            feed = _GroupMember(kafka_consumer, DeadLetters(settings))
             if not kafka_consumer.partitions_for_topic(settings.topic):
+                kafka_consumer.close()
                 raise missing_topic(settings, settings.topic)
-            handed = dict(stored_soon.result())
-            projector.call(ProjectionWriter.release)  # not held through the group join
             listener = _SeekToStoredOffsets(
                 kafka_consumer, projector, source, handed, latest, publisher, settings.topic
             )
+            feed = _GroupMember(kafka_consumer, DeadLetters(settings), listener)
             if publisher is not None:
                 publisher.own((), 0)  # nobody's derived events until partitions are assigned
             kafka_consumer.subscribe([settings.topic], listener=listener)
@@ -501,7 +593,9 @@ def consume(
         else:
             feed = Decoders(settings, decoders, poll_records)
             targets = high_watermarks(settings, settings.topic, **watched())
-            handed = dict(stored_soon.result())
+            # made (or opened) while the decoder processes start, once the topic is known
+            stored = projector.call(lambda writer: writer.projector().checkpoints(source))
+            handed.update(stored)
             feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
         _project(
             feed,
@@ -578,6 +672,10 @@ def _project(
     # Derived events may wait unpublished: held back while partitions were behind, or left
     # by an earlier run that ended between a commit and the broker's acknowledgement.
     withheld = True
+    # Work on the file asked for between batches. Not waited for: the file may be held by
+    # a reader, and a group member that stopped polling meanwhile would be dropped.
+    publishing: Future[int] | None = None
+    releasing: Future[None] | None = None
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
 
@@ -596,6 +694,11 @@ def _project(
 
     while not should_stop():
         report_applied(projector.applied())
+        if publishing is not None and publishing.done():
+            report.derived += publishing.result()
+            publishing = None
+        if releasing is not None and releasing.done():
+            releasing = releasing.result()  # None, or it raises
         if targets is not None and not unread(targets, handed):
             break
         found = feed.read(poll_ms)
@@ -604,10 +707,10 @@ def _project(
             projector.nothing_more_to_come()
             withheld = projector.newly_owned() or withheld
             if withheld and projector.idle() and not feed.behind(handed):
-                report.derived += projector.publish_all()
+                publishing = projector.publish_all()
                 withheld = False
             if release_when_idle and projector.idle():
-                projector.call(ProjectionWriter.release)
+                releasing = projector.submit(ProjectionWriter.release)
             continue
         for decoded in found:
             handed.update({stream(tp): o for tp, o in decoded.offsets.items()})
@@ -617,8 +720,10 @@ def _project(
             withheld = withheld or until is not None
             projector.hand_over(decoded, more_to_come=bool(behind), publish_until=until)
     report_applied(projector.drain())
+    if publishing is not None:
+        report.derived += publishing.result()
     if withheld and not feed.behind(handed):
-        report.derived += projector.publish_all()
+        report.derived += projector.publish_all().result()
 
 
 def rebuild_from_kafka(

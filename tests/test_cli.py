@@ -710,6 +710,11 @@ def test_kafka_commands_refuse_what_would_lose_data(
         assert "does not exist" in refused.message and "ledger kafka init" in refused.message
         assert "Traceback" not in refused.err
     assert projected() == len(events), "a rebuild from a missing topic emptied the projections"
+    fresh = tmp_path / "fresh"
+    for command in [("consume",), ("consume", "--follow"), ("rebuild", "--from-kafka")]:
+        refused = run(*command, data_dir=fresh, cwd=tmp_path, env=typo)
+        assert refused.code == 3, (command, refused)
+        assert not list(fresh.glob("projections*")), f"{command} created a projections file"
 
     def relay_position() -> int:
         shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)

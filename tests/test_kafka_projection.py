@@ -679,13 +679,15 @@ class _RebalancedFeed(_ScriptedFeed):
         if len(self.script) == 1:  # P's wait for a batch when the rebalance comes
             self.listener.on_partitions_revoked({self.p, self.q})
             self.listener.on_partitions_assigned({self.p, self.q})
+            wait_until(self.listener.seek_assigned, 10, "the stored offsets were not read")
         if step and not self.script:
             time.sleep(1.0)  # Q's record was applied on its own meanwhile
         return step
 
 
 class _NoSeeking:
-    """The consumer as the rebalance listener sees it: its assignment, no seeking."""
+    """The consumer as the rebalance listener sees it: its assignment, no seeking nor
+    pausing."""
 
     def __init__(self, assigned: Collection[TopicPartition] = (), partitions: int = 3) -> None:
         self.assigned, self.partitions = set(assigned), partitions
@@ -694,6 +696,9 @@ class _NoSeeking:
         pass
 
     def seek_to_beginning(self, tp: TopicPartition) -> None:
+        pass
+
+    def pause(self, *tps: TopicPartition) -> None:
         pass
 
     def assignment(self) -> set[TopicPartition]:
@@ -795,6 +800,7 @@ def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
         projector.start()
         try:
             listener.on_partitions_assigned({owns})
+            wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
             kafka_projection._project(
                 feed, projector, kafka_projection.ConsumeReport(), handed=handed, targets=None,
                 poll_ms=100, release_when_idle=True, should_stop=lambda: not feed.script,
@@ -902,7 +908,12 @@ def announce(self, partitions):
     print("assigned", ",".join(str(tp.partition) for tp in sorted(partitions)), flush=True)
 listener.on_partitions_assigned = announce
 
-path, bootstrap, topic, group = sys.argv[1:5]
+path, bootstrap, topic, group, max_poll_interval_ms = sys.argv[1:6]
+if max_poll_interval_ms:  # how long the group waits for a member's next poll
+    consumer = kafka_projection.consumer
+    kafka_projection.consumer = lambda settings, **options: consumer(
+        settings, **{**options, "max_poll_interval_ms": int(max_poll_interval_ms)}
+    )
 settings = KafkaSettings(bootstrap=bootstrap, topic=topic, group=group)
 try:
     kafka_projection.consume(Path(path), settings, follow=True, max_records=500)
@@ -912,10 +923,18 @@ except KeyboardInterrupt:
 
 
 class Member:
-    """`consume --follow` in a process of its own, announcing each assignment."""
+    """`consume --follow` in a process of its own, announcing each assignment (when its
+    listener is called)."""
 
-    def __init__(self, settings: Settings, kafka: KafkaSettings, group: str) -> None:
-        arguments = [str(settings.projections_path), kafka.bootstrap, kafka.topic, group]
+    def __init__(
+        self,
+        settings: Settings,
+        kafka: KafkaSettings,
+        group: str,
+        max_poll_interval_ms: int | None = None,
+    ) -> None:
+        arguments = [str(settings.projections_path), kafka.bootstrap, kafka.topic, group,
+                     str(max_poll_interval_ms or "")]  # fmt: skip
         self.process = subprocess.Popen(
             [sys.executable, "-c", MEMBER, *arguments],
             cwd=PROJECT_ROOT,
@@ -924,6 +943,7 @@ class Member:
             text=True,
         )
         self.assignments: list[str] = []
+        self.assigned_at: list[float] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -932,6 +952,7 @@ class Member:
         for line in self.process.stdout:
             if line.startswith("assigned "):
                 self.assignments.append(line.split()[1] if len(line.split()) > 1 else "")
+                self.assigned_at.append(time.monotonic())
 
     def stop(self) -> str:
         """Interrupt it (as Ctrl-C would); its stderr when it did not end cleanly."""
@@ -991,3 +1012,75 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     ids = published_ids(kafka_settings)
     assert ids and len(ids) == len(set(ids)), "each derived event is published once"
     assert event_ids(path, "derived_published") <= set(ids)
+
+
+HOLDING = """
+import duckdb, sys, time
+while True:
+    try:
+        con = duckdb.connect(sys.argv[1], read_only=True)
+        break
+    except duckdb.IOException:
+        time.sleep(0.01)
+print("open", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_members_stay_in_the_group_while_a_reader_holds_the_file(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """An analyst's session holds the file for longer than the group waits for a member's
+    next poll, while records arrive (more than a batch holds) and a second member joins.
+    Handing records over, dropping the revoked partitions' records and reading the stored
+    offsets of those assigned all wait for the file; had the members stopped polling
+    meanwhile, the group would have dropped them (and rebalanced again, and again). They
+    stay in the group, and project everything once the file is free."""
+    history = generate_history(customers=90)
+    cuts = [0, len(history) // 3, 2 * len(history) // 3, len(history)]
+    group = kafka_settings.group
+    path = settings.projections_path
+    interval_ms, hold = 4000, 12.0
+    members: list[Member] = []
+
+    def offsets_reach(end: int) -> bool:
+        try:
+            return sum(checkpoints(path, group).values()) >= end
+        except duckdb.Error:
+            return False
+
+    try:
+        with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
+            accept(ledger, history[cuts[0] : cuts[1]])
+            relayed()
+            members.append(Member(settings, kafka_settings, group, interval_ms))
+            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the member fell behind")
+            reader = subprocess.Popen(
+                [sys.executable, "-c", HOLDING, str(path), str(hold)], stdout=subprocess.PIPE
+            )
+            try:
+                assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
+                opened = time.monotonic()
+                accept(ledger, history[cuts[1] : cuts[2]])  # more than the 500 a batch holds
+                relayed()
+                members.append(Member(settings, kafka_settings, group, interval_ms))
+                reader.wait(timeout=hold + 30)
+                released = time.monotonic()
+            finally:
+                reader.kill()
+            time.sleep(3 * interval_ms / 1000)  # time for the group to drop a member
+            first, second = members
+            assert len(first.assignments) == 2 and len(second.assignments) == 1, (
+                first.assignments, second.assignments,
+            )  # fmt: skip
+            assert opened < second.assigned_at[0] < released, "the rebalance came too late"
+            parts = sorted(",".join([first.assignments[1], second.assignments[0]]).split(","))
+            assert parts == ["0", "1", "2"]
+
+            accept(ledger, history[cuts[2] : cuts[3]])
+            relayed()
+            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the members fell behind")
+    finally:
+        failures = [member.stop() for member in members]
+    assert not any(failures), failures
+    assert differences(tables(path), embedded(ledger, tmp_path)) == {}
