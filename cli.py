@@ -774,8 +774,8 @@ def main() -> None:
     ) as error:
         _say_error(
             f"{_what_failed(error)}: {_named(error)}\n"
-            "Everything recorded before this point is stored whole; fix the cause and run "
-            "the same command again (re-ingesting a file adds nothing twice)."
+            "What was stored before this point is stored whole; fix the cause and run the "
+            "same command again: it carries on from there and adds nothing twice."
         )
         sys.exit(EXIT_UNAVAILABLE)
 
