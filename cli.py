@@ -680,14 +680,15 @@ def dev_broker(
 ) -> None:
     """Run the bundled Tansu broker (memory storage: nothing survives a restart)."""
     broker = kafka_tools.DevBroker(port)
-    try:
-        broker.start()
-    except RuntimeError as error:
-        _fail(str(error))
-    err.print(f"broker on {broker.bootstrap}; export LEDGER_KAFKA_BOOTSTRAP={broker.bootstrap}")
-    # `kill` (SIGTERM) too stops the broker, which would otherwise outlive this command
+    # `kill` (SIGTERM) too stops the broker, which would otherwise outlive this command:
+    # from before it starts, so that a kill right after it says where it is stops it too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        try:
+            broker.start()
+        except RuntimeError as error:
+            _fail(str(error))
+        err.print(f"broker on {broker.bootstrap}; export LEDGER_KAFKA_BOOTSTRAP={broker.bootstrap}")
         assert broker.process is not None
         broker.process.wait()
     except KeyboardInterrupt:
