@@ -402,10 +402,10 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stored: Future[dict[str, int]] | None = None
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        # Before the partitions move on: the batch being applied commits, the records of
-        # theirs still waiting are dropped (their next owner reads them again), and so is
-        # the business time they reached: were it kept, derived events those records
-        # take back (a breach before its acknowledgement) could go out meanwhile.
+        # Before the partitions move on: their records not committed yet are dropped
+        # (`discard`: their next owner reads them again), and so is the business time
+        # they reached: were it kept, derived events those records take back (a breach
+        # before its acknowledgement) could go out meanwhile.
         self.projector.discard(revoked)
         for tp in revoked:
             self.latest.pop(tp, None)
