@@ -962,6 +962,32 @@ class Member:
         return "" if self.process.returncode == 0 else err[-2000:]
 
 
+def relay_and_wait(
+    ledger: Ledger,
+    events: list[dict[str, Any]],
+    relayed: Callable[[], None],
+    path: Path,
+    group: str,
+) -> None:
+    """Record `events`, wait for the relay, then for the group to project them."""
+    accept(ledger, events)
+    relayed()
+    wait_for_the_group(ledger, path, group)
+
+
+def wait_for_the_group(ledger: Ledger, path: Path, group: str) -> None:
+    """Wait until the group's stored offsets cover every fact recorded (reading them waits
+    while a member holds the file for a batch)."""
+
+    def projected() -> bool:
+        try:
+            return sum(checkpoints(path, group).values()) >= fact_count(ledger)
+        except duckdb.Error:  # the file or its tables do not exist yet
+            return False
+
+    wait_until(projected, 60, "the group fell behind")
+
+
 def test_two_members_share_the_partitions_and_together_project_everything(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
@@ -974,19 +1000,11 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     path = settings.projections_path
     members: list[Member] = []
 
-    def offsets_reach(end: int) -> bool:
-        try:  # waits while a member holds the file for a batch
-            return sum(checkpoints(path, group).values()) >= end
-        except duckdb.Error:  # the file or its tables do not exist yet
-            return False
-
     try:
         with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
             members.append(Member(settings, kafka_settings, group))
             wait_until(lambda: members[0].assignments == ["0,1,2"], 60, "the first did not join")
-            accept(ledger, history[cuts[0] : cuts[1]])
-            relayed()
-            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the member fell behind")
+            relay_and_wait(ledger, history[cuts[0] : cuts[1]], relayed, path, group)
             accept(ledger, history[cuts[1] : cuts[2]])
             relayed()
             members.append(Member(settings, kafka_settings, group))  # while the first projects
@@ -996,9 +1014,7 @@ def test_two_members_share_the_partitions_and_together_project_everything(
                 return all(latest) and sorted(",".join(latest).split(",")) == ["0", "1", "2"]
 
             wait_until(shared, 90, "the members did not share the partitions")
-            accept(ledger, history[cuts[2] : cuts[3]])
-            relayed()
-            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the members fell behind")
+            relay_and_wait(ledger, history[cuts[2] : cuts[3]], relayed, path, group)
     finally:
         failures = [member.stop() for member in members]
     assert not any(failures), failures
@@ -1043,18 +1059,12 @@ def test_members_stay_in_the_group_while_a_reader_holds_the_file(
     interval_ms, hold = 4000, 12.0
     members: list[Member] = []
 
-    def offsets_reach(end: int) -> bool:
-        try:
-            return sum(checkpoints(path, group).values()) >= end
-        except duckdb.Error:
-            return False
-
     try:
         with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
             accept(ledger, history[cuts[0] : cuts[1]])
             relayed()
             members.append(Member(settings, kafka_settings, group, interval_ms))
-            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the member fell behind")
+            wait_for_the_group(ledger, path, group)
             reader = subprocess.Popen(
                 [sys.executable, "-c", HOLDING, str(path), str(hold)], stdout=subprocess.PIPE
             )
@@ -1077,9 +1087,7 @@ def test_members_stay_in_the_group_while_a_reader_holds_the_file(
             parts = sorted(",".join([first.assignments[1], second.assignments[0]]).split(","))
             assert parts == ["0", "1", "2"]
 
-            accept(ledger, history[cuts[2] : cuts[3]])
-            relayed()
-            wait_until(lambda: offsets_reach(fact_count(ledger)), 60, "the members fell behind")
+            relay_and_wait(ledger, history[cuts[2] : cuts[3]], relayed, path, group)
     finally:
         failures = [member.stop() for member in members]
     assert not any(failures), failures
