@@ -132,7 +132,7 @@ class _ProjectorThread:
     What is handed over waits, merged, and is taken whole as the next batch once
     `max_waiting` records wait (`hand_over` blocks then), once the Kafka side has nothing
     more to come for now, or after `max_wait_seconds`. Other work on the file (reading the
-    stored offsets, releasing it) runs on this thread too, between batches (`call`). A
+    stored offsets, releasing it) runs on this thread too, between batches (`submit`). A
     failure stops the thread and is raised to the Kafka side by its next call; records not
     applied then were never acknowledged anywhere.
     """
@@ -250,8 +250,9 @@ class _ProjectorThread:
         return self._publisher is not None and self._publisher.newly_owned()
 
     def publish_all(self) -> Future[int]:
-        """Send every derived event not sent yet (for when no partition is behind) and wait
-        for the broker; how many were marked published comes in the future returned."""
+        """Send every derived event not sent yet (for when no partition is behind), and
+        have the broker acknowledge them, on this thread; how many were marked published
+        comes in the future returned."""
         publisher = self._publisher
 
         def publish(writer: ProjectionWriter) -> int:
@@ -332,7 +333,9 @@ class _ProjectorThread:
                 calls, self._calls = list(self._calls), deque()
                 self._changed.notify_all()
             for _, done in calls:
-                done.set_exception(RuntimeError("the projector thread has stopped"))
+                done.set_exception(
+                    self._failure or RuntimeError("the projector thread has stopped")
+                )
             self._projections.release()
 
     def _batch_due(self) -> bool:
@@ -394,28 +397,43 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer = kafka_consumer
         self.projector = projector
         self.source = source
-        self.handed = handed  # where the Kafka side stands, per partition
+        self.handed = handed  # where the Kafka side stands, per stream
         self.latest = latest  # the business time handed over, per partition
         self.publisher = publisher
         self.topic = topic  # the events topic, for its partition count
         self.unpositioned: set[TopicPartition] = set()  # paused until their offsets are read
         self._stored: Future[dict[str, int]] | None = None
+        # kafka-python keeps revoked partitions in the assignment until the group's join
+        # ends, over several polls: none of their customers' transitions is ours meanwhile
+        self._revoked: set[TopicPartition] = set()
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         # Before the partitions move on: their records not committed yet are dropped
         # (`discard`: their next owner reads them again), and so is the business time
         # they reached: were it kept, derived events those records take back (a breach
         # before its acknowledgement) could go out meanwhile.
+        # Where the Kafka side stood in them goes too: until they are positioned again,
+        # they count as behind.
         self.projector.discard(revoked)
         for tp in revoked:
             self.latest.pop(tp, None)
+            self.handed.pop(stream(tp), None)
+        self._revoked.update(revoked)
         self.unpositioned.difference_update(revoked)
-        self._publish_for_assigned(excluding=revoked)
+        if not self.unpositioned:
+            self._stored = None  # a read still under way is for partitions no longer ours
+        self._publish_for_assigned()
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        self._revoked.clear()
+        if not assigned:
+            return
         self.consumer.pause(*assigned)
         self.unpositioned.update(assigned)
-        source = self.source  # read after whatever the projector thread has queued
+        source = self.source
+        # Runs once the batch being applied is committed (calls run between batches), and
+        # no record of these partitions waits for a batch (`discard` dropped them when
+        # they were revoked; none was read since, as they are paused).
         self._stored = self.projector.submit(lambda writer: writer.projector().checkpoints(source))
 
     def seek_assigned(self) -> bool:
@@ -432,14 +450,14 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self._publish_for_assigned()
         return True
 
-    def _publish_for_assigned(self, excluding: Collection[TopicPartition] = ()) -> None:
+    def _publish_for_assigned(self) -> None:
         """The derived events this member publishes: its own positioned partitions'
         customers'."""
         if self.publisher is not None:
             owned = {
                 tp.partition
                 for tp in self.consumer.assignment()
-                if tp not in excluding and tp not in self.unpositioned
+                if tp not in self._revoked and tp not in self.unpositioned
             }
             count = len(self.consumer.partitions_for_topic(self.topic) or ())
             self.publisher.own(owned, count)
@@ -475,18 +493,20 @@ class _GroupMember:
     topic: records arrive a few at a time, and the group moves partitions around).
 
     It never stops polling, which would make the group drop it after
-    `max_poll_interval_ms`: while the projector thread has a full batch waiting (the
-    file held by a reader, say), its partitions are paused instead of the hand-over
-    blocking; while their stored offsets are read, newly assigned ones are."""
+    `max_poll_interval_ms`. Instead of waiting for the projector thread (which may wait
+    for the file while a reader holds it), it pauses partitions: all of them while a full
+    batch waits, and those newly assigned until their stored offsets are read."""
 
     def __init__(
         self,
         kafka_consumer: KafkaConsumer,
         dead_letters: DeadLetters,
+        projector: _ProjectorThread,
         listener: _SeekToStoredOffsets,
     ) -> None:
         self.consumer = kafka_consumer
         self._dead_letters = dead_letters
+        self._projector = projector
         self._listener = listener
 
     @property
@@ -494,10 +514,9 @@ class _GroupMember:
         return self._dead_letters.count
 
     def read(self, timeout_ms: int) -> list[Decoded]:
-        listener = self._listener
-        listener.seek_assigned()
+        self._listener.seek_assigned()
         assigned = self.consumer.assignment()
-        held = assigned if listener.projector.full() else assigned & listener.unpositioned
+        held = assigned if self._projector.full() else assigned & self._listener.unpositioned
         paused = self.consumer.paused()
         if held != paused:
             self.consumer.resume(*(paused - held))
@@ -585,7 +604,7 @@ def consume(
             listener = _SeekToStoredOffsets(
                 kafka_consumer, projector, source, handed, latest, publisher, settings.topic
             )
-            feed = _GroupMember(kafka_consumer, DeadLetters(settings), listener)
+            feed = _GroupMember(kafka_consumer, DeadLetters(settings), projector, listener)
             if publisher is not None:
                 publisher.own((), 0)  # nobody's derived events until partitions are assigned
             kafka_consumer.subscribe([settings.topic], listener=listener)
@@ -694,22 +713,24 @@ def _project(
 
     while not should_stop():
         report_applied(projector.applied())
-        if publishing is not None and publishing.done():
-            report.derived += publishing.result()
-            publishing = None
-        if releasing is not None and releasing.done():
-            releasing = releasing.result()  # None, or it raises
         if targets is not None and not unread(targets, handed):
             break
         found = feed.read(poll_ms)
         report.dead_letters = feed.dead_letters
+        if publishing is not None and publishing.done():
+            report.derived += publishing.result()
+            publishing = None
+        if releasing is not None and releasing.done():
+            releasing.result()  # raises what failed
+            releasing = None
         if not found:
             projector.nothing_more_to_come()
             withheld = projector.newly_owned() or withheld
-            if withheld and projector.idle() and not feed.behind(handed):
+            idle = projector.idle()
+            if withheld and idle and publishing is None and not feed.behind(handed):
                 publishing = projector.publish_all()
-                withheld = False
-            if release_when_idle and projector.idle():
+                withheld = idle = False
+            if release_when_idle and idle and releasing is None:
                 releasing = projector.submit(ProjectionWriter.release)
             continue
         for decoded in found:

@@ -1092,3 +1092,48 @@ def test_members_stay_in_the_group_while_a_reader_holds_the_file(
         failures = [member.stop() for member in members]
     assert not any(failures), failures
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
+
+
+def test_a_read_of_stored_offsets_outrun_by_a_revoke_gives_no_partition_back(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Partitions are assigned while a reader holds the file, so reading their stored
+    offsets waits; the group rebalances again meanwhile, and kafka-python keeps the
+    revoked partitions in the assignment until the join ends. The read finishing then
+    must not make this member publish for those partitions' customers, nor position it
+    in them: only the next assignment does."""
+    path = tmp_path / "projections.duckdb"
+    connect(path).close()
+    tps = {TopicPartition(kafka_settings.topic, n) for n in range(3)}
+    publisher = DerivedPublisher(kafka_settings)
+    projector = kafka_projection._ProjectorThread(
+        ProjectionWriter(path), "kafka:test", max_waiting=10
+    )
+    handed: dict[str, int] = {}
+    consumer = _NoSeeking(tps)  # the revoked partitions stay in the assignment
+    listener = kafka_projection._SeekToStoredOffsets(
+        consumer, projector, "kafka:test", handed, {}, publisher, kafka_settings.topic
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLDING, str(path), "2"], stdout=subprocess.PIPE
+    )
+    projector.start()
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
+        listener.on_partitions_assigned(tps)
+        assert not listener.seek_assigned(), "the stored offsets were read while the file was held"
+        listener.on_partitions_revoked(tps)
+        assert reader.wait(timeout=30) == 0
+        wait_until(projector.idle, 30, "the stored offsets were not read")
+        assert listener.seek_assigned()
+        assert not publisher.newly_owned() and handed == {}
+
+        first = TopicPartition(kafka_settings.topic, 0)
+        consumer.assigned = {first}
+        listener.on_partitions_assigned({first})
+        wait_until(listener.seek_assigned, 30, "the stored offsets were not read")
+        assert publisher.newly_owned() and handed == {stream(first): 0}
+    finally:
+        reader.kill()
+        projector.stop()
+        publisher.close()
