@@ -18,17 +18,19 @@ from projections.schema import connect, one, run
 
 
 class RebuildBehind(RuntimeError):
-    """The rebuilt projections stand behind the live ones in a source both read: the source
-    lost what the live file was built from (a broker that came back empty, say)."""
+    """The rebuilt projections lack events the live ones hold: the source lost what the
+    live file was built from (a broker that came back empty, a topic past its retention),
+    or does not hold it yet (a relay behind the store), or is another source."""
 
 
-BEHIND = """
-SELECT old.source, old.stream, old.position, new.position
-FROM previous.projection_checkpoints AS old
-JOIN projection_checkpoints AS new USING (source, stream)
-WHERE new.position < old.position
-ORDER BY ALL
+MISSING = """
+SELECT count(*), any_value(old.event_id)
+FROM previous.events AS old
+ANTI JOIN events USING (event_id)
 """
+"""The live file's events the rebuild lacks. Events, not offsets: a topic republished from
+the store after a data loss holds every event once, at lower offsets than the live file
+read (the relay's repeats after a crash are gone), and is complete."""
 
 
 @contextmanager
@@ -45,17 +47,17 @@ def rebuilding(path: Path, *, realert: bool = False) -> Iterator[Path]:
         projector = Projector(con)
         if path.exists():
             run(con, "ATTACH ? AS previous (READ_ONLY)", [str(path)])
-            behind = con.execute(BEHIND).fetchall()
-            if behind:
+            missing, example = one(con, MISSING) or (0, None)
+            if missing:
                 con.close()
                 for leftover in leftovers:
                     leftover.unlink(missing_ok=True)
-                source, stream, old, new = behind[0]
                 raise RebuildBehind(
-                    f"the rebuild read {stream} ({source}) up to {new:,} but the live "
-                    f"projections stand at {old:,}: the source lost data (on Kafka, a broker "
-                    "that restarted empty: `ledger relay --republish --from 0`, then rebuild "
-                    "again); the live projections are unchanged"
+                    f"the rebuild lacks {missing:,} of the live projections' events (event "
+                    f"{example}, for one): its source lost data, or is behind (on Kafka: a "
+                    "broker that restarted empty or a relay behind the store: `ledger relay "
+                    "--republish --from 0` or `ledger relay`, then rebuild again; `ledger "
+                    "rebuild` rebuilds from the store); the live projections are unchanged"
                 )
             clock = one(con, "SELECT max(as_of) FROM previous.projection_clock")
             if clock and clock[0] is not None:

@@ -188,32 +188,39 @@ def test_batch_size_does_not_change_the_projection(
 # --- (b) rebuild equals the live projection --------------------------------------------------
 
 
-def test_a_rebuild_behind_the_live_file_leaves_it_unchanged(tmp_path: Path) -> None:
+def test_a_rebuild_lacking_events_of_the_live_file_leaves_it_unchanged(
+    ledger: Ledger, settings: Settings
+) -> None:
     """A source that lost data (a broker restarted empty) rebuilds into fewer events than
-    the live file was built from: the swap is refused, and the live file stays."""
-    path = tmp_path / "projections.duckdb"
+    the live file holds: the swap is refused, and the live file stays. A topic republished
+    from the store holds every event at lower offsets (without the repeats the live file
+    read): complete, so it is swapped in."""
+    accept(ledger, generate_history(customers=8))
+    _, documents = ledger.documents_after(0, 100_000)
+    path = settings.projections_path
     source, stream = "kafka:ledger-projections", "customer-interactions:0"
     live = Projector(connect(path))
-    live.apply([], {(source, stream): 120, ("kafka:other", stream): 7})
+    live.apply(documents, {(source, stream): len(documents) + 5})  # 5 repeats from the relay
     live.con.close()
     before = path.read_bytes()
 
-    behind = r"up to 40 but the live projections stand at 120"
-    with pytest.raises(RebuildBehind, match=behind), rebuilding(path) as staging:
+    lacking = r"lacks 3 of the live projections' events"
+    with pytest.raises(RebuildBehind, match=lacking), rebuilding(path) as staging:
         rebuilt = Projector(connect(staging))
-        rebuilt.apply([], {(source, stream): 40})
+        rebuilt.apply(documents[:-3], {(source, stream): len(documents) + 7})
         rebuilt.con.close()
     assert path.read_bytes() == before
     assert not staging.exists()
 
-    with rebuilding(path) as staging:  # as far as the live file, or further: swapped in
+    with rebuilding(path) as staging:  # every event, at lower offsets: swapped in
         rebuilt = Projector(connect(staging))
-        rebuilt.apply([], {(source, stream): 120})
+        rebuilt.apply(documents, {(source, stream): len(documents)})
         rebuilt.con.close()
     con = connect(path, read_only=True)
     assert con.execute("SELECT source, position FROM projection_checkpoints").fetchall() == [
-        (source, 120)
+        (source, len(documents))
     ]
+    assert con.execute("SELECT count(*) FROM events").fetchall() == [(len(documents),)]
     con.close()
 
 
