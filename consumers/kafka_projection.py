@@ -231,9 +231,11 @@ class _ProjectorThread:
     def discard(self, partitions: Collection[TopicPartition]) -> None:
         """Forget the records of `partitions` not committed yet: whoever gets them next
         starts from the stored offsets. Those waiting are dropped; so are those of the
-        batch being applied while it still waits for the file (a reader may hold it for
-        minutes, and this runs inside the group's rebalance); once it has the file, this
-        waits until the batch is committed."""
+        batch being applied while it still waits for the file. A batch that has the file
+        commits them before it lets go of it, and whoever reads the stored offsets next
+        needs the file (or, in this process, comes after the batch): so this never waits,
+        which matters as it runs inside the group's rebalance (a reader may hold the file
+        for minutes; settling the derived events may take as long as the broker)."""
         with self._changed:
             if self._waiting is not None:
                 kept = self._waiting.without(partitions)
@@ -241,9 +243,6 @@ class _ProjectorThread:
                 self._changed.notify_all()
             if self._busy and not self._writing:
                 self._dropped.update(partitions)
-                return
-            while self._busy and self._failure is None:
-                self._changed.wait()
 
     def newly_owned(self) -> bool:
         """Whether this member was given partitions to publish for since the last call."""

@@ -1137,3 +1137,49 @@ def test_a_read_of_stored_offsets_outrun_by_a_revoke_gives_no_partition_back(
         reader.kill()
         projector.stop()
         publisher.close()
+
+
+class _SlowToSettle(DerivedPublisher):
+    """A publisher whose broker takes its time to acknowledge: `settle` waits for `go`."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        super().__init__(settings)
+        self.settling, self.go = threading.Event(), threading.Event()
+
+    def settle(self, projector: Any) -> int:
+        self.settling.set()
+        self.go.wait(60)
+        return super().settle(projector)
+
+
+def test_a_revoke_does_not_wait_for_the_batch_being_applied(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """A revoke runs inside the group's rebalance: waiting there for a batch that settles
+    its derived events with a slow broker would get the member dropped from the group. The
+    batch has the file, so it commits before anyone else can read the stored offsets: the
+    revoke need not wait, and the batch's offsets still land."""
+    accept(ledger, [event("CustomerRegistered", "X", "2025-01-06T08:00:00Z")])
+    _, documents = ledger.documents_after(0, 10)
+    p = TopicPartition(kafka_settings.topic, 0)
+    publisher = _SlowToSettle(kafka_settings)
+    projector = kafka_projection._ProjectorThread(
+        ProjectionWriter(settings.projections_path), "kafka:test", max_waiting=10,
+        publisher=publisher,
+    )  # fmt: skip
+    projector.start()
+    try:
+        batch = scripted(p, documents, 1, datetime(2025, 1, 6, 8, tzinfo=UTC))
+        projector.hand_over(batch, more_to_come=False, publish_until=None)
+        assert publisher.settling.wait(30), "the batch was not applied"
+        revoking = threading.Thread(target=projector.discard, args=({p},), daemon=True)
+        revoking.start()
+        revoking.join(timeout=10)
+        assert not revoking.is_alive(), "the revoke waited for the batch to settle"
+        publisher.go.set()
+        assert [a.offsets for a in projector.drain()] == [{p: 1}]
+    finally:
+        publisher.go.set()
+        projector.stop()
+        publisher.close()
+    assert checkpoints(settings.projections_path, "test") == {stream(p): 1}
