@@ -157,7 +157,8 @@ class DeadLetters:
 
     def send(self, record: Any, error: Exception) -> None:
         self.count += 1
-        if record.offset < self.sent_below.get(f"{record.topic}:{record.partition}", 0):
+        origin = stream(TopicPartition(record.topic, record.partition))
+        if record.offset < self.sent_below.get(origin, 0):
             return
         log.warning(
             "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error

@@ -7,9 +7,11 @@ unreachable: CI must not pass without having tested the PostgreSQL event store.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +209,31 @@ def differences(a: Tables, b: Tables) -> dict[str, Any]:
                 "only_second": [r for r in b[name] if r not in a[name]][:3],
             }
     return found
+
+
+HOLDING = """
+import duckdb, sys, time
+while True:
+    try:
+        con = duckdb.connect(sys.argv[1], read_only=True)
+        break
+    except duckdb.IOException:
+        time.sleep(0.01)
+print("open", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@contextmanager
+def reader_holding(path: Path, seconds: float) -> Iterator[subprocess.Popen[bytes]]:
+    """A process holding the projections file open read-only (an analyst's session) for
+    `seconds` from the start of the block (once it can open it); killed at its end."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLDING, str(path), str(seconds)], stdout=subprocess.PIPE
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
+        yield reader
+    finally:
+        reader.kill()
+        reader.wait()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, reader_holding
 
 from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
@@ -128,15 +128,7 @@ def test_a_follower_outlasts_a_reader_holding_the_file(
     path = tmp_path / "projections.duckdb"
     connect(path).close()
     monkeypatch.setattr(schema, "LOCKED_SAY_EVERY_SECONDS", 0.3)
-    holding = (  # a reader that keeps the file open for 2 s
-        "import duckdb, sys, time\n"
-        "con = duckdb.connect(sys.argv[1], read_only=True)\n"
-        "print('open', flush=True)\n"
-        "time.sleep(2)\n"
-    )
-    reader = subprocess.Popen([sys.executable, "-c", holding, str(path)], stdout=subprocess.PIPE)
-    try:
-        assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
+    with reader_holding(path, 2):
         opened = time.monotonic()
         with pytest.raises(schema.ProjectionsBusy, match="a reader holding it open"):
             connect(path, wait_seconds=0.5)
@@ -145,6 +137,3 @@ def test_a_follower_outlasts_a_reader_holding_the_file(
         con.close()
         assert time.monotonic() - opened > 1.5, "the writer opened the file while it was held"
         assert any("another process holds it" in r.getMessage() for r in caplog.records)
-    finally:
-        reader.kill()
-        reader.wait()

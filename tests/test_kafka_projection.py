@@ -33,6 +33,7 @@ from conftest import (
     embedded,
     event,
     fact_count,
+    reader_holding,
     tables,
 )
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -1030,19 +1031,6 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     assert event_ids(path, "derived_published") <= set(ids)
 
 
-HOLDING = """
-import duckdb, sys, time
-while True:
-    try:
-        con = duckdb.connect(sys.argv[1], read_only=True)
-        break
-    except duckdb.IOException:
-        time.sleep(0.01)
-print("open", flush=True)
-time.sleep(float(sys.argv[2]))
-"""
-
-
 def test_members_stay_in_the_group_while_a_reader_holds_the_file(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
@@ -1065,19 +1053,13 @@ def test_members_stay_in_the_group_while_a_reader_holds_the_file(
             relayed()
             members.append(Member(settings, kafka_settings, group, interval_ms))
             wait_for_the_group(ledger, path, group)
-            reader = subprocess.Popen(
-                [sys.executable, "-c", HOLDING, str(path), str(hold)], stdout=subprocess.PIPE
-            )
-            try:
-                assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
+            with reader_holding(path, hold) as reader:
                 opened = time.monotonic()
                 accept(ledger, history[cuts[1] : cuts[2]])  # more than the 500 a batch holds
                 relayed()
                 members.append(Member(settings, kafka_settings, group, interval_ms))
                 reader.wait(timeout=hold + 30)
                 released = time.monotonic()
-            finally:
-                reader.kill()
             time.sleep(3 * interval_ms / 1000)  # time for the group to drop a member
             first, second = members
             assert len(first.assignments) == 2 and len(second.assignments) == 1, (
@@ -1114,27 +1096,25 @@ def test_a_read_of_stored_offsets_outrun_by_a_revoke_gives_no_partition_back(
     listener = kafka_projection._SeekToStoredOffsets(
         consumer, projector, "kafka:test", handed, {}, publisher, kafka_settings.topic
     )
-    reader = subprocess.Popen(
-        [sys.executable, "-c", HOLDING, str(path), "2"], stdout=subprocess.PIPE
-    )
     projector.start()
     try:
-        assert reader.stdout is not None and reader.stdout.readline() == b"open\n"
-        listener.on_partitions_assigned(tps)
-        assert not listener.seek_assigned(), "the stored offsets were read while the file was held"
-        listener.on_partitions_revoked(tps)
-        assert reader.wait(timeout=30) == 0
-        wait_until(projector.idle, 30, "the stored offsets were not read")
-        assert listener.seek_assigned()
-        assert not publisher.newly_owned() and handed == {}
+        with reader_holding(path, 2) as reader:
+            listener.on_partitions_assigned(tps)
+            assert not listener.seek_assigned(), (
+                "the stored offsets were read while the file was held"
+            )
+            listener.on_partitions_revoked(tps)
+            assert reader.wait(timeout=30) == 0
+            wait_until(projector.idle, 30, "the stored offsets were not read")
+            assert listener.seek_assigned()
+            assert not publisher.newly_owned() and handed == {}
 
-        first = TopicPartition(kafka_settings.topic, 0)
-        consumer.assigned = {first}
-        listener.on_partitions_assigned({first})
-        wait_until(listener.seek_assigned, 30, "the stored offsets were not read")
-        assert publisher.newly_owned() and handed == {stream(first): 0}
+            first = TopicPartition(kafka_settings.topic, 0)
+            consumer.assigned = {first}
+            listener.on_partitions_assigned({first})
+            wait_until(listener.seek_assigned, 30, "the stored offsets were not read")
+            assert publisher.newly_owned() and handed == {stream(first): 0}
     finally:
-        reader.kill()
         projector.stop()
         publisher.close()
 
