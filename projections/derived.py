@@ -71,8 +71,12 @@ sla_transitions AS (
 SELECT * FROM (
     SELECT * FROM stage_changes
     UNION ALL
-    SELECT md5('derived|sla|' || customer_id || '|' || complaint_id || '|' || clock || '|'
-               || type)::UUID,
+    -- Two free-text ids: joined with '|' they could collide ("a|b"+"c", "a"+"b|c"), so
+    -- ids holding one are hashed as a JSON array instead (the ids of all others stay).
+    SELECT md5(CASE WHEN contains(customer_id, '|') OR contains(complaint_id, '|')
+                    THEN 'derived|sla-json|' || to_json([customer_id, complaint_id, clock, type])
+                    ELSE 'derived|sla|' || customer_id || '|' || complaint_id || '|' || clock
+                         || '|' || type END)::UUID,
            type, customer_id, occurred_at,
            json_object('complaint_id', complaint_id, 'clock', clock, 'priority', priority,
                        'category', category, 'due_at', iso(due_at),

@@ -6,8 +6,12 @@ filed with. Definitions (pinned by tests/test_sla.py):
   repeat that a foreign producer put on the topic is a step without effect);
 - the first response is the first acknowledgement, resolution or close;
 - the resolution is the first resolution or close after the last reopening;
-- time on hold, from ComplaintOnHold to the next resume, resolution or close (or the
-  as-of clock while still on hold), moves the resolution due time later;
+- the resolution clock is paused on hold, from ComplaintOnHold to the next resume,
+  resolution or close (or the as-of clock while still on hold), and while resolved or
+  closed before a reopening (`paused_hours` adds both up); a pause moves the resolution
+  warning and due times later only if it began before they were reached, so a reopening
+  reveals no warning or breach dated while the complaint was resolved, and a hold after
+  a breach cannot undo it;
 - a clock that stopped by its due time is `met`, after it `breached`; a running clock is
   `breached` once the as-of clock passes its due time, else `pending`.
 The as-of clock is explicit (`projection_clock`), never the wall clock, so a rebuild at
@@ -38,22 +42,55 @@ WITH steps AS (
 filed AS (
     SELECT s.customer_id, s.complaint_id, s.occurred_at AS filed_at,
            coalesce(s.priority, 'normal') AS priority, s.category, s.channel,
-           t.first_response_hours, t.resolution_hours, t.warning_fraction
+           t.first_response_hours, t.resolution_hours, t.warning_fraction,
+           CAST(t.resolution_hours * 3600000000 AS BIGINT) AS resolution_us,
+           CAST(t.resolution_hours * 3600000000 * t.warning_fraction AS BIGINT)
+               AS resolution_warning_us
     FROM steps AS s JOIN sla_targets AS t ON t.priority = coalesce(s.priority, 'normal')
     WHERE s.type = 'ComplaintFiled'
 ),
 status_steps AS (
-    SELECT *, lead(occurred_at) OVER (PARTITION BY customer_id, complaint_id
-                                      ORDER BY occurred_at, position) AS next_status_at
+    SELECT *,
+        lead(occurred_at) OVER (PARTITION BY customer_id, complaint_id
+                                ORDER BY occurred_at, position) AS next_status_at,
+        max(occurred_at) FILTER (WHERE type = 'ComplaintReopened')
+            OVER (PARTITION BY customer_id, complaint_id) AS last_reopened_at
     FROM steps
     WHERE type IN ('ComplaintFiled', 'ComplaintOnHold', 'ComplaintResumed',
                    'ComplaintResolved', 'ComplaintReopened', 'ComplaintClosed')
 ),
+-- The resolution clock stops while the complaint waits: on hold (until the next status
+-- step, or the as-of clock), and resolved or closed until a reopening restarts it.
+pauses AS (
+    SELECT customer_id, complaint_id, occurred_at AS paused_at, position,
+           epoch_us(coalesce(next_status_at, $as_of)) - epoch_us(occurred_at) AS paused_us
+    FROM status_steps
+    WHERE type = 'ComplaintOnHold'
+       OR (type IN ('ComplaintResolved', 'ComplaintClosed') AND occurred_at < last_reopened_at)
+),
+-- A target is reached in the first running stretch long enough for it: only the pauses
+-- before that point move it (a hold after the warning leaves the warning where it was,
+-- and a hold after the due time cannot undo a breach).
+pause_marks AS (
+    SELECT p.customer_id, p.complaint_id, p.paused_us,
+           epoch_us(p.paused_at) - epoch_us(f.filed_at) - p.paused_before_us AS running_us,
+           p.paused_before_us, f.resolution_us, f.resolution_warning_us
+    FROM (
+        SELECT *, coalesce(sum(paused_us) OVER (
+                      PARTITION BY customer_id, complaint_id ORDER BY paused_at, position
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS paused_before_us
+        FROM pauses
+    ) AS p
+    JOIN filed AS f USING (customer_id, complaint_id)
+),
 paused AS (
     SELECT customer_id, complaint_id,
-           CAST(sum(epoch_us(coalesce(next_status_at, $as_of)) - epoch_us(occurred_at)) AS BIGINT)
-               AS paused_us
-    FROM status_steps WHERE type = 'ComplaintOnHold'
+        CAST(sum(paused_us) AS BIGINT) AS paused_us,
+        CAST(coalesce(min(paused_before_us) FILTER (WHERE running_us >= resolution_us),
+                      sum(paused_us)) AS BIGINT) AS paused_before_due_us,
+        CAST(coalesce(min(paused_before_us) FILTER (WHERE running_us >= resolution_warning_us),
+                      sum(paused_us)) AS BIGINT) AS paused_before_warning_us
+    FROM pause_marks
     GROUP BY customer_id, complaint_id
 ),
 summary AS (
@@ -90,11 +127,11 @@ clocks AS (
         f.filed_at + to_microseconds(CAST(f.first_response_hours * 3600000000
                                           * f.warning_fraction AS BIGINT))
             AS first_response_warning_at,
-        f.filed_at + to_hours(f.resolution_hours) + to_microseconds(coalesce(p.paused_us, 0))
+        f.filed_at + to_microseconds(f.resolution_us + coalesce(p.paused_before_due_us, 0))
             AS resolution_due,
-        f.filed_at + to_microseconds(CAST(f.resolution_hours * 3600000000
-                                          * f.warning_fraction AS BIGINT))
-                   + to_microseconds(coalesce(p.paused_us, 0)) AS resolution_warning_at
+        f.filed_at + to_microseconds(f.resolution_warning_us
+                                     + coalesce(p.paused_before_warning_us, 0))
+            AS resolution_warning_at
     FROM filed AS f
     JOIN summary AS m USING (customer_id, complaint_id)
     LEFT JOIN paused AS p USING (customer_id, complaint_id)
@@ -106,7 +143,7 @@ SELECT
               CASE WHEN c.first_response_at <= c.first_response_due THEN 'met' ELSE 'breached' END
          WHEN $as_of > c.first_response_due THEN 'breached'
          ELSE 'pending' END AS first_response_status,
-    CAST(CAST(c.paused_us AS DECIMAL(18, 0)) / 3600000000 AS DECIMAL(12, 4)) AS paused_hours,
+    CAST(money_div(c.paused_us, 3600000000) AS DECIMAL(12, 4)) AS paused_hours,
     c.resolution_due, c.resolution_warning_at,
     CASE WHEN c.status IN ('resolved', 'closed') THEN r.resolved_at END AS resolved_at,
     CASE WHEN c.status IN ('resolved', 'closed') THEN

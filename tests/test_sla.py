@@ -7,6 +7,7 @@ F = 2025-03-03 09:00 UTC and times are written as hours after F.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -357,7 +358,7 @@ def test_reopened_complaints_are_measured_from_the_last_reopening(
             step("ComplaintAcknowledged", 1, "b"),
             step("ComplaintResolved", 20, "b"),
             step("ComplaintReopened", 110, "b"),
-            step("ComplaintResolved", 130, "b"),
+            step("ComplaintResolved", 215, "b"),
             # c: resolved on time, reopened, still open when the clock passes the due time
             filed("c", "normal"),
             step("ComplaintAcknowledged", 1, "c"),
@@ -374,7 +375,7 @@ def test_reopened_complaints_are_measured_from_the_last_reopening(
         ],
     )
     con = project(ledger, settings)
-    assert clock(con) == at(130)  # the latest business time, b's second resolution
+    assert clock(con) == at(215)  # the latest business time, b's second resolution
 
     fields = ("status", "resolved_at", "resolution_status", "reopened", "closed_at")
     # a: the resolution after the (last) reopening at 30 is the one at 40, not 20 nor the
@@ -386,15 +387,20 @@ def test_reopened_complaints_are_measured_from_the_last_reopening(
         "reopened": 1,
         "closed_at": at(45),
     }
-    # b: the on-time resolution at 20 no longer counts; 130 > 120
+    # b: the on-time resolution at 20 no longer counts; the 90 h it sat resolved do not
+    # count against it either (due 120 + 90 = 210); 215 > 210
     assert pick(sla(con, "b"), *fields) == {
         "status": "resolved",
-        "resolved_at": at(130),
+        "resolved_at": at(215),
         "resolution_status": "breached",
         "reopened": 1,
         "closed_at": None,
     }
-    # c: open again; the clock (130) is past its due time (120)
+    assert pick(sla(con, "b"), "paused_hours", "resolution_due") == {
+        "paused_hours": Decimal(90),
+        "resolution_due": at(210),
+    }
+    # c: open again; the clock (215) is past its due time (120 + 10 resolved)
     assert pick(sla(con, "c"), *fields) == {
         "status": "open",
         "resolved_at": None,
@@ -546,3 +552,108 @@ def test_a_repeated_filing_is_a_step_without_effect(
     }
     assert complaint_after([*documents, repeated]) == alone
     assert complaint_after(documents, [repeated]) == alone
+
+
+def derived(con: duckdb.DuckDBPyConnection, complaint_id: str) -> list[tuple[str, str, datetime]]:
+    """The SLA transitions derived for one of C's complaints: (type, clock, business time)."""
+    return con.execute(
+        """
+        SELECT type, data->>'clock', occurred_at FROM derived_events
+        WHERE customer_id = ? AND data->>'complaint_id' = ? ORDER BY occurred_at, type
+        """,
+        [C, complaint_id],
+    ).fetchall()
+
+
+def test_a_pause_after_a_target_was_reached_does_not_move_it(
+    ledger: Ledger, settings: Settings
+) -> None:
+    accept(
+        ledger,
+        [
+            # w: warned at 90 h, then on hold 100-150 h: the due time moves (it was not
+            # reached yet), the warning stays where it was
+            filed("w", "normal"),
+            step("ComplaintAcknowledged", 1, "w"),
+            step("ComplaintOnHold", 100, "w"),
+            step("ComplaintResumed", 150, "w"),
+            step("ComplaintResolved", 160, "w"),
+            # b: breached at 120 h, then on hold: the breach stands
+            filed("b", "normal"),
+            step("ComplaintAcknowledged", 1, "b"),
+            step("ComplaintOnHold", 130, "b"),
+            step("ComplaintResumed", 180, "b"),
+            step("ComplaintResolved", 185, "b"),
+        ],
+    )
+    con = project(ledger, settings)
+    assert pick(sla(con, "w"), "paused_hours", "resolution_warning_at", "resolution_due") == {
+        "paused_hours": Decimal(50),
+        "resolution_warning_at": at(90),
+        "resolution_due": at(170),  # 120 + 50
+    }
+    assert sla(con, "w")["resolution_status"] == "met"  # 160 ≤ 170
+    assert derived(con, "w") == [("SlaWarning", "resolution", at(90))]
+
+    assert pick(sla(con, "b"), "paused_hours", "resolution_due", "resolution_status") == {
+        "paused_hours": Decimal(50),
+        "resolution_due": at(120),
+        "resolution_status": "breached",  # 185 > 120: the hold at 130 came too late
+    }
+    assert derived(con, "b") == [
+        ("SlaWarning", "resolution", at(90)),
+        ("SlaBreached", "resolution", at(120)),
+    ]
+
+
+def test_a_reopening_reveals_nothing_dated_while_the_complaint_was_resolved(
+    ledger: Ledger, settings: Settings
+) -> None:
+    accept(
+        ledger,
+        [
+            filed("k", "normal"),
+            step("ComplaintAcknowledged", 1, "k"),
+            step("ComplaintResolved", 2, "k"),
+            step("ComplaintReopened", 200, "k"),  # resolved for 198 h
+        ],
+    )
+    con = project(ledger, settings)
+    assert pick(sla(con, "k"), "resolution_warning_at", "resolution_due") == {
+        "resolution_warning_at": at(288),  # 90 + 198
+        "resolution_due": at(318),  # 120 + 198
+    }
+    assert derived(con, "k") == []  # the clock (200) reached neither
+    con.close()
+
+    con = project(ledger, settings, as_of=at(320))
+    assert derived(con, "k") == [
+        ("SlaWarning", "resolution", at(288)),
+        ("SlaBreached", "resolution", at(318)),
+    ]
+
+
+def test_sla_event_ids_are_distinct_whatever_the_ids_hold(
+    ledger: Ledger, settings: Settings
+) -> None:
+    def complaint(customer_id: str, complaint_id: str) -> dict[str, Any]:
+        return event(
+            "ComplaintFiled",
+            customer_id,
+            F.isoformat(),
+            {"complaint_id": complaint_id, "channel": "email", "category": "x"},
+        )
+
+    # joined with "|" both would read "a|b|c"
+    accept(ledger, [complaint("a|b", "c"), complaint("a", "b|c"), complaint("S-1", "k")])
+    con = project(ledger, settings, as_of=at(500))
+    rows = con.execute(
+        "SELECT customer_id, event_id FROM derived_events WHERE type LIKE 'Sla%'"
+    ).fetchall()
+    assert len(rows) == 3 * 4  # two clocks each, warned and breached
+    assert len({event_id for _, event_id in rows}) == len(rows)
+    # ids without "|" keep the formula of the events published before
+    assert (
+        "S-1",
+        uuid.UUID(hashlib.md5(b"derived|sla|S-1|k|resolution|SlaBreached").hexdigest()),
+    ) in rows
