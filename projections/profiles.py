@@ -22,7 +22,7 @@ from projections.schema import run
 STORE_ORDERS = """
 INSERT INTO internal.orders
 SELECT customer_id, order_id, CAST(amount AS DECIMAL(18, 4)),
-       CAST(coalesce(reporting_amount, amount) AS DECIMAL(18, 4))
+       CAST(coalesce(reporting_amount, amount) AS DECIMAL(18, 4)), 0
 FROM fresh WHERE type = 'PurchaseRecorded'
 """
 
@@ -30,15 +30,30 @@ FROM fresh WHERE type = 'PurchaseRecorded'
 # totals by the same kind of aggregate: counts and sums add, minima and maxima compare, and
 # a latest value is the one with the greatest event_key. Order of arrival does not matter.
 ADD_TO_TOTALS = """
+-- The batch's refunds per order, in the order's currency, and what they add to the spend
+-- refunded: all of the order's refunds converted together, less those before the batch
+-- (each part rounded on its own would drift from the order's spend).
+CREATE OR REPLACE TEMP TABLE order_refunds AS
+SELECT o.customer_id, o.order_id, o.amount, o.spend,
+       o.refunded AS refunded_before, o.refunded + r.refunded AS refunded_after
+FROM (
+    SELECT customer_id, order_id, sum(CAST(amount AS DECIMAL(18, 4))) AS refunded
+    FROM fresh WHERE type = 'PurchaseRefunded' GROUP BY customer_id, order_id
+) AS r
+JOIN internal.orders AS o USING (customer_id, order_id);
+
+UPDATE internal.orders AS o SET refunded = r.refunded_after
+FROM order_refunds AS r
+WHERE o.customer_id = r.customer_id AND o.order_id = r.order_id;
+
 CREATE OR REPLACE TEMP TABLE batch_totals AS
 WITH refunds AS (
-    SELECT r.customer_id,
-           CASE WHEN o.spend = o.amount THEN CAST(r.amount AS DECIMAL(18, 4))
-                ELSE money_div(CAST(r.amount AS DECIMAL(18, 4)) * o.spend, o.amount)
+    SELECT customer_id,
+           CASE WHEN spend = amount THEN refunded_after - refunded_before
+                ELSE money_div(refunded_after * spend, amount)
+                     - money_div(refunded_before * spend, amount)
            END AS refunded
-    FROM fresh AS r
-    JOIN internal.orders AS o ON o.customer_id = r.customer_id AND o.order_id = r.order_id
-    WHERE r.type = 'PurchaseRefunded'
+    FROM order_refunds
 ),
 batch AS (
     SELECT
@@ -63,7 +78,7 @@ batch AS (
         count(*) FILTER (WHERE type = 'ContactLogged' AND direction = 'outbound')
             AS outbound_contacts,
         count(*) FILTER (WHERE type = 'PurchaseRecorded') AS purchase_count,
-        coalesce(sum(CAST(coalesce(reporting_amount, amount) AS DECIMAL(18, 4)))
+        coalesce(sum(CAST(coalesce(reporting_amount, amount) AS DECIMAL(38, 4)))
                      FILTER (WHERE type = 'PurchaseRecorded'), 0) AS gross_spend,
         0 AS refunded,
         min(occurred_at) FILTER (WHERE type = 'PurchaseRecorded') AS first_purchase_at,
@@ -151,7 +166,7 @@ SELECT
     coalesce(c.open_complaints, 0) AS open_complaints,
     t.survey_count,
     CASE WHEN t.survey_count > 0
-         THEN CAST(t.satisfaction_sum / t.survey_count AS DECIMAL(6, 4)) END
+         THEN CAST(money_div(t.satisfaction_sum, t.survey_count) AS DECIMAL(6, 4)) END
         AS avg_satisfaction,
     t.last_satisfaction,
     t.marketing_consent,

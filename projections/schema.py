@@ -28,7 +28,7 @@ CREATE OR REPLACE MACRO money_div(a, b) AS CAST(CAST(
     (CAST(CAST(a AS DECIMAL(38, 8)) * 100000000 AS HUGEINT) * 2
      + CAST(CAST(b AS DECIMAL(38, 4)) * 10000 AS HUGEINT))
     // (2 * CAST(CAST(b AS DECIMAL(38, 4)) * 10000 AS HUGEINT))
-    AS DECIMAL(38, 0)) * 0.0001 AS DECIMAL(18, 4));
+    AS DECIMAL(38, 0)) * 0.0001 AS DECIMAL(38, 4));
 
 -- An event's place in business time, (occurred_at, position), as one orderable number.
 CREATE OR REPLACE MACRO event_key(t, position) AS
@@ -70,10 +70,10 @@ CREATE TABLE IF NOT EXISTS customer_profiles (
     inbound_contacts    BIGINT NOT NULL,
     outbound_contacts   BIGINT NOT NULL,
     purchase_count      BIGINT NOT NULL,
-    gross_spend         DECIMAL(18, 4) NOT NULL,
-    refunded            DECIMAL(18, 4) NOT NULL,
-    total_spend         DECIMAL(18, 4) NOT NULL,  -- gross minus refunds, reporting currency
-    avg_order_value     DECIMAL(18, 4),
+    gross_spend         DECIMAL(38, 4) NOT NULL,
+    refunded            DECIMAL(38, 4) NOT NULL,
+    total_spend         DECIMAL(38, 4) NOT NULL,  -- gross minus refunds, reporting currency
+    avg_order_value     DECIMAL(38, 4),
     first_purchase_at   TIMESTAMPTZ,
     last_purchase_at    TIMESTAMPTZ,
     complaint_count     BIGINT NOT NULL,
@@ -118,7 +118,7 @@ CREATE TABLE IF NOT EXISTS complaint_sla (
     reopened                     BIGINT NOT NULL,
     closed_at                    TIMESTAMPTZ,
     root_cause                   VARCHAR,
-    compensation                 DECIMAL(18, 4),
+    compensation                 DECIMAL(38, 4),
     PRIMARY KEY (customer_id, complaint_id)
 );
 
@@ -197,8 +197,8 @@ CREATE TABLE IF NOT EXISTS internal.profile_totals (
     inbound_contacts        BIGINT NOT NULL,
     outbound_contacts       BIGINT NOT NULL,
     purchase_count          BIGINT NOT NULL,
-    gross_spend             DECIMAL(18, 4) NOT NULL,
-    refunded                DECIMAL(18, 4) NOT NULL,
+    gross_spend             DECIMAL(38, 4) NOT NULL,
+    refunded                DECIMAL(38, 4) NOT NULL,
     first_purchase_at       TIMESTAMPTZ,
     last_purchase_at        TIMESTAMPTZ,
     survey_count            BIGINT NOT NULL,
@@ -209,12 +209,15 @@ CREATE TABLE IF NOT EXISTS internal.profile_totals (
     marketing_consent_key   HUGEINT
 );
 
--- Every order's amount and its amount in the reporting currency: refunds convert at it.
+-- Every order's amount, its amount in the reporting currency, and what was refunded of
+-- it: refunds convert at the order's rate, all of them together (so a refund in full
+-- cancels the order's spend exactly, however many parts it came in).
 CREATE TABLE IF NOT EXISTS internal.orders (
     customer_id  VARCHAR NOT NULL,
     order_id     VARCHAR NOT NULL,
     amount       DECIMAL(18, 4) NOT NULL,
-    spend        DECIMAL(18, 4) NOT NULL
+    spend        DECIMAL(18, 4) NOT NULL,
+    refunded     DECIMAL(38, 4) NOT NULL   -- in the order's currency, all refunds so far
 );
 
 -- The events that move a customer on the ladder: purchases and surveys.
@@ -259,7 +262,7 @@ CREATE TABLE IF NOT EXISTS internal.complaint_steps (
 
 #: Bumped whenever the DDL, a table's meaning or the carried state changes: a file built by another
 #: version must be rebuilt (`ledger rebuild`), not updated in place.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _reference_rows(sla: SlaPolicy, ladder: LadderPolicy) -> dict[str, list[tuple[Any, ...]]]:

@@ -142,6 +142,52 @@ def test_refund_in_a_later_batch_reduces_total_spend(projected: Projected) -> No
     assert p["total_spend"] == Decimal("66")  # 96 - 30
 
 
+def test_a_refund_in_parts_cancels_the_orders_spend_exactly(projected: Projected) -> None:
+    # rate 2 / 3: each 1 USD part alone would be 0.6667 EUR, three of them 2.0001
+    projected(
+        [
+            purchase("P-20", "2025-01-01T10:00:00Z", "o1", "3", "USD", reporting_amount="2"),
+            purchase("P-21", "2025-01-01T10:00:00Z", "o1", "10"),
+        ]
+    )
+    spent = ("refunded", "total_spend", "abc_class")
+    con = projected([refund("P-20", "2025-01-02T10:00:00Z", "o1", "1")])
+    # 1 * 2 / 3 = 0.66667 → 0.6667
+    assert {f: profile(con, "P-20")[f] for f in spent} == {
+        "refunded": Decimal("0.6667"),
+        "total_spend": Decimal("1.3333"),
+        "abc_class": "B",  # 10 of 11.3333 is ranked before it: 88 %
+    }
+    con = projected([refund("P-20", "2025-01-03T10:00:00Z", "o1", "1")])
+    # 2 * 2 / 3 = 1.33333 → 1.3333
+    assert profile(con, "P-20")["refunded"] == Decimal("1.3333")
+    con = projected([refund("P-20", "2025-01-04T10:00:00Z", "o1", "1")])
+    # 3 * 2 / 3 = 2: refunded in full, nothing spent
+    assert {f: profile(con, "P-20")[f] for f in spent} == {
+        "refunded": Decimal("2"),
+        "total_spend": Decimal("0"),
+        "abc_class": "C",
+    }
+
+
+def test_totals_may_exceed_one_amounts_digits(projected: Projected) -> None:
+    # the catalogue's largest amount (18 digits, 4 after the point), twice
+    most = "99999999999999.9999"
+    con = projected(
+        [
+            purchase("P-22", "2025-01-01T10:00:00Z", "o1", most),
+            purchase("P-22", "2025-01-02T10:00:00Z", "o2", most),
+        ]
+    )
+    p = profile(con, "P-22")
+    assert (p["gross_spend"], p["total_spend"], p["avg_order_value"]) == (
+        Decimal("199999999999999.9998"),
+        Decimal("199999999999999.9998"),
+        Decimal(most),
+    )
+    assert p["abc_class"] == "A"
+
+
 def test_avg_order_value(projected: Projected) -> None:
     con = projected(
         [
@@ -250,6 +296,17 @@ def test_satisfaction_is_normalised_and_latest_by_business_time(projected: Proje
     assert p["avg_satisfaction"] == Decimal("0.5917")
     # latest answered is s2 (02-12), though s4 was recorded last
     assert p["last_satisfaction"] == Decimal("0.7000")
+
+
+def test_average_satisfaction_rounds_half_up_exactly(projected: Projected) -> None:
+    con = projected(
+        [
+            survey("P-23", "2025-02-10T10:00:00Z", "s1", "ces", 2),  # (2-1)/6 = 0.1667
+            survey("P-23", "2025-02-11T10:00:00Z", "s2", "csat", 1),  # 0
+        ]
+    )
+    # (0.1667 + 0) / 2 = 0.08335 → 0.0834 (as a binary float, 0.08335 rounds down)
+    assert profile(con, "P-23")["avg_satisfaction"] == Decimal("0.0834")
 
 
 @pytest.mark.parametrize(
