@@ -498,7 +498,10 @@ def kafka_init() -> None:
     """Create the events, derived-events and dead-letter topics (when missing)."""
     settings = _kafka()
     with _reaching(settings):
-        created = kafka_tools.ensure_topics(settings)
+        try:
+            created = kafka_tools.ensure_topics(settings)
+        except kafka_tools.PartitionsDiffer as error:
+            _fail(str(error))
     out.print(f"created: {', '.join(created)}" if created else "topics already exist")
 
 
@@ -519,13 +522,6 @@ def relay(
     settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
     with _reaching(settings):
         try:
-            if republish:
-                try:
-                    relay_tools.republish_from(
-                        settings, state_path, from_position or 0, ledger.head()
-                    )
-                except ValueError as error:
-                    _fail(str(error), code=2)
             with _progress() as progress:
                 task = progress.add_task("publishing", total=ledger.head())
                 state = relay_tools.run(
@@ -533,11 +529,18 @@ def relay(
                     settings,
                     state_path,
                     follow=follow,
+                    republish_from_position=(from_position or 0) if republish else None,
                     on_batch=lambda st, head: progress.update(
                         task, completed=st.position, total=head
                     ),
                 )
-        except relay_tools.TopicDataLost as error:
+        except relay_tools.InvalidRepublish as error:
+            _fail(str(error), code=2)
+        except (
+            relay_tools.TopicDataLost,
+            relay_tools.RelayStateMismatch,
+            relay_tools.RelayBusy,
+        ) as error:
             _fail(str(error))
         except KeyboardInterrupt:
             return
@@ -628,8 +631,12 @@ def status(
         _print_json_lines([_status_document(found)])
     else:
         _print_status(found)
+    for problem in found.problems:
+        _say_error(problem)
     if found.broker_error is not None:
         _fail(found.broker_error)
+    if found.problems:
+        raise typer.Exit(EXIT_UNAVAILABLE)
 
 
 def _print_status(found: PipelineStatus) -> None:

@@ -131,6 +131,11 @@ def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
         "request_timeout_ms": 15_000,
         "delivery_timeout_ms": 60_000,
         "max_block_ms": 10_000,
+        # a broker that restarted empty must not get the topic back with its own default
+        # partition count (every customer's partition would change): `ledger kafka init`.
+        # Tansu creates it anyway; then the relay's per-partition check reports the loss,
+        # and `kafka init` refuses the topic (`PartitionsDiffer`).
+        "allow_auto_create_topics": False,
     }
     options.update(overrides)
     return KafkaProducer(**settings.client_options(), **options)
@@ -217,7 +222,9 @@ def missing_topic(settings: KafkaSettings, topic: str) -> TopicMissing:
 
 
 def ensure_topics(settings: KafkaSettings) -> list[str]:
-    """Create the event, derived and dead-letter topics when missing; returns those created."""
+    """Create the event, derived and dead-letter topics when missing; returns those created.
+    Raises `PartitionsDiffer` when the events topic exists with another partition count
+    than configured (created by someone else, or auto-created by a broker)."""
     admin = KafkaAdminClient(**settings.client_options(), **watched())
     try:
         existing = set(admin.list_topics())
@@ -228,9 +235,24 @@ def ensure_topics(settings: KafkaSettings) -> list[str]:
                 admin.create_topics(
                     [NewTopic(t, settings.partitions, settings.replication) for t in missing]
                 )
+        if settings.topic not in missing:
+            (described,) = admin.describe_topics([settings.topic])
+            count = len(described["partitions"])
+            if count != settings.partitions:
+                raise PartitionsDiffer(
+                    f"topic {settings.topic} exists with {count} partitions, not "
+                    f"{settings.partitions} (LEDGER_KAFKA_PARTITIONS): it was created "
+                    "elsewhere, or by a broker that auto-creates topics. Use it with "
+                    f"LEDGER_KAFKA_PARTITIONS={count}, or delete it and run `ledger kafka "
+                    "init` again (then `ledger relay --republish --from 0`)"
+                )
         return missing
     finally:
         admin.close()
+
+
+class PartitionsDiffer(RuntimeError):
+    """The events topic's partition count is not the one configured."""
 
 
 # --- the development broker ----------------------------------------------------------------

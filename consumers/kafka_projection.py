@@ -613,7 +613,7 @@ def consume(
             targets = high_watermarks(settings, settings.topic, **watched())
             # made (or opened) while the decoder processes start, once the topic is known
             stored = projector.call(lambda writer: writer.projector().checkpoints(source))
-            handed.update(stored)
+            handed.update(_within(stored, targets))
             feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
         _project(
             feed,
@@ -634,6 +634,25 @@ def consume(
         if feed is not None:
             feed.close()
     return report
+
+
+def _within(stored: dict[str, int], ends: dict[TopicPartition, int]) -> dict[str, int]:
+    """The stored offsets, less those beyond their partition's end: the topic lost data
+    and was republished (`ledger relay --republish`), so what it holds now sits at lower
+    offsets. Those partitions are read again from their beginning, as a group member's
+    are (kafka-python resets an offset out of range to the earliest): events projected
+    before are recognised by id, the new ones are not skipped."""
+    kept = dict(stored)
+    for tp, end in ends.items():
+        offset = kept.get(stream(tp))
+        if offset is not None and offset > end:
+            log.warning(
+                "partition %s ends at %s, before the projections' offset %s (the topic lost "
+                "data and was republished?): reading it again from its beginning",
+                stream(tp), f"{end:,}", f"{offset:,}",
+            )  # fmt: skip
+            del kept[stream(tp)]
+    return kept
 
 
 def _joining(

@@ -13,12 +13,14 @@ republish from (`ledger relay --republish --from POSITION`).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -34,24 +36,47 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RelayState:
-    """What the broker has acknowledged: the last store position and how many records."""
+    """What the broker has acknowledged: the last store position and how many records;
+    for which topic; the last event published (its position and id in the store it was
+    read from); and per partition, the offset after the last record acknowledged.
+
+    The last three tie the position to a store and a topic: a position file left in a
+    data dir whose store was replaced, or read for another topic, would otherwise skip
+    events silently. (Files written before they existed lack them: not checked.)"""
 
     position: int = 0
     published: int = 0
+    topic: str | None = None
+    last_event: tuple[int, str] | None = None
+    ends: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> RelayState:
         if not path.exists():
             return cls()
         raw = orjson.loads(path.read_bytes())
-        return cls(int(raw["position"]), int(raw["published"]))
+        last = raw.get("last_event")
+        return cls(
+            int(raw["position"]),
+            int(raw["published"]),
+            raw.get("topic"),
+            (int(last[0]), str(last[1])) if last else None,
+            {int(p): int(end) for p, end in raw.get("ends", {}).items()},
+        )
 
     def save(self, path: Path) -> None:
         """Atomically and durably: write a temporary file, fsync, rename over."""
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name)
+        document = {
+            "position": self.position,
+            "published": self.published,
+            "topic": self.topic,
+            "last_event": list(self.last_event) if self.last_event else None,
+            "ends": {str(p): end for p, end in sorted(self.ends.items())},
+        }
         with os.fdopen(handle, "wb") as out:
-            out.write(orjson.dumps({"position": self.position, "published": self.published}))
+            out.write(orjson.dumps(document))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -61,42 +86,138 @@ class TopicDataLost(RuntimeError):
     """The topic holds fewer records than the relay has had acknowledged."""
 
 
+class RelayStateMismatch(RuntimeError):
+    """The relay's position belongs to another event store or another topic."""
+
+
+class RelayBusy(RuntimeError):
+    """Another relay publishes from the same data dir."""
+
+
+class InvalidRepublish(ValueError):
+    """A republish position the store does not have."""
+
+
 def topic_size(settings: KafkaSettings) -> int:
     """Records on the events topic now: the sum of its partitions' high watermarks."""
-    return sum(high_watermarks(settings, settings.topic).values())
+    return sum(topic_ends(settings).values())
+
+
+def topic_ends(settings: KafkaSettings) -> dict[int, int]:
+    """Each partition's high watermark (a broker that cannot be reached is said in ~5 s)."""
+    return {
+        tp.partition: end
+        for tp, end in high_watermarks(settings, settings.topic, **watched()).items()
+    }
+
+
+REPUBLISH_HINT = (
+    "republish with `ledger relay --republish --from 0` (or from the first position it "
+    "lacks); the projections built from the topic then need `ledger rebuild --from-kafka`"
+)
 
 
 def check_topic(settings: KafkaSettings, state: RelayState) -> None:
+    """Raise `TopicDataLost` when the topic ends before what the broker acknowledged."""
     try:
-        size = topic_size(settings)
+        ends = topic_ends(settings)
     except TopicMissing as missing:
         if not state.published:
             raise  # never created: `ledger kafka init`
         raise TopicDataLost(
             f"{missing}. The relay has had {state.published:,} records acknowledged (up to "
-            f"store position {state.position:,}): if the broker lost the topic, create it and "
-            "republish with `ledger relay --republish --from 0`"
+            f"store position {state.position:,}): if the broker lost the topic, create it "
+            f"(`ledger kafka init`) and {REPUBLISH_HINT}"
         ) from None
+    short = {p: (end, ends.get(p, 0)) for p, end in state.ends.items() if ends.get(p, 0) < end}
+    if short:
+        where = ", ".join(
+            f"partition {p} ends at {now:,}, not {end:,}" for p, (end, now) in sorted(short.items())
+        )
+        raise TopicDataLost(
+            f"topic {settings.topic} lost records the broker had acknowledged ({where}; up to "
+            f"store position {state.position:,}): the broker lost data (restarted empty?). "
+            f"Then {REPUBLISH_HINT}."
+        )
+    size = sum(ends.values())
     if size < state.published:
         raise TopicDataLost(
             f"topic {settings.topic} holds {size:,} records but the relay has had "
             f"{state.published:,} acknowledged (up to store position {state.position:,}): "
-            "the broker lost data (restarted empty?). Republish from the store with "
-            "`ledger relay --republish --from 0` (or from the first position it lacks)."
+            f"the broker lost data (restarted empty?). Then {REPUBLISH_HINT}."
         )
 
 
-def republish_from(settings: KafkaSettings, path: Path, position: int, head: int) -> RelayState:
-    """Rewind the relay to `position` (at most the store's `head`); the topic's current
-    size becomes the baseline."""
+def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -> None:
+    """Raise `RelayStateMismatch` unless the position is of this topic and this store."""
+    fresh_start = (
+        "`ledger relay --republish --from 0` publishes this store to the topic from its beginning"
+    )
+    if state.topic is not None and state.topic != settings.topic:
+        raise RelayStateMismatch(
+            f"the relay's position ({state.position:,}) is for topic {state.topic}, not "
+            f"{settings.topic} (LEDGER_KAFKA_TOPIC changed?): {fresh_start}"
+        )
+    head = ledger.head()
+    if state.position > head:
+        raise RelayStateMismatch(
+            f"the relay's position ({state.position:,}) is beyond the event store's head "
+            f"({head:,}): its position file belongs to another store (the store was "
+            f"replaced, or LEDGER_EVENT_STORE changed?): {fresh_start}"
+        )
+    if state.last_event is not None:
+        position, event_id = state.last_event
+        _, documents = ledger.documents_after(position - 1, 1)
+        found = (
+            orjson.loads(documents[0][1])["event_id"]
+            if documents and documents[0][0] == position
+            else None
+        )
+        if found != event_id:
+            raise RelayStateMismatch(
+                f"the event store holds {found or 'no event'} at position {position:,}, "
+                f"where the relay published event {event_id}: its position file belongs "
+                f"to another store (the store was replaced, or LEDGER_EVENT_STORE "
+                f"changed?): {fresh_start}"
+            )
+
+
+def republish_from(
+    ledger: Ledger, settings: KafkaSettings, path: Path, position: int
+) -> RelayState:
+    """Rewind the relay to `position` (at most the store's head); the topic's current
+    ends become the baseline."""
+    head = ledger.head()
     if position > head:
-        raise ValueError(
+        raise InvalidRepublish(
             f"--from {position:,} is beyond the event store's head ({head:,}): "
             "nothing after it would ever be published"
         )
-    state = RelayState(position=position, published=topic_size(settings))
+    ends = topic_ends(settings)
+    last_event = None
+    if position > 0:
+        _, documents = ledger.documents_after(position - 1, 1)
+        if documents and documents[0][0] == position:
+            last_event = (position, str(orjson.loads(documents[0][1])["event_id"]))
+    state = RelayState(position, sum(ends.values()), settings.topic, last_event, ends)
     state.save(path)
     return state
+
+
+@contextmanager
+def sole_relay(state_path: Path) -> Iterator[None]:
+    """Hold the data dir's relay lock: two relays on one position file would each publish
+    every event (and hide a data loss from each other's counts)."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_path.with_name(state_path.name + ".lock"), "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RelayBusy(
+                f"another relay is publishing from this data dir ({state_path.parent}); "
+                "one is enough (stop the other first)"
+            ) from None
+        yield
 
 
 BatchCallback = Callable[[RelayState, int], None]
@@ -113,6 +234,7 @@ def run(
     poll_seconds: float = 0.5,
     max_backoff_seconds: float = 30.0,
     check_every_seconds: float = 5.0,
+    republish_from_position: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
 ) -> RelayState:
@@ -122,49 +244,66 @@ def run(
     (from the last acknowledged position) and catches up when the broker returns. A
     one-shot run raises the broker's error instead (run it again later).
     """
-    state = RelayState.load(state_path)
-    backoff = 0.5
-    kafka_producer: KafkaProducer | None = None
-    checked_at: float | None = None  # a broker can restart empty between two batches
-    while not should_stop():
-        try:
-            if kafka_producer is None:  # a broker that is down is reported, then retried
-                kafka_producer = producer(settings, **watched())
-            if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
-                check_topic(settings, state)
-                checked_at = time.monotonic()
-            last, documents = ledger.documents_after(state.position, batch_size)
-            if last == state.position:
+    with sole_relay(state_path):
+        if republish_from_position is None:
+            state = RelayState.load(state_path)
+        else:
+            state = republish_from(ledger, settings, state_path, republish_from_position)
+        check_position(ledger, settings, state)
+        backoff = 0.5
+        kafka_producer: KafkaProducer | None = None
+        checked_at: float | None = None  # a broker can restart empty between two batches
+        while not should_stop():
+            try:
+                if kafka_producer is None:  # a broker that is down is reported, then retried
+                    kafka_producer = producer(settings, **watched())
+                if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
+                    check_topic(settings, state)
+                    checked_at = time.monotonic()
+                last, documents = ledger.documents_after(state.position, batch_size)
+                if last == state.position:
+                    if not follow:
+                        break
+                    time.sleep(poll_seconds)
+                    continue
+                ends = _publish(kafka_producer, settings.topic, documents)
+                state = RelayState(
+                    last,
+                    state.published + len(documents),
+                    settings.topic,
+                    _last_event(documents) or state.last_event,
+                    {
+                        p: max(end, state.ends.get(p, 0))
+                        for p, end in {**state.ends, **ends}.items()
+                    },
+                )
+                state.save(state_path)
+                backoff = 0.5
+                if on_batch:
+                    on_batch(state, ledger.head())
+            except KafkaError as error:
+                if kafka_producer is not None:
+                    kafka_producer.close(timeout=1)
+                    kafka_producer = None
                 if not follow:
-                    break
-                time.sleep(poll_seconds)
-                continue
-            _publish(kafka_producer, settings.topic, documents)
-            state = RelayState(last, state.published + len(documents))
-            state.save(state_path)
-            backoff = 0.5
-            if on_batch:
-                on_batch(state, ledger.head())
-        except KafkaError as error:
-            if kafka_producer is not None:
-                kafka_producer.close(timeout=1)
-                kafka_producer = None
-            if not follow:
-                raise
-            log.warning(
-                "broker unavailable (%s); retrying in %.1fs from store position %s",
-                error, backoff, f"{state.position:,}",
-            )  # fmt: skip
-            checked_at = None  # the broker may come back empty: look again
-            time.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff_seconds)
-    if kafka_producer is not None:
-        kafka_producer.close()
-    return state
+                    raise
+                log.warning(
+                    "broker unavailable (%s); retrying in %.1fs from store position %s",
+                    error, backoff, f"{state.position:,}",
+                )  # fmt: skip
+                checked_at = None  # the broker may come back empty: look again
+                time.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff_seconds)
+        if kafka_producer is not None:
+            kafka_producer.close()
+        return state
 
 
-def _publish(kafka_producer: KafkaProducer, topic: str, documents: list[tuple[int, bytes]]) -> None:
-    """Send a batch and wait until the broker has acknowledged every record."""
+def _publish(
+    kafka_producer: KafkaProducer, topic: str, documents: list[tuple[int, bytes]]
+) -> dict[int, int]:
+    """Send a batch and wait until the broker has acknowledged every record; returns, per
+    partition, the offset after the last record acknowledged."""
     futures = []
     for position, document in documents:
         record = cloudevents.encode(orjson.loads(document), document, position)
@@ -172,5 +311,15 @@ def _publish(kafka_producer: KafkaProducer, topic: str, documents: list[tuple[in
             kafka_producer.send(topic, key=record.key, value=record.value, headers=record.headers)
         )
     kafka_producer.flush()
+    ends: dict[int, int] = {}
     for future in futures:
-        future.get(timeout=0)  # raises the delivery error, if any
+        metadata = future.get(timeout=0)  # raises the delivery error, if any
+        ends[metadata.partition] = max(metadata.offset + 1, ends.get(metadata.partition, 0))
+    return ends
+
+
+def _last_event(documents: list[tuple[int, bytes]]) -> tuple[int, str] | None:
+    if not documents:
+        return None
+    position, document = documents[-1]
+    return position, str(orjson.loads(document)["event_id"])

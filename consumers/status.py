@@ -14,8 +14,8 @@ from typing import Any
 from kafka.errors import KafkaError
 
 from consumers import kafka_projection
-from consumers.kafka import KafkaSettings, high_watermarks, watched
-from consumers.relay import RelayState
+from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, watched
+from consumers.relay import RelayState, RelayStateMismatch, check_position
 from domain.ledger import Ledger
 from projections import derived
 from projections.schema import connect, stored_checkpoints, stored_clock
@@ -70,6 +70,7 @@ class PipelineStatus:
     group: str | None = None
     partitions: list[PartitionLag] = field(default_factory=list)
     broker_error: str | None = None  # why the lag is unknown
+    problems: list[str] = field(default_factory=list)  # what needs someone's attention
 
 
 def pipeline_status(
@@ -82,8 +83,10 @@ def pipeline_status(
     group: str | None = None,
 ) -> PipelineStatus:
     """Read every stage's position; with a broker configured, the lag of `group` (default:
-    the configured group). An unreachable broker leaves the lag out, with the reason: the
-    rest still tells where ingest and the relay stand."""
+    the configured group). An unreachable broker or a missing topic leaves the lag out,
+    with the reason: the rest still tells where ingest and the relay stand. `problems`
+    names what needs attention: a relay position of another store or topic, a partition
+    that ends before the projected offset (the topic lost data)."""
     status = PipelineStatus(event_store, ledger.head())
     stored: dict[str, int] = {}
     if kafka is not None:
@@ -103,9 +106,23 @@ def pipeline_status(
             con.close()
     if kafka is not None:
         status.relay_topic = kafka.topic
-        status.relay_position = RelayState.load(relay_state_path).position
+        relay = RelayState.load(relay_state_path)
+        status.relay_position = relay.position
+        try:
+            check_position(ledger, kafka, relay)
+        except RelayStateMismatch as mismatch:
+            status.problems.append(str(mismatch))
         try:
             status.partitions = partition_lag(kafka, stored, **watched())
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
+        except TopicMissing as missing:
+            status.broker_error = str(missing)
+        status.problems.extend(
+            f"partition {lag.partition} ends at {lag.highwater:,}, before the projected "
+            f"offset {lag.projected:,}: the topic lost data (after `ledger relay --republish "
+            "--from 0`, `ledger consume` reads it again from its beginning)"
+            for lag in status.partitions
+            if lag.lag is not None and lag.lag < 0
+        )
     return status

@@ -680,6 +680,15 @@ def test_status_tells_where_each_stage_stands(
     assert "cannot reach the broker at 127.0.0.1:1" in unreachable.message
     assert "leaked" not in unreachable.err  # nanobind, at exit with a Kafka thread left over
 
+    # another topic (mistyped, or the broker lost it): the rest still shows, and the
+    # relay's position is said to be another topic's
+    renamed = {**kafka, "LEDGER_KAFKA_TOPIC": f"{kafka_settings.topic}-typo"}
+    elsewhere = run("status", data_dir=data, cwd=tmp_path, env=renamed)
+    assert elsewhere.code == 3
+    assert "event store head" in elsewhere.out and "relay (acknowledged)" in elsewhere.out
+    assert "does not exist" in elsewhere.message
+    assert f"is for topic {kafka_settings.topic}," in " ".join(elsewhere.err.split())
+
 
 def test_kafka_commands_refuse_what_would_lose_data(
     tmp_path: Path, kafka_settings: KafkaSettings
@@ -703,12 +712,18 @@ def test_kafka_commands_refuse_what_would_lose_data(
     assert projected() == len(events)
     typo = {**kafka, "LEDGER_KAFKA_TOPIC": kafka_settings.topic + "-typo"}
     for command in [("rebuild", "--from-kafka"), ("consume",), ("consume", "--follow"),
-                    ("dlq", "list"), ("relay",)]:  # fmt: skip
+                    ("dlq", "list")]:  # fmt: skip
         refused = run(*command, data_dir=data, cwd=tmp_path, env=typo)
         assert refused.code == 3, (command, refused)
         assert f"topic {kafka_settings.topic}-typo" in refused.message, (command, refused)
         assert "does not exist" in refused.message and "ledger kafka init" in refused.message
         assert "Traceback" not in refused.err
+    # the relay's position is the other topic's: it says so before it looks for the topic
+    refused = run("relay", data_dir=data, cwd=tmp_path, env=typo)
+    assert refused.code == 3, refused
+    assert f"is for topic {kafka_settings.topic}, not {kafka_settings.topic}-typo" in " ".join(
+        refused.err.split()
+    )
     assert projected() == len(events), "a rebuild from a missing topic emptied the projections"
     fresh = tmp_path / "fresh"
     for command in [("consume",), ("consume", "--follow"), ("rebuild", "--from-kafka")]:

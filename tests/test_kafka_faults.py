@@ -12,6 +12,7 @@ Real brokers, real subprocesses (`python -m cli`), no mocks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -52,6 +53,7 @@ from consumers.kafka import (
     SAY_UNREACHABLE_AFTER_SECONDS,
     DevBroker,
     KafkaSettings,
+    PartitionsDiffer,
     consumer,
     ensure_topics,
     free_port,
@@ -137,6 +139,104 @@ def test_relay_restarted_on_an_intact_topic_continues(
     assert second.published == fact_count(ledger) == records_in_topic(kafka_settings)
 
 
+def test_a_relay_position_of_another_store_or_topic_is_refused(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A position file outliving its store (replaced, or LEDGER_EVENT_STORE changed) or
+    read for another topic would skip that many events of the new one, silently."""
+    history = generate_history(customers=30)
+    state_path = tmp_path / "relay.json"
+    accept(ledger, history)
+    published = relay.run(ledger, kafka_settings, state_path)
+    assert published.position == ledger.head()
+
+    smaller = open_ledger(Settings(data_dir=tmp_path / "smaller"))
+    accept(smaller, history[: len(history) // 3])
+    with pytest.raises(relay.RelayStateMismatch, match="beyond the event store's head"):
+        relay.run(smaller, kafka_settings, state_path)
+
+    larger = open_ledger(Settings(data_dir=tmp_path / "larger"))
+    accept(larger, generate_history(customers=45, seed=99))
+    assert larger.head() > published.position
+    with pytest.raises(relay.RelayStateMismatch, match="belongs to another store"):
+        relay.run(larger, kafka_settings, state_path)
+
+    renamed = dataclasses.replace(kafka_settings, topic=f"{kafka_settings.topic}-renamed")
+    with pytest.raises(relay.RelayStateMismatch, match="is for topic"):
+        relay.run(ledger, renamed, state_path)
+    assert relay.RelayState.load(state_path) == published, "a refusal changes nothing"
+
+
+def test_a_partition_that_lost_records_is_noticed_whatever_the_total(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Crash re-sends make the topic hold more records than the relay counted, so a loss
+    in one partition can hide in the total: each partition's acknowledged end counts."""
+    state_path = tmp_path / "relay.json"
+    accept(ledger, generate_history(customers=30))
+    state = relay.run(ledger, kafka_settings, state_path)
+    assert state.ends and sum(state.ends.values()) == records_in_topic(kafka_settings)
+    # as after re-sends: the total acknowledged counts fewer records than the topic holds,
+    # while partition 0 holds one record fewer than the broker acknowledged
+    first = min(state.ends)
+    dataclasses.replace(
+        state,
+        published=state.published - 10,
+        ends={**state.ends, first: state.ends[first] + 1},
+    ).save(state_path)
+    with pytest.raises(relay.TopicDataLost, match=f"partition {first} ends at"):
+        relay.run(ledger, kafka_settings, state_path)
+
+
+def test_one_relay_per_data_dir(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    state_path = tmp_path / "relay.json"
+    accept(ledger, generate_history(customers=5))
+    with relay.sole_relay(state_path), pytest.raises(relay.RelayBusy):
+        relay.run(ledger, kafka_settings, state_path)
+    assert not state_path.exists(), "the refused relay published nothing"
+    assert relay.run(ledger, kafka_settings, state_path).position == ledger.head()
+
+
+def test_kafka_init_refuses_an_events_topic_of_another_partition_count(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """One created elsewhere, or auto-created with the broker's default count by a send
+    after the broker restarted empty (the producers ask not to, but Tansu creates it
+    anyway), would move customers to other partitions without a word."""
+    other_count = dataclasses.replace(kafka_settings, partitions=kafka_settings.partitions + 2)
+    with pytest.raises(PartitionsDiffer, match=f"exists with {kafka_settings.partitions} part"):
+        ensure_topics(other_count)
+    assert ensure_topics(kafka_settings) == []
+
+
+def test_a_partition_ending_before_the_stored_offset_is_read_again(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """After a data loss and `relay --republish`, the topic holds its events at lower
+    offsets than the projections stored (the relay's crash repeats are gone): a one-shot
+    consume must not wait for the offsets to pass the old ones, skipping what comes."""
+    history = generate_history(customers=30)
+    half = len(history) // 2
+    path = settings.projections_path
+    accept(ledger, history[:half])
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    kafka_projection.consume(path, kafka_settings)
+    # what such a republish leaves: every stored offset beyond its partition's end
+    con = duckdb.connect(str(path))
+    con.execute(
+        "UPDATE projection_checkpoints SET position = position + 1000 WHERE source LIKE 'kafka:%'"
+    )
+    con.close()
+
+    accept(ledger, history[half:])
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    report = kafka_projection.consume(path, kafka_settings)
+    assert report.events == fact_count(ledger), "read again from the beginning"
+    assert differences(tables(path), embedded(ledger, tmp_path)) == {}
+
+
 # --- (a) the broker stops, and comes back empty ----------------------------------------------
 
 
@@ -193,8 +293,7 @@ def test_broker_restarted_empty_is_detected_then_republished(
 
         accept(ledger, parts[2][len(parts[2]) // 2 :])
         ensure_topics(kafka)
-        relay.republish_from(kafka, state_path, 0, ledger.head())
-        state = relay.run(ledger, kafka, state_path)
+        state = relay.run(ledger, kafka, state_path, republish_from_position=0)
         facts = fact_count(ledger)
         assert (state.position, state.published) == (ledger.head(), facts)
         assert records_in_topic(kafka) == facts
