@@ -9,7 +9,7 @@ invariants need: which orders and complaints exist, and which event ids it has s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any
@@ -20,6 +20,12 @@ from eventsourcing.domain import Aggregate, event
 from domain.events import IncomingEvent, PurchaseRecorded, PurchaseRefunded
 
 LEDGER_NAMESPACE = uuid5(NAMESPACE_URL, "urn:customer-ledger")
+
+AHEAD_OF_RECORDING = timedelta(hours=1)
+"""How far an event's business time may lie after the moment it is recorded (clocks of
+producers drift). Further ahead it is a mistake (a typo in the year, a wrong offset), and
+a costly one: the projections' clock is the latest business time and never goes back, so
+one such event would mark every complaint breached for good."""
 
 
 @lru_cache(maxsize=65_536)
@@ -65,6 +71,14 @@ class Customer(Aggregate):
         self, incoming: IncomingEvent, fact: dict[str, Any], reporting_currency: str
     ) -> None:
         """Check `incoming` against the invariants; keep `fact` (its stored form) if it holds."""
+        recorded_at = datetime.fromisoformat(fact["recorded_at"])
+        if incoming.occurred_at > recorded_at + AHEAD_OF_RECORDING:
+            raise InvariantViolation(
+                f"occurred_at {incoming.occurred_at.isoformat()} lies after the time of "
+                f"recording ({recorded_at.isoformat(timespec='seconds')}) by more than "
+                f"{AHEAD_OF_RECORDING}: an event is recorded once it has happened (check "
+                "the year and the UTC offset)"
+            )
         self._check(incoming, reporting_currency)
         self.trigger_event(self.Recorded, fact=fact)
 

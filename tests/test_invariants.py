@@ -4,6 +4,7 @@ store: each violation is rejected with its reason while the rest of the batch la
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,36 @@ def assert_only_rejected(
     stored = stored_ids(ledger)
     assert outcomes[rejected_index].event_id not in stored
     assert set(accepted) <= set(stored)
+
+
+# --- business time ---------------------------------------------------------------------------
+
+
+def test_an_event_dated_after_its_recording_is_rejected(ledger: Ledger) -> None:
+    """A year typed wrong would move the projections' clock (the latest business time,
+    which never goes back) into the future, and breach every complaint for good."""
+    now = datetime.now(UTC)
+
+    def contact(moment: datetime) -> dict[str, Any]:
+        return event(
+            "ContactLogged", C, moment.isoformat(), {"channel": "phone", "direction": "inbound"}
+        )
+
+    outcomes = record(
+        ledger,
+        [
+            note(1),
+            contact(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=14)))),
+            contact(now + timedelta(minutes=50)),  # a producer's clock a little ahead
+            contact(now + timedelta(hours=2)),
+        ],
+    )
+    assert statuses(outcomes) == ["accepted", "rejected", "accepted", "rejected"], outcomes
+    reason = outcomes[1].reason or ""
+    assert reason.startswith("occurred_at 9999-12-31T23:59:59+14:00 lies after the time of")
+    assert "by more than 1:00:00" in reason and "check the year and the UTC offset" in reason
+    assert outcomes[1].event_id not in stored_ids(ledger)
+    assert outcomes[3].event_id not in stored_ids(ledger)
 
 
 # --- registration --------------------------------------------------------------------------
