@@ -28,6 +28,19 @@ a costly one: the projections' clock is the latest business time and never goes 
 one such event would mark every complaint breached for good."""
 
 
+def recorded_ahead(occurred_at: datetime, recorded_at: datetime) -> str | None:
+    """Why an event cannot be taken, when its business time lies further than
+    `AHEAD_OF_RECORDING` after its recording (the ledger's intake and the Kafka consumers
+    judge alike)."""
+    if occurred_at <= recorded_at + AHEAD_OF_RECORDING:
+        return None
+    return (
+        f"occurred_at {occurred_at.isoformat()} lies after the time of recording "
+        f"({recorded_at.isoformat(timespec='seconds')}) by more than {AHEAD_OF_RECORDING}: "
+        "an event is recorded once it has happened (check the year and the UTC offset)"
+    )
+
+
 @lru_cache(maxsize=65_536)
 def customer_stream_id(customer_id: str) -> UUID:
     """The stream (aggregate) id of a customer: stable, derived from their id."""
@@ -71,14 +84,9 @@ class Customer(Aggregate):
         self, incoming: IncomingEvent, fact: dict[str, Any], reporting_currency: str
     ) -> None:
         """Check `incoming` against the invariants; keep `fact` (its stored form) if it holds."""
-        recorded_at = datetime.fromisoformat(fact["recorded_at"])
-        if incoming.occurred_at > recorded_at + AHEAD_OF_RECORDING:
-            raise InvariantViolation(
-                f"occurred_at {incoming.occurred_at.isoformat()} lies after the time of "
-                f"recording ({recorded_at.isoformat(timespec='seconds')}) by more than "
-                f"{AHEAD_OF_RECORDING}: an event is recorded once it has happened (check "
-                "the year and the UTC offset)"
-            )
+        ahead = recorded_ahead(incoming.occurred_at, datetime.fromisoformat(fact["recorded_at"]))
+        if ahead:
+            raise InvariantViolation(ahead)
         self._check(incoming, reporting_currency)
         self.trigger_event(self.Recorded, fact=fact)
 
