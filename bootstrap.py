@@ -7,7 +7,6 @@ nothing else reads the environment. Every variable is documented in the README.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from eventsourcing.persistence import DatabaseError
+from pydantic import TypeAdapter, ValidationError
+from pydantic_extra_types.currency_code import ISO4217
 
 from consumers.kafka import KafkaSettings
 from domain.ledger import Ledger
@@ -22,6 +23,11 @@ from domain.ledger import Ledger
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+_CURRENCY: TypeAdapter[ISO4217] = TypeAdapter(ISO4217)
+"""The event catalogue's currency validator: a reporting currency it would refuse in
+every purchase (XYZ) is refused here, at start-up."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,14 @@ class Settings:
     def from_env(cls, data_dir: Path | None = None) -> Settings:
         """Raises ConfigError naming the variable that is malformed."""
         env = os.environ
-        currency = env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper()
-        if not re.fullmatch(r"[A-Z]{3}", currency):
+        text = env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper()
+        try:
+            currency = str(_CURRENCY.validate_python(text))
+        except ValidationError:
             raise ConfigError(
-                f"LEDGER_REPORTING_CURRENCY={currency!r}: expected a three-letter ISO 4217 "
-                "code such as EUR"
-            )
+                f"LEDGER_REPORTING_CURRENCY={text!r}: expected an ISO 4217 currency code "
+                "such as EUR"
+            ) from None
         try:
             kafka = KafkaSettings.from_env(env)
         except ValueError as error:

