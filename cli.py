@@ -305,6 +305,19 @@ def record(
 # --- projections ---------------------------------------------------------------------------
 
 
+def _refuse_beside_kafka(instead: str) -> None:
+    """With a broker configured the projections follow the topic, and their file holds
+    the consumer group's offsets: projecting from the store beside it would write another
+    source's checkpoint into it, and a rebuild from the store would drop the offsets (the
+    next consume would read the whole topic again, sending its dead letters again)."""
+    if State.settings.kafka is not None:
+        _fail(
+            "the projections follow Kafka here (LEDGER_KAFKA_BOOTSTRAP is set): run "
+            f"`{instead}` instead (or unset LEDGER_KAFKA_BOOTSTRAP for the embedded path)",
+            2,
+        )
+
+
 @app.command()
 def project(
     follow: Annotated[bool, typer.Option(help="Keep following new events until Ctrl-C.")] = False,
@@ -314,6 +327,7 @@ def project(
     ] = None,
 ) -> None:
     """Project stored events into DuckDB from where the projections left off."""
+    _refuse_beside_kafka("ledger consume")
     ledger = _ledger()
     try:
         position = _project(ledger, as_of=_parse_as_of(as_of), follow=follow)
@@ -341,6 +355,10 @@ def rebuild(
 ) -> None:
     """Rebuild every projection from the start into a new file, then swap it in atomically."""
     path = State.settings.projections_path
+    if group is not None and not from_kafka:
+        _fail("--group goes with --from-kafka (a rebuild from the store has no group)", 2)
+    if not from_kafka:
+        _refuse_beside_kafka("ledger rebuild --from-kafka")
     if from_kafka:
         settings = _kafka()
         with _reaching(settings), _progress() as progress:

@@ -626,13 +626,19 @@ def test_long_work_shows_progress_on_a_terminal(
     assert "ingesting" in ingested.err, ingested.err[-500:]
     assert run("relay", data_dir=data, cwd=tmp_path, env=kafka).code == 0
     for command, bar in [
-        (("project",), "projecting"),
         (("consume",), "consuming"),
         (("rebuild", "--from-kafka"), "rebuilding"),
     ]:
         shown = run_on_a_terminal(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert shown.code == 0, shown
         assert bar in shown.err, (command, shown.err[-500:])
+    # the embedded path's catch-up (recorded with a broker set: not projected yet)
+    embedded = tmp_path / "embedded"
+    recorded = run("ingest", "-", data_dir=embedded, cwd=tmp_path, env=kafka, stdin=piped)
+    assert recorded.code == 0, recorded
+    shown = run_on_a_terminal("project", data_dir=embedded, cwd=tmp_path, env={})
+    assert shown.code == 0, shown
+    assert "projecting" in shown.err, shown.err[-500:]
     consumed = run("query", "SELECT count(*) AS n FROM events", "--format", "json",
                    data_dir=data, cwd=tmp_path)  # fmt: skip
     assert consumed.code == 0, consumed
@@ -742,6 +748,12 @@ def test_kafka_commands_refuse_what_would_lose_data(
     assert beyond.code == 2 and "beyond the event store's head" in beyond.message, beyond
     stray = run("relay", "--from", "0", data_dir=data, cwd=tmp_path, env=kafka)
     assert stray.code == 2 and "--republish" in stray.message, stray
+    # beside Kafka, the store's path would write into the group's file, or drop its offsets
+    for command, instead in [(("project",), "ledger consume"),
+                             (("rebuild",), "ledger rebuild --from-kafka")]:  # fmt: skip
+        refused = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
+        assert refused.code == 2 and f"run `{instead}` instead" in refused.message, refused
+    assert run("rebuild", "--group", "g", data_dir=data, cwd=tmp_path).code == 2
     assert relay_position() == head
 
     down = {**kafka, "LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
