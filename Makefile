@@ -20,10 +20,11 @@ demo: $(STAMP)
 	rm -rf ./demo-data
 	$(BIN)/ledger --data-dir ./demo-data demo
 
-# Runs the whole Kafka path against the bundled broker (Tansu, memory storage).
+# Runs the whole Kafka path against the bundled broker (Tansu, memory storage), never
+# against the broker a shell may have configured (synthetic events would land there).
 demo-kafka: $(STAMP)
 	rm -rf ./demo-data-kafka
-	$(BIN)/ledger --data-dir ./demo-data-kafka demo --via-kafka
+	env -u LEDGER_KAFKA_BOOTSTRAP $(BIN)/ledger --data-dir ./demo-data-kafka demo --via-kafka
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -45,4 +46,4 @@ lint: $(STAMP)
 	$(BIN)/mypy domain projections consumers cli.py bootstrap.py
 
 clean:
-	rm -rf $(VENV) ledger-data demo-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) ledger-data demo-data demo-data-kafka .pytest_cache .mypy_cache .ruff_cache
