@@ -1,7 +1,8 @@
 """The `ledger` command: parses arguments and delegates; no business logic lives here.
 
 Exit status: 0 success; 1 some input was rejected (the rest landed); 2 usage error;
-3 the store or the projections could not be used (the message says why).
+3 the store or the projections could not be used (the message says why); 130 interrupted
+(Ctrl-C) before a one-shot command finished (a follower stops on Ctrl-C with 0).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from projections.schema import ProjectionsUnavailable, connect
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 app = typer.Typer(
     name="ledger",
@@ -331,8 +333,10 @@ def project(
     ledger = _ledger()
     try:
         position = _project(ledger, as_of=_parse_as_of(as_of), follow=follow)
-    except KeyboardInterrupt:
-        return
+    except Interrupted:
+        if follow:
+            return  # Ctrl-C is how a follower stops
+        raise
     out.print(f"projections at position {position:,} of {ledger.head():,}")
 
 
@@ -560,8 +564,10 @@ def relay(
             relay_tools.RelayBusy,
         ) as error:
             _fail(str(error))
-        except KeyboardInterrupt:
-            return
+        except Interrupted:
+            if follow:
+                return  # Ctrl-C is how a follower stops
+            raise
     out.print(f"relay at position {state.position:,}; {state.published:,} records acknowledged")
 
 
@@ -588,8 +594,10 @@ def consume(
                     follow=follow,
                     on_batch=None if follow else _kafka_progress(progress, "consuming"),
                 )
-        except KeyboardInterrupt:
-            return
+        except Interrupted:
+            if follow:
+                return  # Ctrl-C is how a follower stops
+            raise
     derived = (
         f"{report.derived:,} derived events published"
         if report.publishing
@@ -716,8 +724,8 @@ def dev_broker(
         err.print(f"broker on {broker.bootstrap}; export LEDGER_KAFKA_BOOTSTRAP={broker.bootstrap}")
         assert broker.process is not None
         broker.process.wait()
-    except KeyboardInterrupt:
-        pass
+    except Interrupted:
+        pass  # Ctrl-C is how it stops
     finally:
         broker.stop()
 
@@ -781,12 +789,39 @@ def demo(
     )
 
 
+class Interrupted(BaseException):
+    """Ctrl-C. Not KeyboardInterrupt, which click turns into "Aborted!" and exit status 1
+    (the status of rejected input); a follower stops on it normally, anything else ends
+    with exit status 130 and a line saying that what was stored stays."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+def _interrupted() -> NoReturn:
+    _say_error(
+        "interrupted: what was stored before stays (whole batches only); run the same "
+        "command again to continue: it adds nothing twice"
+    )
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def main() -> None:
     """Runs the app; failures of the store, the projections, the disk or the broker end
     with a message and exit status 3 instead of a traceback. What was recorded before
     stays recorded (whole batches only), so the same command can simply be run again."""
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
+    except Interrupted:
+        _interrupted()
+    except TypeError as error:
+        # orjson reports an exception raised in its `default` hook (Ctrl-C while the
+        # store encodes a batch) as a TypeError caused by it
+        if isinstance(error.__cause__, Interrupted):
+            _interrupted()
+        raise
     except (ProjectionsUnavailable, TopicMissing, RebuildBehind) as error:
         _say_error(str(error))
         sys.exit(EXIT_UNAVAILABLE)

@@ -14,9 +14,11 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -918,3 +920,33 @@ def test_ingest_into_postgresql_end_to_end(tmp_path: Path, postgres_settings: Se
         assert len(ledger.timeline("C2")) == 2
     finally:
         ledger.close()
+
+
+def test_ctrl_c_ends_a_one_shot_command_with_status_130(tmp_path: Path) -> None:
+    """Ctrl-C is no success (0) and no rejected input (1, click's "Aborted!"): 130, and a
+    line saying what stays. Here ingest waits for more of its input when it comes."""
+    command, environment = ledger_command(("ingest", "-"), tmp_path / "d", None)
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=environment,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    process.stdin.write(orjson.dumps(generate_history(customers=2)[0]) + b"\n")
+    process.stdin.flush()
+    try:
+        time.sleep(3)  # started, and waiting for more input (stdin stays open)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdin.close()
+    assert process.stderr is not None
+    text = process.stderr.read().decode()
+    assert process.returncode == 130, text
+    assert "interrupted: what was stored before stays" in text
+    assert "Traceback" not in text and "Aborted" not in text
