@@ -22,7 +22,7 @@ from typing import Annotated, Any, NoReturn
 import duckdb
 import orjson
 import typer
-from eventsourcing.persistence import PersistenceError
+from eventsourcing.persistence import MapperDeserialisationError, PersistenceError
 from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
@@ -824,6 +824,13 @@ def main() -> None:
         raise
     except (ProjectionsUnavailable, TopicMissing, RebuildBehind) as error:
         _say_error(str(error))
+        sys.exit(EXIT_UNAVAILABLE)
+    except MapperDeserialisationError as error:
+        _say_error(
+            f"the event store cannot be read ({error}): its events were encrypted with "
+            "another LEDGER_CIPHER_KEY, or it is encrypted and LEDGER_CIPHER_KEY is not set "
+            "(or set for a store that is not encrypted); nothing was changed"
+        )
         sys.exit(EXIT_UNAVAILABLE)
     except (
         PersistenceError,

@@ -20,7 +20,12 @@ from uuid import UUID
 import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import CanMutateAggregate
-from eventsourcing.persistence import IntegrityError, JSONTranscoder, Transcoder
+from eventsourcing.persistence import (
+    IntegrityError,
+    JSONTranscoder,
+    MapperDeserialisationError,
+    Transcoder,
+)
 
 from domain.customer import LEDGER_NAMESPACE, Customer, InvariantViolation, customer_stream_id
 from domain.events import SCHEMA_VERSION, IncomingEvent
@@ -305,11 +310,14 @@ class Ledger(Application[UUID]):
     def _state(self, stored: bytes) -> dict[str, Any]:
         """A Recorded event's state. Its `fact` holds JSON-native values only, so plain JSON
         decoding (after the store's own decryption and decompression) gives it exactly."""
-        if self.mapper.cipher:
-            stored = self.mapper.cipher.decrypt(stored)
-        if self.mapper.compressor:
-            stored = self.mapper.compressor.decompress(stored)
-        state: dict[str, Any] = orjson.loads(stored)
+        try:
+            if self.mapper.cipher:
+                stored = self.mapper.cipher.decrypt(stored)
+            if self.mapper.compressor:
+                stored = self.mapper.compressor.decompress(stored)
+            state: dict[str, Any] = orjson.loads(stored)
+        except ValueError as error:  # another key's cipher tag, or ciphertext read as JSON
+            raise MapperDeserialisationError(f"a stored event cannot be read: {error}") from error
         return state
 
     def facts_after(self, position: int, limit: int) -> tuple[int, list[tuple[int, Fact]]]:

@@ -950,3 +950,22 @@ def test_ctrl_c_ends_a_one_shot_command_with_status_130(tmp_path: Path) -> None:
     assert process.returncode == 130, text
     assert "interrupted: what was stored before stays" in text
     assert "Traceback" not in text and "Aborted" not in text
+
+
+def test_an_encrypted_store_read_with_another_key_is_refused_in_one_line(tmp_path: Path) -> None:
+    from eventsourcing.cryptography import AESCipher
+
+    data = tmp_path / "d"
+    events = generate_history(customers=3)
+    (tmp_path / "h.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events))
+    key = {"LEDGER_CIPHER_KEY": AESCipher.create_key(16)}
+    assert run("ingest", "h.jsonl", data_dir=data, cwd=tmp_path, env=key).code == 0
+    customer = events[0]["customer_id"]
+    for env in ({"LEDGER_CIPHER_KEY": AESCipher.create_key(16)}, {}):  # another key, none
+        for command in (("history", customer), ("rebuild",), ("ingest", "h.jsonl")):
+            refused = run(*command, data_dir=data, cwd=tmp_path, env=env)
+            assert refused.code == 3, (command, refused)
+            assert "the event store cannot be read" in refused.message, refused
+            assert "LEDGER_CIPHER_KEY" in refused.message and "Traceback" not in refused.err
+    shown = run("history", customer, data_dir=data, cwd=tmp_path, env=key)
+    assert shown.code == 0, shown
