@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -40,7 +41,7 @@ def encode(fact: dict[str, Any], document: bytes, position: int | None) -> Kafka
     headers: Headers = [
         ("ce_specversion", SPEC_VERSION),
         ("ce_id", fact["event_id"].encode()),
-        ("ce_source", f"urn:customer-ledger:{fact.get('source') or 'ledger'}".encode()),
+        ("ce_source", source_uri(fact.get("source")).encode()),
         ("ce_type", f"{TYPE_PREFIX}{fact['type']}".encode()),
         ("ce_time", fact["occurred_at"].encode()),
         ("ce_subject", fact["customer_id"].encode()),
@@ -50,6 +51,16 @@ def encode(fact: dict[str, Any], document: bytes, position: int | None) -> Kafka
     if position is not None:
         headers.append(("ce_ledgerposition", str(position).encode()))
     return KafkaRecord(fact["customer_id"].encode(), document, headers)
+
+
+def source_uri(source: str | None) -> str:
+    """`ce_source`: a URI reference (CloudEvents), so the producer's free-text source is
+    percent-encoded (UTF-8) where it holds what a URN may not ("POS #3 / Zürich")."""
+    return f"urn:customer-ledger:{quote(source or 'ledger', safe=URN_SAFE)}"
+
+
+URN_SAFE = "-._~:@!$&'()*+,;=/"
+"""Characters a URN's specific string may hold as they are (RFC 3986 pchar and '/')."""
 
 
 class UndecodableRecord(ValueError):
