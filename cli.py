@@ -225,6 +225,10 @@ def ingest(
     out.print(
         f"accepted {total.accepted:,}, duplicates {total.duplicates:,}, rejected {total.rejected:,}"
     )
+    for source, line, reason in total.first_rejects:
+        err.print(f"{source}:{line}: {reason}")
+    if total.rejected > len(total.first_rejects):
+        err.print(f"… {total.rejected - len(total.first_rejects):,} more rejects")
     for path in total.rejects_files:
         err.print(f"rejects kept in {path}")
     if total.rejected:

@@ -32,6 +32,8 @@ class IngestReport:
     duplicates: int = 0
     rejected: int = 0
     rejects_files: list[Path] = field(default_factory=list)
+    # the first few rejects, (source, line, reason): to say at once what is wrong
+    first_rejects: list[tuple[str, int, str]] = field(default_factory=list)
 
     def add(self, other: IngestReport) -> None:
         self.lines += other.lines
@@ -39,6 +41,11 @@ class IngestReport:
         self.duplicates += other.duplicates
         self.rejected += other.rejected
         self.rejects_files += other.rejects_files
+        self.first_rejects += other.first_rejects[: FIRST_REJECTS - len(self.first_rejects)]
+
+
+FIRST_REJECTS = 5
+"""How many rejects an ingest names on its own (the rest are in the rejects file)."""
 
 
 ProgressCallback = Callable[[int, IngestReport], None]
@@ -54,9 +61,12 @@ class RejectsFile:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "stdin"
         self.path = rejects_dir / f"{stamp}-{safe}.jsonl"
         self.source_name = source_name
+        self.first: list[tuple[str, int, str]] = []
         self._handle: IO[bytes] | None = None
 
     def add(self, line_number: int, text: bytes, reason: str) -> None:
+        if len(self.first) < FIRST_REJECTS:
+            self.first.append((self.source_name, line_number, reason))
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = self.path.open("ab")
@@ -111,6 +121,7 @@ def ingest_stream(
         rejects.close()
     if report.rejected:
         report.rejects_files.append(rejects.path)
+        report.first_rejects = rejects.first
     return report
 
 

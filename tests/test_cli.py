@@ -236,6 +236,13 @@ def test_ingest_keeps_rejects_projects_and_recognises_a_replay(tmp_path: Path) -
     assert {r["source"] for r in rejects} == {str(source)}
     for reject, expected in zip(rejects, BAD.values(), strict=True):
         assert expected in reject["reason"], reject
+    # and said at once, each with its line (the first five of them)
+    said = [
+        line
+        for line in first.err.splitlines()
+        if re.match(rf"{re.escape(str(source))}:\d+: ", line)
+    ]
+    assert sorted(said) == sorted(f"{source}:{r['line']}: {r['reason']}" for r in rejects)
 
     projected = run("query", PROFILES_SQL, "--format", "json", data_dir=data, cwd=tmp_path)
     assert projected.code == 0, projected
