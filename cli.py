@@ -586,7 +586,8 @@ def consume(
         ),
     ] = None,
 ) -> None:
-    """Project the events topic into DuckDB as a member of a consumer group."""
+    """Project the events topic into DuckDB: a catch-up to the topic's end (reading the
+    partitions directly), or with --follow as a member of the consumer group."""
     settings = _kafka()
     with _reaching(settings):
         try:
@@ -635,7 +636,10 @@ def dlq_list(
             letter["value"][:80],
         )
     out.print(table)
-    out.print(f"{len(letters)} dead letters")
+    out.print(
+        f"{len(letters)} dead letters"
+        + (f" (the first {limit}: --limit)" if len(letters) == limit else "")
+    )
 
 
 @app.command()
