@@ -594,7 +594,7 @@ def test_a_postgres_outage_mid_ingest_ends_with_a_clear_error_and_whole_batches(
 # --- (d) concurrent ingests into the same customers ------------------------------------------
 
 TZ = timezone(timedelta(hours=8))
-BASE = datetime(2025, 1, 1, 9, tzinfo=TZ)
+BASE = datetime(2025, 1, 1, 9, tzinfo=TZ)  # + up to 500,000 min: ~Dec 2025, before any run
 
 
 def order_free_event(rng: random.Random, tag: str, customer: str, minute: int) -> Json:
@@ -641,13 +641,13 @@ def concurrent_ingest(
     rng = random.Random(seed)
     people = [f"C{n:03d}" for n in range(customers)]
     common = [
-        order_free_event(rng, f"shared-{i}", rng.choice(people), rng.randint(0, 10**6))
+        order_free_event(rng, f"shared-{i}", rng.choice(people), rng.randint(0, 500_000))
         for i in range(shared)
     ]
     files: list[list[Json]] = []
     for w in range(writers):
         own = [
-            order_free_event(rng, f"w{w}-{i}", rng.choice(people), rng.randint(0, 10**6))
+            order_free_event(rng, f"w{w}-{i}", rng.choice(people), rng.randint(0, 500_000))
             for i in range(per_file)
         ]
         for event in common:  # the same lines, at other places in each file
