@@ -37,6 +37,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -68,9 +69,42 @@ def _exact_money(value: object) -> object:
     return value
 
 
-Money = Annotated[Decimal, BeforeValidator(_exact_money), Field(max_digits=18, decimal_places=4)]
+def _money_schema(lowest: Literal["above 0", "0", None]) -> dict[str, Any]:
+    """The JSON Schema of an amount, in keywords any validator knows (pydantic would write
+    its own `gt`, `max_digits` and `decimal_places`, which JSON Schema validators ignore):
+    a decimal as a string (how the ledger publishes it: exact) or a JSON number."""
+    digits = r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
+    number: dict[str, Any] = {"type": "number"}
+    if lowest == "above 0":
+        text, number["exclusiveMinimum"] = rf"^\+?(?=[0-9.]*[1-9]){digits}$", 0
+    elif lowest == "0":
+        text, number["minimum"] = rf"^\+?{digits}$", 0
+    else:
+        text = rf"^[+-]?{digits}$"
+    limits = "at most 18 digits, 4 of them after the point" + (f", from {lowest}" if lowest else "")
+    return {
+        "anyOf": [{"type": "string", "pattern": text}, number],
+        "description": f"a decimal amount, {limits}",
+    }
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_exact_money),
+    Field(max_digits=18, decimal_places=4),
+    WithJsonSchema(_money_schema(None)),
+]
 PositiveMoney = Annotated[
-    Decimal, BeforeValidator(_exact_money), Field(gt=0, max_digits=18, decimal_places=4)
+    Decimal,
+    BeforeValidator(_exact_money),
+    Field(gt=0, max_digits=18, decimal_places=4),
+    WithJsonSchema(_money_schema("above 0")),
+]
+NonNegativeMoney = Annotated[
+    Decimal,
+    BeforeValidator(_exact_money),
+    Field(ge=0, max_digits=18, decimal_places=4),
+    WithJsonSchema(_money_schema("0")),
 ]
 
 
@@ -342,7 +376,7 @@ class ComplaintResumed(Event):
 
 class ResolutionData(ComplaintStep):
     resolution: Text
-    compensation: Annotated[Money, Field(ge=0)] | None = None
+    compensation: NonNegativeMoney | None = None
     root_cause: RootCause | None = None
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, timedelta
 from decimal import Decimal
 from typing import Any
 
+import jsonschema
 import pytest
 from pydantic import ValidationError
 
@@ -359,12 +360,25 @@ def test_the_json_schema_marks_exactly_the_personal_fields() -> None:
     }
 
 
-def test_the_json_schema_accepts_money_as_a_decimal_string() -> None:
+def test_the_json_schema_says_what_an_amount_is_to_any_validator() -> None:
+    """Subscribers and producers validate with `ledger schema` and a JSON Schema library,
+    which ignores pydantic's own keywords (`gt`, `decimal_places`): the limits must be in
+    standard ones, or "abc" passes as an amount."""
     schema = INCOMING.json_schema()
-    amount = schema["$defs"]["PurchaseData"]["properties"]["amount"]
-    kinds = {option.get("type") for option in amount["anyOf"]}
-    assert "string" in kinds  # a decimal string is accepted
     assert schema["$defs"]["PurchaseData"]["properties"]["currency"]["maxLength"] == 3
+
+    def valid(type_: str, **data: Any) -> bool:
+        event = _event(type_, {**EXAMPLES[type_], **data})
+        return jsonschema.Draft202012Validator(schema).is_valid(json.loads(json.dumps(event)))
+
+    for amount in ("12.50", "0.0001", "12", ".5", "1E+3", 12.5, 7):
+        assert valid("PurchaseRecorded", amount=amount), amount
+    for amount in ("abc", "-3.5", "0", "0.000", "", "12,50", -3.5, 0, None):
+        assert not valid("PurchaseRecorded", amount=amount), amount
+    assert valid("ComplaintResolved", compensation="0")
+    assert valid("ComplaintResolved", compensation=20)
+    assert not valid("ComplaintResolved", compensation="-1")
+    assert not valid("ComplaintResolved", compensation=-1)
 
 
 # --- surveys -------------------------------------------------------------------------------
