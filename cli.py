@@ -50,7 +50,7 @@ from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
 from projections.projector import BatchResult
 from projections.rebuild import RebuildBehind
-from projections.schema import ProjectionsUnavailable, connect
+from projections.schema import ProjectionsUnavailable, connect, stored_clock
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
@@ -335,13 +335,24 @@ def project(
     """Project stored events into DuckDB from where the projections left off."""
     _refuse_beside_kafka("ledger consume")
     ledger = _ledger()
+    moved_to = _parse_as_of(as_of)
     try:
-        position = _project(ledger, as_of=_parse_as_of(as_of), follow=follow)
+        position = _project(ledger, as_of=moved_to, follow=follow)
     except Interrupted:
         if follow:
             return  # Ctrl-C is how a follower stops
         raise
     out.print(f"projections at position {position:,} of {ledger.head():,}")
+    if moved_to is not None:
+        con = connect(State.settings.projections_path, read_only=True)
+        try:
+            clock = stored_clock(con)
+        finally:
+            con.close()
+        if clock is not None and clock > moved_to:
+            err.print(
+                f"the as-of clock stays at {clock.astimezone(UTC).isoformat()}: it never goes back"
+            )
 
 
 @app.command()

@@ -559,6 +559,11 @@ def test_project_as_of_moves_pending_sla_to_breached(tmp_path: Path) -> None:
     assert naive.code == 2, naive
     assert "has no UTC offset" in naive.message
 
+    earlier = run("project", "--as-of", "2029-01-01T00:00:00+00:00", data_dir=data, cwd=tmp_path)
+    assert earlier.code == 0, earlier
+    assert "the as-of clock stays at 2030-01-01T00:00:00+00:00: it never goes back" in earlier.err
+    assert "stays at" not in moved.err
+
 
 EVERY_TABLE_SQL = (
     " UNION ALL ".join(
