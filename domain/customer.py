@@ -29,9 +29,10 @@ one such event would mark every complaint breached for good."""
 
 
 def recorded_ahead(occurred_at: datetime, recorded_at: datetime) -> str | None:
-    """Why an event cannot be taken, when its business time lies further than
-    `AHEAD_OF_RECORDING` after its recording (the ledger's intake and the Kafka consumers
-    judge alike)."""
+    """Why an event cannot be recorded, when its business time lies further than
+    `AHEAD_OF_RECORDING` after its recording. (The consumers do not judge it: a store
+    holding one from before the rule, rebuilt through Kafka, must still equal the live
+    projections.)"""
     if occurred_at <= recorded_at + AHEAD_OF_RECORDING:
         return None
     return (
