@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -814,7 +815,11 @@ class Interrupted(BaseException):
     with exit status 130 and a line saying that what was stored stays."""
 
 
+_INTERRUPT = threading.Event()
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    _INTERRUPT.set()
     raise Interrupted
 
 
@@ -833,38 +838,48 @@ def main() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except Interrupted:
-        _interrupted()
-    except TypeError as error:
-        # orjson reports an exception raised in its `default` hook (Ctrl-C while the
-        # store encodes a batch) as a TypeError caused by it
-        if isinstance(error.__cause__, Interrupted):
+    except SystemExit:
+        raise  # the command's own ending (a follower that stopped on Ctrl-C included)
+    except BaseException as error:
+        # After a Ctrl-C, whatever came out is its doing: libraries report it their own
+        # way (orjson as a TypeError from its `default` hook, DuckDB as "Query
+        # interrupted", and a rollback after it as "no transaction is active")
+        if _INTERRUPT.is_set():
             _interrupted()
-        raise
-    except (ProjectionsUnavailable, TopicMissing, RebuildBehind) as error:
-        _say_error(str(error))
-        sys.exit(EXIT_UNAVAILABLE)
-    except MapperDeserialisationError as error:
-        _say_error(
+        _end_with(error)
+
+
+def _end_with(error: BaseException) -> NoReturn:
+    """Failures of the store, the projections, the disk or the broker: a message and exit
+    status 3 (outside click: sys.exit, not typer.Exit); anything else is a bug, raised as
+    it is."""
+    message: str | None = None
+    if isinstance(error, ProjectionsUnavailable | TopicMissing | RebuildBehind):
+        message = str(error)
+    elif isinstance(error, MapperDeserialisationError):
+        message = (
             f"the event store cannot be read ({error}): its events were encrypted with "
             "another LEDGER_CIPHER_KEY, or it is encrypted and LEDGER_CIPHER_KEY is not set "
             "(or set for a store that is not encrypted); nothing was changed"
         )
-        sys.exit(EXIT_UNAVAILABLE)
-    except (
-        PersistenceError,
-        ConcurrencyExhausted,
-        duckdb.Error,
-        OSError,
-        KafkaError,
-        DecoderFailed,
-    ) as error:
-        _say_error(
+    elif isinstance(
+        error,
+        PersistenceError
+        | ConcurrencyExhausted
+        | duckdb.Error
+        | OSError
+        | KafkaError
+        | DecoderFailed,
+    ):
+        message = (
             f"{_what_failed(error)}: {_named(error)}\n"
             "What was stored before this point is stored whole; fix the cause and run the "
             "same command again: it carries on from there and adds nothing twice."
         )
-        sys.exit(EXIT_UNAVAILABLE)
+    if message is None:
+        raise error
+    _say_error(message)
+    sys.exit(EXIT_UNAVAILABLE)
 
 
 def _named(error: BaseException) -> str:
