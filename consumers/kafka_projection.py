@@ -613,7 +613,11 @@ def consume(
             targets = high_watermarks(settings, settings.topic, **watched())
             # made (or opened) while the decoder processes start, once the topic is known
             stored = projector.call(lambda writer: writer.projector().checkpoints(source))
-            handed.update(_within(stored, targets))
+            kept = _within(stored, targets)
+            if len(kept) < len(stored):  # stored at once, in case nothing is read there now
+                again = {(source, stream): 0 for stream in stored.keys() - kept.keys()}
+                projector.call(lambda writer: writer.projector().apply([], again))
+            handed.update(kept)
             feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
         _project(
             feed,

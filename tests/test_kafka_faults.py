@@ -236,6 +236,26 @@ def test_a_partition_ending_before_the_stored_offset_is_read_again(
     assert report.events == fact_count(ledger), "read again from the beginning"
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
 
+    # a partition with nothing to read yet (not republished so far): the next consume
+    # must read it from its beginning too, not from the old offset
+    emptied = dataclasses.replace(kafka_settings, topic=f"{kafka_settings.topic}-emptied")
+    ensure_topics(emptied)
+    stream = f"{emptied.topic}:0"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "INSERT INTO projection_checkpoints SELECT DISTINCT source, ?, 5 "
+        "FROM projection_checkpoints WHERE source LIKE 'kafka:%'",
+        [stream],
+    )
+    con.close()
+    assert kafka_projection.consume(path, emptied).events == 0
+    con = duckdb.connect(str(path), read_only=True)
+    stored = con.execute(
+        "SELECT position FROM projection_checkpoints WHERE stream = ?", [stream]
+    ).fetchall()
+    con.close()
+    assert stored == [(0,)]
+
 
 # --- (a) the broker stops, and comes back empty ----------------------------------------------
 
