@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
@@ -40,9 +41,12 @@ class Settings:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, data_dir: Path | None = None) -> Settings:
-        """Raises ConfigError naming the variable that is malformed."""
-        env = os.environ
+    def from_env(
+        cls, data_dir: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """From `env` (default: the process environment); raises ConfigError naming the
+        variable that is malformed."""
+        env = os.environ if env is None else env
         text = env.get("LEDGER_REPORTING_CURRENCY", "EUR").upper()
         try:
             currency = str(_CURRENCY.validate_python(text))

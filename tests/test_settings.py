@@ -5,9 +5,7 @@ a port that is taken instead of taking whatever listens there for itself."""
 from __future__ import annotations
 
 import os
-import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 from conftest import children_of, running
@@ -16,20 +14,10 @@ from bootstrap import ConfigError, Settings
 from consumers.kafka import DevBroker, KafkaSettings, PortInUse, free_port
 
 
-@pytest.fixture(autouse=True)
-def no_ledger_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: not the runner's own LEDGER_* variables."""
-    for name in list(os.environ):
-        if name.startswith("LEDGER_"):
-            monkeypatch.delenv(name)
-
-
-def refused(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+def refused(**env: str) -> str:
     """The one-line ConfigError message `Settings.from_env` raises for `env`."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as raised:
-        Settings.from_env()
+        Settings.from_env(env=env)
     message = str(raised.value)
     assert "\n" not in message
     return message
@@ -43,12 +31,10 @@ BROKER = {"LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:9092"}
     ["127.0.0.1:notaport", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1", "a:9092,,b:9092",
      "a:9092,b:x", "::1:9092", ":9092"],
 )  # fmt: skip
-def test_a_malformed_bootstrap_is_a_config_error(
-    monkeypatch: pytest.MonkeyPatch, bootstrap: str
-) -> None:
+def test_a_malformed_bootstrap_is_a_config_error(bootstrap: str) -> None:
     with pytest.raises(ValueError, match="LEDGER_KAFKA_BOOTSTRAP"):
         KafkaSettings.from_env({"LEDGER_KAFKA_BOOTSTRAP": bootstrap})
-    message = refused(monkeypatch, LEDGER_KAFKA_BOOTSTRAP=bootstrap)
+    message = refused(LEDGER_KAFKA_BOOTSTRAP=bootstrap)
     assert f"LEDGER_KAFKA_BOOTSTRAP={bootstrap!r}" in message and "host:port" in message
 
 
@@ -68,12 +54,10 @@ def test_valid_bootstraps_still_parse() -> None:
         ("LEDGER_KAFKA_SASL_MECHANISM", "plain"),
     ],
 )
-def test_an_unknown_security_protocol_or_mechanism_is_a_config_error(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str
-) -> None:
+def test_an_unknown_security_protocol_or_mechanism_is_a_config_error(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=name):
         KafkaSettings.from_env({**BROKER, name: value})
-    message = refused(monkeypatch, **BROKER, **{name: value})
+    message = refused(**BROKER, **{name: value})
     assert f"{name}={value!r}: expected one of" in message
     assert ("SASL_SSL" if "PROTOCOL" in name else "SCRAM-SHA-512") in message
 
@@ -96,46 +80,37 @@ def test_supported_security_settings_still_parse() -> None:
 
 
 @pytest.mark.parametrize("currency", ["XYZ", "abc"])  # three letters, but no currency
-def test_a_currency_outside_iso_4217_is_a_config_error(
-    monkeypatch: pytest.MonkeyPatch, currency: str
-) -> None:
-    message = refused(monkeypatch, LEDGER_REPORTING_CURRENCY=currency)
+def test_a_currency_outside_iso_4217_is_a_config_error(currency: str) -> None:
+    message = refused(LEDGER_REPORTING_CURRENCY=currency)
     assert f"LEDGER_REPORTING_CURRENCY={currency.upper()!r}" in message
     assert "ISO 4217" in message
 
 
-def test_iso_4217_currencies_still_parse(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings.from_env().reporting_currency == "EUR"
-    monkeypatch.setenv("LEDGER_REPORTING_CURRENCY", "chf")
-    assert Settings.from_env().reporting_currency == "CHF"
+def test_iso_4217_currencies_still_parse() -> None:
+    assert Settings.from_env(env={}).reporting_currency == "EUR"
+    assert Settings.from_env(env={"LEDGER_REPORTING_CURRENCY": "chf"}).reporting_currency == "CHF"
 
 
 # --- the development broker ----------------------------------------------------------------
 
 
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    """A port with a plain listening socket on it: not a broker."""
-    port = free_port()
-    with socket.socket() as listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen()
-        yield port
-
-
-def test_the_dev_broker_refuses_a_port_in_use(taken_port: int) -> None:
-    """Before: Tansu failed to bind, the loop connected to the listener there and took
-    it for the broker (`ledger dev-broker` said "broker on ..." and exited 0)."""
-    before = children_of(os.getpid())  # a session broker of other tests may run
-    broker = DevBroker(taken_port)
-    started = time.monotonic()
+def test_the_dev_broker_refuses_a_port_another_broker_holds() -> None:
+    """Before: the second Tansu failed to bind, the wait connected to the first one and
+    took it for its own (`ledger dev-broker` said "broker on ..." and exited 0)."""
+    first = DevBroker(free_port())
+    first.start()
     try:
-        with pytest.raises(PortInUse, match=f"port {taken_port} on 127.0.0.1 is in use"):
-            broker.start()
+        before = children_of(os.getpid())  # the first broker, and a session broker
+        second = DevBroker(first.port)
+        started = time.monotonic()
+        try:
+            with pytest.raises(PortInUse, match=f"port {first.port} on 127.0.0.1 is in use"):
+                second.start()
+        finally:
+            second.stop()
+        assert time.monotonic() - started < 2
+        assert isinstance(PortInUse("x"), RuntimeError), "`ledger dev-broker` reports it, exit 3"
+        assert second.process is None, "no Tansu process is started"
+        assert not any(running(pid) for pid in children_of(os.getpid()) - before)
     finally:
-        broker.stop()
-    assert time.monotonic() - started < 2
-    assert isinstance(PortInUse("x"), RuntimeError), "`ledger dev-broker` reports it, exit 3"
-    assert broker.process is None, "no Tansu process is started"
-    assert not any(running(pid) for pid in children_of(os.getpid()) - before)
+        first.stop()
