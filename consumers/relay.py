@@ -167,12 +167,7 @@ def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -
         )
     if state.last_event is not None:
         position, event_id = state.last_event
-        _, documents = ledger.documents_after(position - 1, 1)
-        found = (
-            orjson.loads(documents[0][1])["event_id"]
-            if documents and documents[0][0] == position
-            else None
-        )
+        found = _event_at(ledger, position)
         if found != event_id:
             raise RelayStateMismatch(
                 f"the event store holds {found or 'no event'} at position {position:,}, "
@@ -194,14 +189,19 @@ def republish_from(
             "nothing after it would ever be published"
         )
     ends = topic_ends(settings)
-    last_event = None
-    if position > 0:
-        _, documents = ledger.documents_after(position - 1, 1)
-        if documents and documents[0][0] == position:
-            last_event = (position, str(orjson.loads(documents[0][1])["event_id"]))
+    event_id = _event_at(ledger, position) if position > 0 else None
+    last_event = (position, event_id) if event_id else None
     state = RelayState(position, sum(ends.values()), settings.topic, last_event, ends)
     state.save(path)
     return state
+
+
+def _event_at(ledger: Ledger, position: int) -> str | None:
+    """The id of the event stored at `position` (None: no event there)."""
+    _, documents = ledger.documents_after(position - 1, 1)
+    if documents and documents[0][0] == position:
+        return str(orjson.loads(documents[0][1])["event_id"])
+    return None
 
 
 @contextmanager
