@@ -69,19 +69,35 @@ def _exact_money(value: object) -> object:
     return value
 
 
+MONEY_PLACES = 4
+MONEY_WHOLE_DIGITS = 14
+"""An amount's limits: 18 digits, 4 of them after the point (DECIMAL(18,4))."""
+
+
 def _money_schema(lowest: Literal["above 0", "0", None]) -> dict[str, Any]:
     """The JSON Schema of an amount, in keywords any validator knows (pydantic would write
     its own `gt`, `max_digits` and `decimal_places`, which JSON Schema validators ignore):
-    a decimal as a string (how the ledger publishes it: exact) or a JSON number."""
-    digits = r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
-    number: dict[str, Any] = {"type": "number"}
+    a decimal as a string (how the ledger publishes it: exact) or a JSON number.
+
+    Written out, the string's digits are counted as the ledger counts them (leading zeros
+    and trailing zeros after the point do not count); with an exponent ("1E+3", how the
+    ledger publishes an amount it received so) only its shape is checked, and a JSON
+    number only its range (JSON Schema's `multipleOf` is unreliable on binary floats)."""
+    places = rf"[0-9]{{0,{MONEY_PLACES}}}0*"
+    written_out = rf"0*[0-9]{{1,{MONEY_WHOLE_DIGITS}}}(\.{places})?|\.(?=[0-9]){places}"
+    exponent = r"([0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?[0-9]+"
+    digits = f"({written_out}|{exponent})"
+    bound = 10**MONEY_WHOLE_DIGITS
+    number: dict[str, Any] = {"type": "number", "exclusiveMaximum": bound}
     if lowest == "above 0":
         text, number["exclusiveMinimum"] = rf"^\+?(?=[0-9.]*[1-9]){digits}$", 0
     elif lowest == "0":
         text, number["minimum"] = rf"^\+?{digits}$", 0
     else:
-        text = rf"^[+-]?{digits}$"
-    limits = "at most 18 digits, 4 of them after the point" + (f", from {lowest}" if lowest else "")
+        text, number["exclusiveMinimum"] = rf"^[+-]?{digits}$", -bound
+    limits = f"at most {MONEY_WHOLE_DIGITS} digits before the point and {MONEY_PLACES} after it" + (
+        f", from {lowest}" if lowest else ""
+    )
     return {
         "anyOf": [{"type": "string", "pattern": text}, number],
         "description": f"a decimal amount, {limits}",
@@ -91,19 +107,19 @@ def _money_schema(lowest: Literal["above 0", "0", None]) -> dict[str, Any]:
 Money = Annotated[
     Decimal,
     BeforeValidator(_exact_money),
-    Field(max_digits=18, decimal_places=4),
+    Field(max_digits=MONEY_WHOLE_DIGITS + MONEY_PLACES, decimal_places=MONEY_PLACES),
     WithJsonSchema(_money_schema(None)),
 ]
 PositiveMoney = Annotated[
     Decimal,
     BeforeValidator(_exact_money),
-    Field(gt=0, max_digits=18, decimal_places=4),
+    Field(gt=0, max_digits=MONEY_WHOLE_DIGITS + MONEY_PLACES, decimal_places=MONEY_PLACES),
     WithJsonSchema(_money_schema("above 0")),
 ]
 NonNegativeMoney = Annotated[
     Decimal,
     BeforeValidator(_exact_money),
-    Field(ge=0, max_digits=18, decimal_places=4),
+    Field(ge=0, max_digits=MONEY_WHOLE_DIGITS + MONEY_PLACES, decimal_places=MONEY_PLACES),
     WithJsonSchema(_money_schema("0")),
 ]
 
