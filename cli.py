@@ -558,6 +558,7 @@ def relay(
     if from_position is not None and not republish:
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
     settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
+    before = relay_tools.RelayState.load(state_path).published
     with _reaching(settings):
         try:
             with _progress() as progress:
@@ -584,7 +585,10 @@ def relay(
             if follow:
                 return  # Ctrl-C is how a follower stops
             raise
-    out.print(f"relay at position {state.position:,}; {state.published:,} records acknowledged")
+    out.print(
+        f"relay at position {state.position:,}; {state.published - before:,} records "
+        f"acknowledged in this run ({state.published:,} in all)"
+    )
 
 
 @app.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,14 +26,15 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.net.sasl import SASL_MECHANISMS
 from kafka.partitioner.default import murmur2
 
 SAY_UNREACHABLE_AFTER_SECONDS = 5.0
 """How long a command someone (or a cron job) waits for an unreachable broker before
 saying so: `status`, `kafka init`, `dlq list`, the relay's retries, a one-shot `consume`
-or `rebuild --from-kafka`; kafka-python's own bootstrap wait is 30 s."""
+or `rebuild --from-kafka`; kafka-python's own bootstrap wait is 30 s. Every command also
+waits this long at most for a TLS listener's handshake (`tls_listener_answers`)."""
 
 
 class TopicMissing(LookupError):
@@ -82,6 +84,57 @@ def _one_of(env: Mapping[str, str], name: str, allowed: Sequence[str]) -> None:
     text = env.get(name)
     if text and text not in allowed:
         raise ValueError(f"{name}={text!r}: expected one of {', '.join(allowed)}")
+
+
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+class NoTlsListener(KafkaConnectionError):  # type: ignore[misc]
+    """The broker accepts connections but does not answer a TLS handshake."""
+
+
+_TLS_ANSWERED: set[str] = set()
+"""Bootstrap lists whose TLS listener has answered in this process (checked once)."""
+
+
+def tls_listener_answers(bootstrap: str, protocol: str) -> None:
+    """Raises `NoTlsListener` when the first bootstrap broker that accepts a connection
+    does not answer a TLS handshake within `SAY_UNREACHABLE_AFTER_SECONDS`.
+
+    kafka-python 3.0 waits for the handshake without any deadline, past its own bootstrap
+    timeout: with the protocol set to SSL against a plaintext listener (Tansu reads the
+    ClientHello as the size of a request and waits for the rest), every command hung for
+    good. Only the silence is judged here: a broker that refuses the connection, rejects
+    the certificate or closes is left to kafka-python, which reports those itself.
+    """
+    if bootstrap in _TLS_ANSWERED:
+        return
+    probe_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe_context.check_hostname = False  # a listener that answers at all is enough
+    probe_context.verify_mode = ssl.CERT_NONE
+    for entry in bootstrap.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            raw = socket.create_connection((host, int(port)), timeout=SAY_UNREACHABLE_AFTER_SECONDS)
+        except OSError:
+            continue  # unreachable: kafka-python tries the others and reports it
+        with raw:
+            try:
+                with probe_context.wrap_socket(raw, server_hostname=host):
+                    pass
+            except TimeoutError:
+                raise NoTlsListener(
+                    f"{entry.strip()} accepted a connection but answered no TLS handshake "
+                    f"within {SAY_UNREACHABLE_AFTER_SECONDS:.0f} s "
+                    f"(LEDGER_KAFKA_SECURITY_PROTOCOL={protocol}): if that listener is "
+                    "plaintext, set LEDGER_KAFKA_SECURITY_PROTOCOL to PLAINTEXT or "
+                    "SASL_PLAINTEXT, or give LEDGER_KAFKA_BOOTSTRAP the broker's TLS port"
+                ) from None
+            except OSError:
+                pass  # it answered (an alert, a close): kafka-python reports the rest
+            _TLS_ANSWERED.add(bootstrap)
+            return
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -147,6 +200,10 @@ class KafkaSettings:
         )
 
     def client_options(self) -> dict[str, Any]:
+        """The options every client gets; over TLS, once a listener has been seen to
+        answer a TLS handshake (`tls_listener_answers`)."""
+        if self.security.get("security_protocol") in TLS_PROTOCOLS:
+            tls_listener_answers(self.bootstrap, self.security["security_protocol"])
         return {
             "bootstrap_servers": self.bootstrap.split(","),
             "client_id": self.client_id,

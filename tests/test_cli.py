@@ -719,9 +719,15 @@ def test_kafka_commands_refuse_what_would_lose_data(
     data, kafka = tmp_path / "d", kafka_env(kafka_settings)
     events = generate_history(customers=10)
     (tmp_path / "h.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events))
-    for command in [("ingest", "h.jsonl"), ("relay",), ("consume",)]:
+    relayed: list[str] = []
+    for command in [("ingest", "h.jsonl"), ("relay",), ("relay",), ("consume",)]:
         done = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert done.code == 0, (command, done)
+        if command == ("relay",):
+            relayed.append(" ".join(done.out.split()))
+    n = f"{len(events):,}"
+    assert f"{n} records acknowledged in this run ({n} in all)" in relayed[0], relayed
+    assert f"0 records acknowledged in this run ({n} in all)" in relayed[1], relayed
 
     def projected() -> int:
         counted = run("query", "SELECT count(*) AS n FROM events", "--format", "json",
@@ -778,6 +784,27 @@ def test_kafka_commands_refuse_what_would_lose_data(
         said = "error: cannot reach the broker at 127.0.0.1:1: KafkaTimeoutError: Unable to"
         assert failed.message.startswith(said), (command, failed)
     assert projected() == len(events)
+
+
+def test_tls_to_a_plaintext_listener_ends_with_a_message_not_a_hang(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """kafka-python 3.0 waits for a TLS handshake without a deadline; Tansu's plaintext
+    listener takes the ClientHello for the start of a 369 MB request and waits too: with
+    LEDGER_KAFKA_SECURITY_PROTOCOL=SSL every command hung (`dlq list` > 10 min). Each now
+    ends with exit 3 and one line (the subprocess timeout catches a hang)."""
+    (tmp_path / "h.jsonl").write_bytes(orjson.dumps(generate_history(customers=1)[0]))
+    assert run("ingest", "h.jsonl", data_dir=tmp_path / "d", cwd=tmp_path).code == 0
+    tls = {**kafka_env(kafka_settings), "LEDGER_KAFKA_SECURITY_PROTOCOL": "SSL"}
+    for command in [("dlq", "list"), ("status",), ("relay",), ("consume",), ("kafka", "init")]:
+        failed = run(*command, data_dir=tmp_path / "d", cwd=tmp_path, env=tls)
+        assert failed.code == 3, (command, failed)
+        assert "Traceback" not in failed.err
+        said = failed.message
+        assert f"cannot reach the broker at {kafka_settings.bootstrap}" in said, (command, said)
+        if "LEDGER_TEST_KAFKA_BOOTSTRAP" not in os.environ:  # Apache Kafka closes instead
+            assert "answered no TLS handshake within 5 s" in said, (command, said)
+            assert "set LEDGER_KAFKA_SECURITY_PROTOCOL to PLAINTEXT" in said, (command, said)
 
 
 def test_errors_are_named_once() -> None:
