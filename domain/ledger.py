@@ -87,7 +87,10 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
     }
     if incoming.source_event_id is not None:
         parts = (incoming.customer_id, incoming.source or "", incoming.source_event_id)
-        key = "key\x1f" + "\x1f".join(parts)
+        if any("\x1f" in part for part in parts):  # joined, they could read as others
+            key = "key-json\x1f" + orjson.dumps(parts).decode()
+        else:
+            key = "key\x1f" + "\x1f".join(parts)  # as ever: stored ids stay the same
     else:
         content = {k: v for k, v in fact.items() if k not in ("event_id", "recorded_at")}
         key = "content\x1f" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()

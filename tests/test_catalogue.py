@@ -379,6 +379,7 @@ def test_the_json_schema_says_what_an_amount_is_to_any_validator() -> None:
     assert valid("ComplaintResolved", compensation=20)
     assert not valid("ComplaintResolved", compensation="-1")
     assert not valid("ComplaintResolved", compensation=-1)
+
     # written out, the schema counts digits as the catalogue does: both say the same
     def accepted(event: dict[str, Any]) -> bool:
         try:

@@ -389,6 +389,24 @@ def test_the_same_source_event_id_from_another_source_is_another_event(
     assert len({f["event_id"] for f in facts}) == 3
 
 
+def test_keys_holding_the_separator_are_other_events(
+    ledger: Ledger, settings: Settings, tmp_path: Path
+) -> None:
+    """Ids are free text: the key's parts joined with \x1f read the same when the
+    separator sits in one part or the next; one event was taken for the other's duplicate
+    (same customer), or both got one id and the projections kept one (two customers)."""
+    lines: list[dict[str, Any] | bytes | str] = [
+        contact("C-1", 1, source_event_id="c", source="a\x1fb"),
+        contact("C-1", 2, source_event_id="b\x1fc", source="a"),
+        contact("C-1\x1fpos", 3, source_event_id="k", source="x"),
+        contact("C-1", 4, source_event_id="k", source="pos\x1fx"),
+    ]
+    report = ingest(ledger, settings, jsonl(tmp_path / "keys.jsonl", lines))
+    assert (report.accepted, report.duplicates, report.rejected) == (4, 0, 0)
+    facts = [*ledger.timeline("C-1"), *ledger.timeline("C-1\x1fpos")]
+    assert len({f["event_id"] for f in facts}) == 4
+
+
 def test_event_ids_never_change_between_versions() -> None:
     """Stores hold these ids: re-ingesting a file is only harmless while its ids stay
     the same (uuid5 in the ledger's namespace of the key, or of the content)."""
