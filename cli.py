@@ -540,7 +540,10 @@ def kafka_init() -> None:
             created = kafka_tools.ensure_topics(settings)
         except kafka_tools.PartitionsDiffer as error:
             _fail(str(error))
+        retention = kafka_tools.short_retention(settings)
     out.print(f"created: {', '.join(created)}" if created else "topics already exist")
+    if retention:
+        err.print(f"warning: {retention}", markup=False)
 
 
 @app.command()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.net.sasl import SASL_MECHANISMS
 from kafka.partitioner.default import murmur2
@@ -314,6 +314,13 @@ def missing_topic(settings: KafkaSettings, topic: str) -> TopicMissing:
     )
 
 
+EVENTS_TOPIC_CONFIGS = {"retention.ms": "-1", "retention.bytes": "-1"}
+"""The events topic keeps every record: `rebuild --from-kafka` reads it from offset 0 and
+must find every event the live projections hold, and a subscriber joining later replays
+it from its beginning. A broker's default retention (often 7 days) would drop history.
+The derived and dead-letter topics get the broker's defaults."""
+
+
 def ensure_topics(settings: KafkaSettings) -> list[str]:
     """Create the event, derived and dead-letter topics when missing; returns those created.
     Raises `PartitionsDiffer` when the events topic exists with another partition count
@@ -326,7 +333,15 @@ def ensure_topics(settings: KafkaSettings) -> list[str]:
         if missing:
             with suppress(TopicAlreadyExistsError):  # another process was quicker
                 admin.create_topics(
-                    [NewTopic(t, settings.partitions, settings.replication) for t in missing]
+                    [
+                        NewTopic(
+                            t,
+                            settings.partitions,
+                            settings.replication,
+                            topic_configs=EVENTS_TOPIC_CONFIGS if t == settings.topic else {},
+                        )
+                        for t in missing
+                    ]
                 )
         if settings.topic not in missing:
             (described,) = admin.describe_topics([settings.topic])
@@ -342,6 +357,34 @@ def ensure_topics(settings: KafkaSettings) -> list[str]:
         return missing
     finally:
         admin.close()
+
+
+def short_retention(settings: KafkaSettings) -> str | None:
+    """What is wrong with the events topic's retention, when the broker reports one that
+    drops records (a topic created elsewhere); None when it keeps them or says nothing."""
+    admin = KafkaAdminClient(**settings.client_options(), **watched())
+    try:
+        reported = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, settings.topic)], config_filter="all"
+        )
+    finally:
+        admin.close()
+    configs = reported.get("topic", {}).get(settings.topic, {})
+    dropping = {
+        name: configs[name]["value"]
+        for name in EVENTS_TOPIC_CONFIGS
+        if name in configs and configs[name].get("value") not in (None, "-1")
+    }
+    if not dropping:
+        return None
+    said = ", ".join(f"{name}={value}" for name, value in dropping.items())
+    return (
+        f"topic {settings.topic} drops old records ({said}): `ledger rebuild --from-kafka` "
+        "needs every one, and subscribers joining later replay from the beginning; set "
+        "retention.ms=-1 and retention.bytes=-1 on it (e.g. kafka-configs.sh --alter "
+        f"--entity-type topics --entity-name {settings.topic} --add-config "
+        "retention.ms=-1,retention.bytes=-1)"
+    )
 
 
 class PartitionsDiffer(RuntimeError):

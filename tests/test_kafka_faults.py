@@ -44,12 +44,14 @@ from conftest import (
     running,
     tables,
 )
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaTimeoutError
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.kafka import (
+    EVENTS_TOPIC_CONFIGS,
     SAY_UNREACHABLE_AFTER_SECONDS,
     DevBroker,
     KafkaSettings,
@@ -57,6 +59,7 @@ from consumers.kafka import (
     consumer,
     ensure_topics,
     free_port,
+    short_retention,
 )
 from consumers.kafka_decoding import DecoderFailed, Decoders
 from domain.demo_history import generate_history
@@ -209,6 +212,41 @@ def test_kafka_init_refuses_an_events_topic_of_another_partition_count(
     with pytest.raises(PartitionsDiffer, match=f"exists with {kafka_settings.partitions} part"):
         ensure_topics(other_count)
     assert ensure_topics(kafka_settings) == []
+
+
+def test_kafka_init_asks_the_events_topic_to_keep_every_record(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """A rebuild reads the events topic from offset 0: with a broker's default retention
+    (7 days on Apache Kafka) it would lack the older events and be refused for good. An
+    events topic created elsewhere with a finite retention is named in a warning."""
+    fresh = dataclasses.replace(kafka_settings, topic=f"{kafka_settings.topic}-kept")
+    assert fresh.topic in ensure_topics(fresh)
+
+    def reported(topic: str) -> dict[str, str]:
+        admin = KafkaAdminClient(bootstrap_servers=fresh.bootstrap)
+        try:
+            found = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all"
+            )
+        finally:
+            admin.close()
+        return {name: c["value"] for name, c in found["topic"][topic].items()}
+
+    assert {k: reported(fresh.topic).get(k) for k in EVENTS_TOPIC_CONFIGS} == EVENTS_TOPIC_CONFIGS
+    assert reported(fresh.dlq_topic).get("retention.ms") != "-1"  # the broker's default
+    assert short_retention(fresh) is None
+
+    elsewhere = dataclasses.replace(kafka_settings, topic=f"{kafka_settings.topic}-week")
+    admin = KafkaAdminClient(bootstrap_servers=fresh.bootstrap)
+    try:
+        week = {"retention.ms": str(7 * 24 * 3600 * 1000)}
+        admin.create_topics([NewTopic(elsewhere.topic, 3, 1, topic_configs=week)])
+    finally:
+        admin.close()
+    warning = short_retention(elsewhere)
+    assert warning is not None and "retention.ms=604800000" in warning, warning
+    assert f"--entity-name {elsewhere.topic}" in warning
 
 
 def test_a_partition_ending_before_the_stored_offset_is_read_again(
