@@ -45,7 +45,7 @@ from consumers import relay as relay_tools
 from consumers.kafka import KafkaSettings, TopicMissing
 from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
-from domain.events import DERIVED_MODELS, EVENT_MODELS, INCOMING, RECORDED, RECORDED_MODELS
+from domain.events import EVENT_MODELS, contract_schema, contract_types, type_schema
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger
 from projections import reports
@@ -489,22 +489,14 @@ def schema(
     """Print the JSON Schema of every event type and of the derived events.
 
     By default the recorded shape subscribers receive; --ingest: the shape producers send."""
-    shapes = EVENT_MODELS if ingest_format else RECORDED_MODELS
-    models = {m.__name__: m for m in (*shapes, *DERIVED_MODELS)}
-    if event_type is not None and event_type not in models:
-        _fail(f"unknown event type {event_type!r}; known: {', '.join(models)}", code=2)
-    document: dict[str, Any]
-    if event_type:
-        document = models[event_type].model_json_schema()
-    else:
-        document = (INCOMING if ingest_format else RECORDED).json_schema()
-        document["title"] = (
-            f"customer-ledger events, {'ingest' if ingest_format else 'recorded'} shape "
-            "(schema_version 1)"
-        )
-        document["derived"] = {
-            name: m.model_json_schema() for name, m in ((m.__name__, m) for m in DERIVED_MODELS)
-        }
+    known = contract_types(ingest=ingest_format)
+    if event_type is not None and event_type not in known:
+        _fail(f"unknown event type {event_type!r}; known: {', '.join(known)}", code=2)
+    document = (
+        type_schema(event_type, ingest=ingest_format)
+        if event_type
+        else contract_schema(ingest=ingest_format)
+    )
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 

@@ -489,7 +489,11 @@ class _Derived(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event_id: UUID = Field(description="stable: a hash of the transition, the same on rebuild")
+    event_id: str = Field(
+        pattern="^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="stable: a 128-bit hash of the transition written as a UUID is (not an "
+        "RFC 4122 UUID: no version bits), the same on rebuild",
+    )
     schema_version: Literal[1]
     customer_id: Id
     occurred_at: AwareDatetime = Field(description="business time of the transition")
@@ -570,3 +574,66 @@ RECORDED_MODELS: tuple[type[BaseModel], ...] = tuple(_recorded(m) for m in EVENT
 RECORDED: TypeAdapter[Any] = TypeAdapter(
     Annotated[Union[RECORDED_MODELS], Field(discriminator="type")]  # type: ignore[arg-type]  # noqa: UP007
 )
+
+
+SCHEMA_ID = "urn:customer-ledger:schema"
+"""The `$id` of the contract's JSON Schema document (`ledger schema`)."""
+
+
+def contract_schema(*, ingest: bool = False) -> dict[str, Any]:
+    """The contract as one JSON Schema document (Draft 2020-12).
+
+    The document validates an event: its recorded shape, open to fields added later, or
+    with `ingest` the shape producers send, closed. The derived events' schemas sit under
+    `derived`, each whole (its own `$defs`, so it may be cut out) and with its definitions
+    copied beside the events' in `$defs`, so a reference into the document resolves too
+    (`urn:customer-ledger:schema#/derived/SlaWarning`).
+    """
+    document = (INCOMING if ingest else RECORDED).json_schema()
+    definitions: dict[str, Any] = document.setdefault("$defs", {})
+    derived: dict[str, Any] = {}
+    for model in DERIVED_MODELS:
+        schema = model.model_json_schema()
+        for name, definition in schema.get("$defs", {}).items():
+            if definitions.setdefault(name, definition) != definition:
+                raise ValueError(f"the catalogue defines {name} twice, differently")
+        derived[model.__name__] = schema
+    shape = "ingest" if ingest else "recorded"
+    whole = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": f"customer-ledger events, {shape} shape (schema_version {SCHEMA_VERSION})",
+        **document,
+        "derived": derived,
+    }
+    return whole if ingest else _open_to_added_fields(whole)
+
+
+def contract_types(*, ingest: bool = False) -> dict[str, type[BaseModel]]:
+    """Every type of the contract by name: the events (recorded shape, or with `ingest`
+    the shape producers send) and the derived events."""
+    return {
+        m.__name__: m for m in (*(EVENT_MODELS if ingest else RECORDED_MODELS), *DERIVED_MODELS)
+    }
+
+
+def type_schema(name: str, *, ingest: bool = False) -> dict[str, Any]:
+    """One type's JSON Schema, whole: closed for what producers send, open to fields added
+    later for what subscribers receive (as in `contract_schema`)."""
+    schema = contract_types(ingest=ingest)[name].model_json_schema()
+    return schema if ingest and name in EVENT_TYPES else _open_to_added_fields(schema)
+
+
+def _open_to_added_fields(schema: Any) -> Any:
+    """`schema` without `additionalProperties: false`: fields are only ever added, so a
+    subscriber validating with today's schema must take tomorrow's events. (Producers'
+    events are still checked strictly: an unknown field there is most likely a typo.)"""
+    if isinstance(schema, dict):
+        return {
+            key: _open_to_added_fields(value)
+            for key, value in schema.items()
+            if not (key == "additionalProperties" and value is False)
+        }
+    if isinstance(schema, list):
+        return [_open_to_added_fields(item) for item in schema]
+    return schema

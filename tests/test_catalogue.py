@@ -21,7 +21,10 @@ from domain.events import (
     PurchaseRecorded,
     PurchaseRefunded,
     SurveyKind,
+    contract_schema,
+    type_schema,
 )
+from domain.ledger import to_fact
 
 AT = "2025-03-01T09:30:00+08:00"
 
@@ -358,6 +361,31 @@ def test_the_json_schema_marks_exactly_the_personal_fields() -> None:
         "CustomerRegistered": PERSONAL_FIELDS,
         "CustomerProfileUpdated": PERSONAL_FIELDS,
     }
+
+
+def test_subscribers_schema_takes_fields_added_later_producers_schema_does_not() -> None:
+    """Fields are only ever added: a subscriber validating with today's `ledger schema`
+    must take tomorrow's events (`additionalProperties: false` everywhere refused the
+    first event with a new field). A producer's unknown field is still refused."""
+    recorded, ingest = contract_schema(), contract_schema(ingest=True)
+
+    def valid(schema: dict[str, Any], document: dict[str, Any]) -> bool:
+        return jsonschema.Draft202012Validator(schema).is_valid(json.loads(json.dumps(document)))
+
+    event = _event("PurchaseRecorded")
+    fact = dict(to_fact(INCOMING.validate_python(event), "2025-03-01T02:00:00+00:00"))
+    later = {**fact, "channel_of_sale": "web", "data": {**fact["data"], "voucher": "V-1"}}
+    assert valid(recorded, fact) and valid(recorded, later)
+    assert not valid(recorded, {k: v for k, v in fact.items() if k != "event_id"})
+    assert not valid(recorded, {**fact, "data": {**fact["data"], "amount": "abc"}})
+    assert valid(ingest, event)
+    assert not valid(ingest, {**event, "data": {**event["data"], "voucher": "V-1"}})
+    # one type's schema (`ledger schema TYPE`) says the same
+    assert valid(type_schema("PurchaseRecorded"), later)
+    assert not valid(
+        type_schema("PurchaseRecorded", ingest=True),
+        {**event, "data": {**event["data"], "voucher": "V-1"}},
+    )
 
 
 def test_the_json_schema_says_what_an_amount_is_to_any_validator() -> None:

@@ -24,6 +24,7 @@ import jsonschema
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message
 from conftest import PROJECT_ROOT, record
+from referencing import Registry, Resource
 
 from bootstrap import Settings
 from consumers import kafka_projection, relay
@@ -171,8 +172,15 @@ def test_derived_topic_follows_the_same_contract(
         [sys.executable, "-m", "cli", "schema"],
         cwd=PROJECT_ROOT, capture_output=True, check=True, text=True,
     )  # fmt: skip
-    schemas = json.loads(printed.stdout)["derived"]
+    document = json.loads(printed.stdout)
+    schemas = document["derived"]
     assert set(schemas) == {"LoyaltyStageChanged", "SlaWarning", "SlaBreached"}
+    # a subscriber may also refer into the whole document: its references must resolve
+    registry = Registry().with_resource(document["$id"], Resource.from_contents(document))
+
+    def by_reference(type_: str) -> jsonschema.Draft202012Validator:
+        reference = {"$ref": f"{document['$id']}#/derived/{type_}"}
+        return jsonschema.Draft202012Validator(reference, registry=registry)
 
     messages = read_everything(
         kafka_settings.bootstrap, kafka_settings.derived_topic, report.derived
@@ -184,6 +192,7 @@ def test_derived_topic_follows_the_same_contract(
     for message in messages:
         key, value, headers = envelope(message)
         jsonschema.validate(value, schemas[value["type"]])
+        by_reference(value["type"]).validate(value)
         assert set(value) == set(schemas[value["type"]]["properties"]), "undocumented fields"
         assert value["event_id"] not in seen, f"{value['event_id']} published twice"
         seen.add(value["event_id"])
