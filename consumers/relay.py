@@ -29,6 +29,7 @@ from kafka.errors import KafkaError
 
 from consumers import cloudevents
 from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, producer, watched
+from domain.events import without_personal_data
 from domain.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def run(
                         break
                     time.sleep(poll_seconds)
                     continue
-                ends = _publish(kafka_producer, settings.topic, documents)
+                ends = _publish(kafka_producer, settings, documents)
                 state = RelayState(
                     last,
                     state.published + len(documents),
@@ -300,15 +301,22 @@ def run(
 
 
 def _publish(
-    kafka_producer: KafkaProducer, topic: str, documents: list[tuple[int, bytes]]
+    kafka_producer: KafkaProducer, settings: KafkaSettings, documents: list[tuple[int, bytes]]
 ) -> dict[int, int]:
     """Send a batch and wait until the broker has acknowledged every record; returns, per
-    partition, the offset after the last record acknowledged."""
+    partition, the offset after the last record acknowledged. Personal fields are left out
+    unless the settings include them (`PERSONAL_DATA_CHOICES`)."""
     futures = []
     for position, document in documents:
-        record = cloudevents.encode(orjson.loads(document), document, position)
+        fact = orjson.loads(document)
+        withheld = None if settings.personal_data else without_personal_data(fact)
+        if withheld is not None:
+            fact, document = withheld, orjson.dumps(withheld)
+        record = cloudevents.encode(fact, document, position)
         futures.append(
-            kafka_producer.send(topic, key=record.key, value=record.value, headers=record.headers)
+            kafka_producer.send(
+                settings.topic, key=record.key, value=record.value, headers=record.headers
+            )
         )
     kafka_producer.flush()
     ends: dict[int, int] = {}

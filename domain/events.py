@@ -471,6 +471,32 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     SurveyAnswered,
 )
 EVENT_TYPES: tuple[str, ...] = tuple(m.__name__ for m in EVENT_MODELS)
+
+
+def _personal_fields(model: type[Event]) -> frozenset[str]:
+    fields = getattr(model.model_fields["data"].annotation, "model_fields", {})
+    return frozenset(
+        name
+        for name, info in fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("x-personal")
+    )
+
+
+#: Personal data fields per event type: the catalogue's `x-personal` marks.
+PERSONAL_FIELDS: dict[str, frozenset[str]] = {
+    model.__name__: _personal_fields(model) for model in EVENT_MODELS if _personal_fields(model)
+}
+
+
+def without_personal_data(fact: dict[str, Any]) -> dict[str, Any] | None:
+    """`fact` (recorded shape) without its personal fields; None when it holds none."""
+    marked = PERSONAL_FIELDS.get(fact["type"])
+    data = fact.get("data") or {}
+    if not marked or marked.isdisjoint(data):
+        return None
+    return {**fact, "data": {name: value for name, value in data.items() if name not in marked}}
+
+
 COMPLAINT_EVENT_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("Complaint"))
 
 
@@ -565,7 +591,11 @@ class RecordedFields(BaseModel):
 
 
 def _recorded(model: type[Event]) -> type[BaseModel]:
-    return type(model.__name__, (model, RecordedFields), {"__doc__": model.__doc__})
+    namespace: dict[str, Any] = {"__doc__": model.__doc__}
+    if model is CustomerProfileUpdated:
+        # published without its personal fields, an update may have none left to name
+        namespace["__annotations__"] = {"data": ProfileData}
+    return type(model.__name__, (model, RecordedFields), namespace)
 
 
 RECORDED_MODELS: tuple[type[BaseModel], ...] = tuple(_recorded(m) for m in EVENT_MODELS)

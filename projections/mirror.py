@@ -20,20 +20,8 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from domain.events import EVENT_MODELS
+from domain.events import PERSONAL_FIELDS
 from projections.schema import one, run
-
-#: Personal data fields per event type, read from the catalogue's `x-personal` marks.
-PERSONAL_FIELDS: dict[str, frozenset[str]] = {}
-for _model in EVENT_MODELS:
-    _data_model = _model.model_fields["data"].annotation
-    _marked = frozenset(
-        name
-        for name, info in getattr(_data_model, "model_fields", {}).items()
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("x-personal")
-    )
-    if _marked:
-        PERSONAL_FIELDS[_model.__name__] = _marked
 
 # A JSON merge patch setting every personal field to null removes it (RFC 7396).
 _REMOVE_PERSONAL = orjson.dumps(

@@ -7,6 +7,7 @@ events follow the same conventions, valid against the schemas `ledger schema` pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -23,13 +24,14 @@ from urllib.parse import unquote
 import jsonschema
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message
-from conftest import PROJECT_ROOT, record
+from conftest import PROJECT_ROOT, differences, embedded, record, tables
 from referencing import Registry, Resource
 
 from bootstrap import Settings
 from consumers import kafka_projection, relay
-from consumers.kafka import KafkaSettings
+from consumers.kafka import KafkaSettings, ensure_topics
 from domain.demo_history import generate_history
+from domain.events import without_personal_data
 from domain.ledger import Ledger
 
 pytestmark = pytest.mark.kafka
@@ -136,7 +138,7 @@ def test_topic_follows_the_cloudevents_contract(
         assert event_id not in seen, f"{event_id} published twice"
         seen.add(event_id)
         position, fact = stored[event_id]
-        assert value == fact
+        assert value == (without_personal_data(fact) or fact)  # personal fields withheld
         ledger_position = headers["ce_ledgerposition"].decode()
         assert ledger_position.isdigit(), ledger_position
         assert int(ledger_position) == position
@@ -147,6 +149,7 @@ def test_topic_follows_the_cloudevents_contract(
         in_topic[key].append((partition, offset, position, event_id))
 
     assert seen == set(stored)
+    assert any(without_personal_data(fact) for _, fact in stored.values()), "none to withhold"
     for customer, records in in_topic.items():
         assert len(partitions_of[customer]) == 1, (customer, partitions_of[customer])
         records.sort()  # by (partition, offset): the topic's order
@@ -208,3 +211,50 @@ def test_derived_topic_follows_the_same_contract(
         assert len(partitions_of[customer]) == 1, (customer, partitions_of[customer])
         times = [at for *_, at in sorted(records)]  # in the topic's order
         assert times == sorted(times), f"{customer}'s derived events are not in time order"
+
+
+def test_personal_fields_reach_the_topic_only_when_asked_for(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Kafka is read by every subscriber, keeps every record and is not encrypted by
+    LEDGER_CIPHER_KEY: the relay withholds the catalogue's personal fields unless
+    LEDGER_KAFKA_PERSONAL_DATA=include. An update that changed only personal fields still
+    goes out (the profile changed), with nothing left in its data, and projects as the
+    embedded path does."""
+    at = "2025-03-01T09:30:00+00:00"
+    personal = {"name": "Zoë Müller", "email": "zoe@example.com", "birthday": "1990-01-02"}
+    events = [
+        {"type": "CustomerRegistered", "customer_id": "C-1", "occurred_at": at,
+         "data": {**personal, "region": "Bayern", "segment": "vip"}},
+        {"type": "CustomerProfileUpdated", "customer_id": "C-1", "occurred_at": at,
+         "source_event_id": "u-1", "data": {"email": "zoe@example.org"}},
+        {"type": "CustomerProfileUpdated", "customer_id": "C-1", "occurred_at": at,
+         "source_event_id": "u-2", "data": {"phone": "+49 1", "city": "München"}},
+    ]  # fmt: skip
+    assert all(o.status == "accepted" for o in record(ledger, events))
+    facts = [fact for _, fact in ledger.all_facts()]
+
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    withheld = [json.loads(m.value() or b"") for m in read_everything(
+        kafka_settings.bootstrap, kafka_settings.topic, len(facts))]  # fmt: skip
+    by_id = {value["event_id"]: value for value in withheld}
+    assert [by_id[f["event_id"]]["data"] for f in facts] == [
+        {"region": "Bayern", "segment": "vip"},
+        {},
+        {"city": "München"},
+    ]
+    assert "zoe@" not in json.dumps(withheld) and "Zo" not in json.dumps(withheld)
+    report = kafka_projection.consume(settings.projections_path, kafka_settings)
+    assert report.dead_letters == 0
+    assert differences(tables(settings.projections_path), embedded(ledger, tmp_path)) == {}
+
+    included = dataclasses.replace(
+        kafka_settings, topic=f"{kafka_settings.topic}-personal", personal_data=True
+    )
+    ensure_topics(included)
+    relay.run(ledger, included, tmp_path / "relay-personal.json")
+    published = [json.loads(m.value() or b"") for m in read_everything(
+        included.bootstrap, included.topic, len(facts))]  # fmt: skip
+    assert sorted(published, key=lambda v: v["event_id"]) == sorted(
+        facts, key=lambda f: f["event_id"]
+    )

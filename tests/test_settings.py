@@ -62,6 +62,15 @@ def test_an_unknown_security_protocol_or_mechanism_is_a_config_error(name: str, 
     assert ("SASL_SSL" if "PROTOCOL" in name else "SCRAM-SHA-512") in message
 
 
+def test_personal_data_on_kafka_is_withheld_unless_included() -> None:
+    assert KafkaSettings.from_env(BROKER).personal_data is False  # type: ignore[union-attr]
+    for value, included in [("omit", False), ("include", True)]:
+        chosen = KafkaSettings.from_env({**BROKER, "LEDGER_KAFKA_PERSONAL_DATA": value})
+        assert chosen is not None and chosen.personal_data is included
+    message = refused(**BROKER, LEDGER_KAFKA_PERSONAL_DATA="yes")
+    assert "LEDGER_KAFKA_PERSONAL_DATA='yes'" in message and "omit, include" in message
+
+
 def test_supported_security_settings_still_parse() -> None:
     settings = KafkaSettings.from_env(
         {
