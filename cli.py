@@ -42,6 +42,7 @@ from consumers import ingest as ingest_files
 from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
+from consumers.derived_publishing import publishes_derived
 from consumers.kafka import KafkaSettings, TopicMissing
 from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
@@ -390,6 +391,12 @@ def rebuild(
                 on_batch=_kafka_progress(progress, "rebuilding"),
             )
         out.print(f"rebuilt projections from {events:,} events on Kafka")
+        waiting = kafka_projection.derived_waiting(path)
+        if waiting and publishes_derived(settings, group or settings.group):
+            out.print(
+                f"{waiting:,} derived events wait for the next `ledger consume` (or the "
+                "running `consume --follow`), which publishes them"
+            )
         return
     ledger = _ledger()
     with _progress() as progress:

@@ -62,6 +62,7 @@ from consumers.kafka_decoding import (
     stream,
     unread,
 )
+from projections import derived
 from projections.projector import BatchResult
 from projections.rebuild import rebuilding
 from projections.schema import connect, stored_checkpoints
@@ -810,6 +811,18 @@ def rebuild_from_kafka(
             projector.stop()
             decoders.close()
     return report.events
+
+
+def derived_waiting(projections_path: Path) -> int:
+    """How many derived events the projections hold that the broker has not acknowledged:
+    a rebuild leaves them to the group's next `consume` (or its running follower), which
+    publishes as part of its batches."""
+    con = connect(projections_path, read_only=True)
+    try:
+        held, published = derived.publication(con)
+    finally:
+        con.close()
+    return held - published
 
 
 def _stored_offsets(projections_path: Path, source: str) -> dict[str, int]:

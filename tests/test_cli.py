@@ -646,6 +646,19 @@ def test_long_work_shows_progress_on_a_terminal(
         shown = run_on_a_terminal(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert shown.code == 0, shown
         assert bar in shown.err, (command, shown.err[-500:])
+    # a rebuild leaves the derived events it would send again to the group's next consume
+    realerted = run("rebuild", "--from-kafka", "--realert", data_dir=data, cwd=tmp_path, env=kafka)
+    assert realerted.code == 0, realerted
+    said = re.search(r"([\d,]+) derived events wait for the next `ledger consume`", realerted.out)
+    assert said is not None, realerted.out
+
+    def derived_waiting() -> int:
+        shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
+        return int(shown.json()["derived"]["waiting"])
+
+    assert derived_waiting() == int(said[1].replace(",", "")) > 0
+    assert run("consume", data_dir=data, cwd=tmp_path, env=kafka).code == 0
+    assert derived_waiting() == 0
     # the embedded path's catch-up (recorded with a broker set: not projected yet)
     embedded = tmp_path / "embedded"
     recorded = run("ingest", "-", data_dir=embedded, cwd=tmp_path, env=kafka, stdin=piped)
