@@ -86,7 +86,7 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
         "data": dumped["data"],
     }
     if incoming.source_event_id is not None:
-        parts = (incoming.customer_id, incoming.source or "", incoming.source_event_id)
+        parts = _source_key(incoming)
         if any("\x1f" in part for part in parts):  # joined, they could read as others
             key = "key-json\x1f" + orjson.dumps(parts).decode()
         else:
@@ -96,6 +96,22 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
         key = "content\x1f" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
     fact["event_id"] = event_id_of(key)
     return fact
+
+
+def _source_key(incoming: IncomingEvent) -> tuple[str, str, str]:
+    return (incoming.customer_id, incoming.source or "", incoming.source_event_id or "")
+
+
+def former_event_id(incoming: IncomingEvent) -> str | None:
+    """The id an event whose source key holds the \x1f separator got until 2026-11-24,
+    when such keys were joined as they are: a store may hold the event under it, and the
+    same event sent again must still be a duplicate. None for every other event."""
+    if incoming.source_event_id is None:
+        return None
+    parts = _source_key(incoming)
+    if not any("\x1f" in part for part in parts):
+        return None
+    return event_id_of("key\x1f" + "\x1f".join(parts))
 
 
 _READ_PAGE = 10_000
@@ -224,7 +240,8 @@ class Ledger(Application[UUID]):
                 customer = decision.customers[customer_id] = self._load(customer_id, decision)
             fact = to_fact(incoming, recorded_at)
             event_id = fact["event_id"]
-            if customer.has_seen(event_id):
+            former = former_event_id(incoming)
+            if customer.has_seen(event_id) or (former is not None and customer.has_seen(former)):
                 decision.outcomes.append(Outcome("duplicate", event_id))
                 continue
             try:

@@ -8,7 +8,7 @@ import csv
 import io
 import json
 import multiprocessing
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,9 @@ from conftest import event
 
 from bootstrap import Settings, open_ledger
 from consumers.ingest import Format, IngestReport, ingest_stream
+from domain.customer import Customer
 from domain.events import INCOMING
-from domain.ledger import Fact, Ledger, to_fact
+from domain.ledger import Fact, Ledger, former_event_id, to_fact
 
 AT = "2025-03-01T09:30:00+08:00"
 ENVELOPE = ("type", "customer_id", "occurred_at", "source_event_id", "source", "actor")
@@ -405,6 +406,26 @@ def test_keys_holding_the_separator_are_other_events(
     assert (report.accepted, report.duplicates, report.rejected) == (4, 0, 0)
     facts = [*ledger.timeline("C-1"), *ledger.timeline("C-1\x1fpos")]
     assert len({f["event_id"] for f in facts}) == 4
+
+
+def test_an_event_stored_under_its_former_separator_id_stays_a_duplicate(
+    ledger: Ledger, settings: Settings, tmp_path: Path
+) -> None:
+    """Before such keys were written as JSON, a store took the event under the joined
+    key's id; sending the same event again must not record it twice."""
+    sent = contact("Q-1", 1, source_event_id="a\x1fb", source="crm")
+    incoming = INCOMING.validate_python(sent)
+    former = former_event_id(incoming)
+    assert former is not None and former != to_fact(incoming, "")["event_id"]
+    # the store as the code before wrote it: the same fact under the former id
+    fact = {**to_fact(incoming, datetime.now(UTC).isoformat()), "event_id": former}
+    customer = Customer(customer_id="Q-1")
+    customer.record(incoming, fact, ledger.reporting_currency)
+    ledger.save(customer)
+    report = ingest(ledger, settings, jsonl(tmp_path / "again.jsonl", [sent]))
+    assert (report.accepted, report.duplicates, report.rejected) == (0, 1, 0)
+    assert [f["event_id"] for f in ledger.timeline("Q-1")] == [former]
+    assert former_event_id(INCOMING.validate_python(contact("Q-1", 1, source_event_id="k"))) is None
 
 
 def test_event_ids_never_change_between_versions() -> None:
