@@ -560,7 +560,12 @@ def relay(
     if from_position is not None and not republish:
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
     settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
-    before = relay_tools.RelayState.load(state_path).published
+    acknowledged = [0]  # records the broker acknowledged in this run
+
+    def batch_done(state: relay_tools.RelayState, records: int, head: int) -> None:
+        acknowledged[0] += records
+        progress.update(task, completed=state.position, total=head)
+
     with _reaching(settings):
         try:
             with _progress() as progress:
@@ -571,9 +576,7 @@ def relay(
                     state_path,
                     follow=follow,
                     republish_from_position=(from_position or 0) if republish else None,
-                    on_batch=lambda st, head: progress.update(
-                        task, completed=st.position, total=head
-                    ),
+                    on_batch=batch_done,
                 )
         except relay_tools.InvalidRepublish as error:
             _fail(str(error), code=2)
@@ -588,7 +591,7 @@ def relay(
                 return  # Ctrl-C is how a follower stops
             raise
     out.print(
-        f"relay at position {state.position:,}; {state.published - before:,} records "
+        f"relay at position {state.position:,}; {acknowledged[0]:,} records "
         f"acknowledged in this run ({state.published:,} in all)"
     )
 

@@ -221,8 +221,8 @@ def sole_relay(state_path: Path) -> Iterator[None]:
         yield
 
 
-BatchCallback = Callable[[RelayState, int], None]
-"""Called after each acknowledged batch with (state, store head)."""
+BatchCallback = Callable[[RelayState, int, int], None]
+"""Called after each acknowledged batch with (state, the batch's record count, store head)."""
 
 
 def run(
@@ -281,7 +281,7 @@ def run(
                 state.save(state_path)
                 backoff = 0.5
                 if on_batch:
-                    on_batch(state, ledger.head())
+                    on_batch(state, len(documents), ledger.head())
             except KafkaError as error:
                 if kafka_producer is not None:
                     kafka_producer.close(timeout=1)

@@ -733,14 +733,16 @@ def test_kafka_commands_refuse_what_would_lose_data(
     events = generate_history(customers=10)
     (tmp_path / "h.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events))
     relayed: list[str] = []
-    for command in [("ingest", "h.jsonl"), ("relay",), ("relay",), ("consume",)]:
+    republish = ("relay", "--republish", "--from", "0")
+    for command in [("ingest", "h.jsonl"), ("relay",), ("relay",), republish, ("consume",)]:
         done = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert done.code == 0, (command, done)
-        if command == ("relay",):
+        if command[0] == "relay":
             relayed.append(" ".join(done.out.split()))
-    n = f"{len(events):,}"
+    n, twice = f"{len(events):,}", f"{2 * len(events):,}"
     assert f"{n} records acknowledged in this run ({n} in all)" in relayed[0], relayed
     assert f"0 records acknowledged in this run ({n} in all)" in relayed[1], relayed
+    assert f"{n} records acknowledged in this run ({twice} in all)" in relayed[2], relayed
 
     def projected() -> int:
         counted = run("query", "SELECT count(*) AS n FROM events", "--format", "json",
