@@ -380,21 +380,26 @@ def short_retention(settings: KafkaSettings) -> str | None:
         )
     finally:
         admin.close()
-    configs = reported.get("topic", {}).get(settings.topic, {})
-    dropping = {
-        name: configs[name]["value"]
-        for name in EVENTS_TOPIC_CONFIGS
-        if name in configs and configs[name].get("value") not in (None, "-1")
+    configs = {
+        name: str(config.get("value"))
+        for name, config in reported.get("topic", {}).get(settings.topic, {}).items()
     }
+    dropping = {
+        name: configs[name]
+        for name in EVENTS_TOPIC_CONFIGS
+        if configs.get(name, "-1") not in ("-1", "None")
+    }
+    if "compact" in configs.get("cleanup.policy", ""):  # keeps one record per customer
+        dropping["cleanup.policy"] = configs["cleanup.policy"]
     if not dropping:
         return None
     said = ", ".join(f"{name}={value}" for name, value in dropping.items())
     return (
         f"topic {settings.topic} drops old records ({said}): `ledger rebuild --from-kafka` "
         "needs every one, and subscribers joining later replay from the beginning; set "
-        "retention.ms=-1 and retention.bytes=-1 on it (e.g. kafka-configs.sh --alter "
-        f"--entity-type topics --entity-name {settings.topic} --add-config "
-        "retention.ms=-1,retention.bytes=-1)"
+        "cleanup.policy=delete, retention.ms=-1 and retention.bytes=-1 on it (e.g. "
+        f"kafka-configs.sh --alter --entity-type topics --entity-name {settings.topic} "
+        "--add-config cleanup.policy=delete,retention.ms=-1,retention.bytes=-1)"
     )
 
 

@@ -91,8 +91,9 @@ def _money_schema(lowest: Literal["above 0", "0", None]) -> dict[str, Any]:
     number: dict[str, Any] = {"type": "number", "exclusiveMaximum": bound}
     if lowest == "above 0":
         text, number["exclusiveMinimum"] = rf"^\+?(?=[0-9.]*[1-9]){digits}$", 0
-    elif lowest == "0":
-        text, number["minimum"] = rf"^\+?{digits}$", 0
+    elif lowest == "0":  # a negative zero is zero (Decimal("-0") >= 0), and stays as sent
+        negative_zero = r"-(0+\.?0*|\.0+)([eE][+-]?[0-9]+)?"
+        text, number["minimum"] = rf"^(\+?{digits}|{negative_zero})$", 0
     else:
         text, number["exclusiveMinimum"] = rf"^[+-]?{digits}$", -bound
     limits = f"at most {MONEY_WHOLE_DIGITS} digits before the point and {MONEY_PLACES} after it" + (
@@ -623,7 +624,7 @@ def contract_schema(*, ingest: bool = False) -> dict[str, Any]:
     definitions: dict[str, Any] = document.setdefault("$defs", {})
     derived: dict[str, Any] = {}
     for model in DERIVED_MODELS:
-        schema = model.model_json_schema()
+        schema = _open_to_added_fields(model.model_json_schema())  # published only
         for name, definition in schema.get("$defs", {}).items():
             if definitions.setdefault(name, definition) != definition:
                 raise ValueError(f"the catalogue defines {name} twice, differently")

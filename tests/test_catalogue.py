@@ -421,6 +421,7 @@ def test_the_json_schema_says_what_an_amount_is_to_any_validator() -> None:
         for amount in ("3.1234", "3.12345", "3.12340", "3.1234000000", "0.00001", ".12345",
                        ".1000", "12345678901234", "123456789012345", "99999999999999.9999",
                        "000000000000000012345678901234.5", "-0.0001", "+7.", "0.0000",
+                       "-0", "-0.00", "-.0", "-0E+2", "-0.01",
                        1e14, 99999999999999.5, -1e14):  # fmt: skip
             said = accepted(_event(type_, {**EXAMPLES[type_], field: amount}))
             assert valid(type_, **{field: amount}) == said, (type_, amount, said)

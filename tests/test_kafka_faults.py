@@ -247,6 +247,16 @@ def test_kafka_init_asks_the_events_topic_to_keep_every_record(
     warning = short_retention(elsewhere)
     assert warning is not None and "retention.ms=604800000" in warning, warning
     assert f"--entity-name {elsewhere.topic}" in warning
+    # compacted, a topic keyed by customer keeps one record per customer
+    compacted = dataclasses.replace(kafka_settings, topic=f"{kafka_settings.topic}-compact")
+    admin = KafkaAdminClient(bootstrap_servers=fresh.bootstrap)
+    try:
+        compact = {"cleanup.policy": "compact"}
+        admin.create_topics([NewTopic(compacted.topic, 3, 1, topic_configs=compact)])
+    finally:
+        admin.close()
+    warning = short_retention(compacted)
+    assert warning is not None and "(cleanup.policy=compact)" in warning, warning
 
 
 def test_a_partition_ending_before_the_stored_offset_is_read_again(
