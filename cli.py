@@ -56,7 +56,7 @@ from projections.schema import ProjectionsUnavailable, connect, stored_clock
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it (SIGTERM: 143)
 
 app = typer.Typer(
     name="ledger",
@@ -819,25 +819,31 @@ def demo(
 
 
 class Interrupted(BaseException):
-    """Ctrl-C. Not KeyboardInterrupt, which click turns into "Aborted!" and exit status 1
-    (the status of rejected input); a follower stops on it normally, anything else ends
-    with exit status 130 and a line saying that what was stored stays."""
+    """Ctrl-C, or SIGTERM (`kill`, systemd, a container stop). Not KeyboardInterrupt,
+    which click turns into "Aborted!" and exit status 1 (the status of rejected input); a
+    follower stops on it normally (a group member leaves its group at once instead of
+    being waited for), anything else ends with 128 + the signal (130, 143) and a line
+    saying that what was stored stays."""
 
 
 _INTERRUPT = threading.Event()
+_INTERRUPTED_BY: list[signal.Signals] = []
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    _INTERRUPTED_BY.append(signal.Signals(signum))
     _INTERRUPT.set()
     raise Interrupted
 
 
 def _interrupted() -> NoReturn:
+    by = _INTERRUPTED_BY[0] if _INTERRUPTED_BY else signal.SIGINT
+    said = "interrupted" if by == signal.SIGINT else f"stopped by {by.name}"
     _say_error(
-        "interrupted: what was stored before stays (whole batches only); run the same "
+        f"{said}: what was stored before stays (whole batches only); run the same "
         "command again to continue: it adds nothing twice"
     )
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED + by - signal.SIGINT)
 
 
 def main() -> None:
@@ -845,6 +851,7 @@ def main() -> None:
     with a message and exit status 3 instead of a traceback. What was recorded before
     stays recorded (whole batches only), so the same command can simply be run again."""
     signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except SystemExit:

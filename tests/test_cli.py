@@ -976,9 +976,16 @@ def test_ingest_into_postgresql_end_to_end(tmp_path: Path, postgres_settings: Se
         ledger.close()
 
 
-def test_ctrl_c_ends_a_one_shot_command_with_status_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sent", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
+)
+def test_ctrl_c_or_sigterm_ends_a_one_shot_command_with_128_plus_the_signal(
+    tmp_path: Path, sent: signal.Signals, status: int, said: str
+) -> None:
     """Ctrl-C is no success (0) and no rejected input (1, click's "Aborted!"): 130, and a
-    line saying what stays. Here ingest waits for more of its input when it comes."""
+    line saying what stays; SIGTERM (kill, systemd, a container stop) the same, 143 (it
+    killed the process outright before). Here ingest waits for more of its input."""
     command, environment = ledger_command(("ingest", "-"), tmp_path / "d", None)
     process = subprocess.Popen(
         command,
@@ -993,7 +1000,7 @@ def test_ctrl_c_ends_a_one_shot_command_with_status_130(tmp_path: Path) -> None:
     process.stdin.flush()
     try:
         time.sleep(3)  # started, and waiting for more input (stdin stays open)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sent)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
@@ -1001,9 +1008,33 @@ def test_ctrl_c_ends_a_one_shot_command_with_status_130(tmp_path: Path) -> None:
         process.stdin.close()
     assert process.stderr is not None
     text = process.stderr.read().decode()
-    assert process.returncode == 130, text
-    assert "interrupted: what was stored before stays" in text
+    assert process.returncode == status, text
+    assert f"{said}: what was stored before stays" in text
     assert "Traceback" not in text and "Aborted" not in text
+
+
+def test_sigterm_stops_a_follower_as_ctrl_c_does(tmp_path: Path) -> None:
+    """A service manager stops a follower with SIGTERM: it ends its current batch's
+    transaction as on Ctrl-C and exits 0 (it was killed outright, status -15, before)."""
+    data = tmp_path / "d"
+    (tmp_path / "h.jsonl").write_bytes(orjson.dumps(generate_history(customers=2)[0]))
+    assert run("ingest", "h.jsonl", "--no-project", data_dir=data, cwd=tmp_path).code == 0
+    command, environment = ledger_command(("project", "--follow"), data, None)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (data / "projections.duckdb").exists():
+            time.sleep(0.2)
+        time.sleep(1)  # following: projected, now polling the store
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
 
 
 def test_an_encrypted_store_read_with_another_key_is_refused_in_one_line(tmp_path: Path) -> None:
