@@ -522,7 +522,29 @@ class _GroupMember:
             self.consumer.resume(*(paused - held))
             self.consumer.pause(*(held - paused))
         polled = self.consumer.poll(timeout_ms=timeout_ms)
+        self._read_again_where_lost()
         return [decode_polled(polled, self._dead_letters)] if polled else []
+
+    def _read_again_where_lost(self) -> None:
+        """Partitions positioned beyond their end, as the last fetch reported it: the topic
+        lost data (a broker that restarted empty) and holds its republished events at lower
+        offsets. They are read again from their beginning, as a one-shot consume does
+        (`_within`); events projected before are recognised by id. Apache Kafka answers a
+        fetch there with OFFSET_OUT_OF_RANGE, which kafka-python's reset handles; Tansu
+        answers with no records, and the member waited there for good, skipping every new
+        event."""
+        handed = self._listener.handed  # where each partition's records were handed up to
+        for tp in self.consumer.assignment() - self._listener.unpositioned:
+            end = self.consumer.highwater(tp)
+            at = handed.get(stream(tp))
+            if end is not None and at is not None and at > end:
+                log.warning(
+                    "partition %s ends at %s, before this member's offset %s (the topic lost "
+                    "data and was republished?): reading it again from its beginning",
+                    stream(tp), f"{end:,}", f"{at:,}",
+                )  # fmt: skip
+                self.consumer.seek_to_beginning(tp)
+                handed[stream(tp)] = 0  # behind until read again
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         """The assigned partitions where the broker had more when it last answered a fetch

@@ -896,6 +896,56 @@ def test_following_member_projects_what_arrives_and_stops_cleanly(
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
 
 
+def test_a_following_member_reads_again_a_partition_that_lost_data(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """After a data loss and `relay --republish`, the topic holds its events at lower
+    offsets than the member stored: Tansu answers a fetch there with no records (Apache
+    Kafka with OFFSET_OUT_OF_RANGE), and the member waited there for good, skipping every
+    new event (an operator's review). It reads such a partition again from its beginning."""
+    history = generate_history(customers=30)
+    half = len(history) // 2
+    group, path = kafka_settings.group, settings.projections_path
+    accept(ledger, history[:half])
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    kafka_projection.consume(path, kafka_settings, group)
+    # what a republish leaves: every stored offset beyond its partition's end
+    con = connect(path)
+    con.execute("UPDATE projection_checkpoints SET position = position + 1000")
+    con.close()
+    stop, failure = threading.Event(), list[BaseException]()
+    projected = [fact_count(ledger)]  # events in the file (it is the member's while it runs)
+
+    def follow() -> None:
+        try:
+            kafka_projection.consume(
+                path, kafka_settings, group, follow=True, poll_ms=100, max_records=500,
+                should_stop=stop.is_set,
+                on_batch=lambda result, _report: projected.__setitem__(
+                    0, projected[0] + result.new_events),
+            )  # fmt: skip
+        except BaseException as error:  # handed to the test
+            failure.append(error)
+
+    def projected_all() -> bool:
+        if failure:
+            raise failure[0]
+        return projected[0] >= fact_count(ledger)
+
+    member = threading.Thread(target=follow, name="member", daemon=True)
+    member.start()
+    try:
+        accept(ledger, history[half:])
+        relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+        wait_until(projected_all, 90, "the member skipped the events after the loss")
+    finally:
+        stop.set()
+        member.join(timeout=60)
+    assert not member.is_alive() and not failure, failure
+    assert differences(tables(path), embedded(ledger, tmp_path)) == {}
+    assert sum(checkpoints(path, group).values()) == fact_count(ledger), "offsets read again"
+
+
 MEMBER = """
 import sys
 from pathlib import Path
