@@ -584,6 +584,7 @@ def relay(
             relay_tools.TopicDataLost,
             relay_tools.RelayStateMismatch,
             relay_tools.RelayBusy,
+            kafka_tools.PartitionsDiffer,
         ) as error:
             _fail(str(error))
         except Interrupted:

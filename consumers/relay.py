@@ -28,7 +28,14 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, producer, watched
+from consumers.kafka import (
+    KafkaSettings,
+    PartitionsDiffer,
+    TopicMissing,
+    high_watermarks,
+    producer,
+    watched,
+)
 from domain.events import without_personal_data
 from domain.ledger import Ledger
 
@@ -119,7 +126,8 @@ REPUBLISH_HINT = (
 
 
 def check_topic(settings: KafkaSettings, state: RelayState) -> None:
-    """Raise `TopicDataLost` when the topic ends before what the broker acknowledged."""
+    """Raise `TopicDataLost` when the topic ends before what the broker acknowledged, and
+    `PartitionsDiffer` when it has another partition count than configured."""
     try:
         ends = topic_ends(settings)
     except TopicMissing as missing:
@@ -130,6 +138,16 @@ def check_topic(settings: KafkaSettings, state: RelayState) -> None:
             f"store position {state.position:,}): if the broker lost the topic, create it "
             f"(`ledger kafka init`) and {REPUBLISH_HINT}"
         ) from None
+    if len(ends) != settings.partitions:
+        raise PartitionsDiffer(
+            f"topic {settings.topic} has {len(ends)} partitions, not {settings.partitions} "
+            "(LEDGER_KAFKA_PARTITIONS): publishing would put customers in other partitions "
+            "than their earlier events. A broker that restarted empty re-creates a topic with "
+            "its own default on the next send (Tansu does): delete the topic (kafka-topics.sh "
+            "--delete, or the broker's admin tool), run `ledger kafka init`, then "
+            f"{REPUBLISH_HINT}. If the topic is meant to have {len(ends)}, set "
+            f"LEDGER_KAFKA_PARTITIONS={len(ends)}."
+        )
     short = {p: (end, ends.get(p, 0)) for p, end in state.ends.items() if ends.get(p, 0) < end}
     if short:
         where = ", ".join(

@@ -214,6 +214,22 @@ def test_kafka_init_refuses_an_events_topic_of_another_partition_count(
     assert ensure_topics(kafka_settings) == []
 
 
+def test_the_relay_refuses_a_topic_of_another_partition_count(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A broker that restarted empty re-creates the topic with its own default count on
+    the next send (Tansu does); a republish into it put every customer in another
+    partition than before, with exit 0 (an operator's review)."""
+    accept(ledger, generate_history(customers=5))
+    other_count = dataclasses.replace(kafka_settings, partitions=kafka_settings.partitions + 1)
+    state_path = tmp_path / "relay.json"
+    for republish in (None, 0):
+        with pytest.raises(PartitionsDiffer, match=f"has {kafka_settings.partitions} partitions"):
+            relay.run(ledger, other_count, state_path, republish_from_position=republish)
+    assert ids_in_topic(kafka_settings) == [], "nothing was published"
+    assert relay.run(ledger, kafka_settings, state_path).position == ledger.head()
+
+
 def test_kafka_init_asks_the_events_topic_to_keep_every_record(
     kafka_settings: KafkaSettings,
 ) -> None:
