@@ -24,7 +24,13 @@ import duckdb
 import orjson
 import typer
 from eventsourcing.persistence import MapperDeserialisationError, PersistenceError
-from kafka.errors import KafkaError
+from kafka.errors import (
+    BrokerNotAvailableError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+)
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -521,13 +527,30 @@ def _kafka() -> KafkaSettings:
     return State.settings.kafka
 
 
+UNREACHABLE = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, BrokerNotAvailableError)
+"""kafka-python's errors for a broker that cannot be reached (a `NoTlsListener` too)."""
+
+
 @contextmanager
 def _reaching(settings: KafkaSettings) -> Iterator[None]:
-    """A Kafka command's block: a broker error ends it with one line and exit status 3."""
+    """A Kafka command's block: a broker error ends it with one line and exit status 3,
+    saying whether the broker could not be reached or answered with an error (after a
+    restart, say: an idempotent producer's sequence is then unknown to it)."""
     try:
         yield
-    except KafkaError as error:
+    except (
+        KafkaConnectionError,
+        KafkaTimeoutError,
+        NodeNotReadyError,
+        BrokerNotAvailableError,
+    ) as error:
         _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
+    except KafkaError as error:
+        _fail(
+            f"the broker at {settings.bootstrap} answered with an error: {error} (restarted? "
+            "run the same command again: it carries on from what was stored and adds "
+            "nothing twice)"
+        )
 
 
 @kafka_app.command("init")

@@ -26,8 +26,9 @@ from typing import Any
 
 import orjson
 import pytest
+import typer
 from conftest import children_of, running
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumberError
 
 import cli
 from bootstrap import Settings, open_ledger
@@ -820,6 +821,23 @@ def test_tls_to_a_plaintext_listener_ends_with_a_message_not_a_hang(
         if "LEDGER_TEST_KAFKA_BOOTSTRAP" not in os.environ:  # Apache Kafka closes instead
             assert "answered no TLS handshake within 5 s" in said, (command, said)
             assert "set LEDGER_KAFKA_SECURITY_PROTOCOL to PLAINTEXT" in said, (command, said)
+
+
+def test_a_broker_that_answers_with_an_error_is_not_called_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """After a broker restart a follower's idempotent producer gets OutOfOrderSequenceNumber
+    or UnknownProducerId: it was reported as "cannot reach the broker" (an operator's
+    review), which sends the on-call person looking for a network problem."""
+    settings = KafkaSettings(bootstrap="127.0.0.1:9")
+    for error, said in [
+        (OutOfOrderSequenceNumberError("sequence"), "answered with an error"),
+        (KafkaTimeoutError("no broker"), "cannot reach the broker"),
+    ]:
+        with pytest.raises(typer.Exit) as ended, cli._reaching(settings):
+            raise error
+        assert ended.value.exit_code == 3
+        assert said in " ".join(capsys.readouterr().err.split()), error
 
 
 def test_errors_are_named_once() -> None:
