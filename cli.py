@@ -582,7 +582,7 @@ def relay(
     """Publish every stored event, in order, to the events topic (CloudEvents on Kafka)."""
     if from_position is not None and not republish:
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
-    settings, ledger, state_path = _kafka(), _ledger(), State.settings.relay_state_path
+    settings, ledger, state_path = _kafka(), _ledger(create=False), State.settings.relay_state_path
     acknowledged = [0]  # records the broker acknowledged in this run
 
     def batch_done(state: relay_tools.RelayState, records: int, head: int) -> None:

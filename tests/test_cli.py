@@ -772,6 +772,10 @@ def test_kafka_commands_refuse_what_would_lose_data(
         refused = run(*command, data_dir=fresh, cwd=tmp_path, env=typo)
         assert refused.code == 3, (command, refused)
         assert not list(fresh.glob("projections*")), f"{command} created a projections file"
+    # a relay on a mistyped data dir would sit at position 0 of a new, empty store for good
+    idle = run("relay", data_dir=fresh, cwd=tmp_path, env=kafka)
+    assert idle.code == 3 and f"no ledger in {fresh}" in idle.message, idle
+    assert not fresh.exists()
 
     def relay_position() -> int:
         shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
