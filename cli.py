@@ -630,6 +630,13 @@ def consume(
             "Only that default group publishes the derived events."
         ),
     ] = None,
+    realert: Annotated[
+        bool,
+        typer.Option(
+            help="From a new projections file, publish every derived event even though the "
+            "derived topic already holds records (refused otherwise: a mistyped data dir)."
+        ),
+    ] = False,
 ) -> None:
     """Project the events topic into DuckDB: a catch-up to the topic's end (reading the
     partitions directly), or with --follow as a member of the consumer group."""
@@ -643,7 +650,10 @@ def consume(
                     group,
                     follow=follow,
                     on_batch=None if follow else _kafka_progress(progress, "consuming"),
+                    realert=realert,
                 )
+        except kafka_projection.WouldRealert as error:
+            _fail(str(error))
         except Interrupted:
             if follow:
                 return  # Ctrl-C is how a follower stops

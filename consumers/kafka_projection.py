@@ -49,7 +49,14 @@ from kafka.errors import (
 )
 
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
-from consumers.kafka import KafkaSettings, consumer, high_watermarks, missing_topic, watched
+from consumers.kafka import (
+    KafkaSettings,
+    TopicMissing,
+    consumer,
+    high_watermarks,
+    missing_topic,
+    watched,
+)
 from consumers.kafka_decoding import (
     POLL_RECORDS,
     DeadLetters,
@@ -582,6 +589,7 @@ def consume(
     decoders: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
+    realert: bool = False,
 ) -> ConsumeReport:
     """Project the events topic into DuckDB; offsets live in DuckDB under `group`.
 
@@ -596,6 +604,8 @@ def consume(
     group = group or settings.group
     source = source_name(group)
     report = ConsumeReport(publishing=publishes_derived(settings, group))
+    if report.publishing and not realert and not projections_path.exists():
+        _refuse_to_realert(projections_path, settings)
     publisher = DerivedPublisher(settings) if report.publishing else None
     decoders = None if follow else decoders or decoder_count(settings)
     poll_records = min(max_records, POLL_RECORDS)
@@ -661,6 +671,28 @@ def consume(
         if feed is not None:
             feed.close()
     return report
+
+
+class WouldRealert(RuntimeError):
+    """A new projections file would publish every derived event the topic already holds."""
+
+
+def _refuse_to_realert(projections_path: Path, settings: KafkaSettings) -> None:
+    """Raise `WouldRealert` when the derived topic holds records: the publishing group's
+    file is new (a mistyped or lost data dir), and it would send every derived event of
+    the history again. An unreachable broker or a missing topic says nothing here."""
+    try:
+        held = sum(high_watermarks(settings, settings.derived_topic, **watched()).values())
+    except (KafkaError, TopicMissing):
+        return
+    if held:
+        raise WouldRealert(
+            f"the derived topic {settings.derived_topic} holds {held:,} records, but there "
+            f"are no projections at {projections_path} yet: from a new file (a mistyped or "
+            f"lost --data-dir / LEDGER_DATA_DIR?) group {settings.group} would publish every "
+            "derived event of the history again. Point the data dir at the group's "
+            "projections, or run `ledger consume --realert` to publish them all again"
+        )
 
 
 def _within(stored: dict[str, int], ends: dict[TopicPartition, int]) -> dict[str, int]:

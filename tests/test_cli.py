@@ -772,6 +772,14 @@ def test_kafka_commands_refuse_what_would_lose_data(
         refused = run(*command, data_dir=fresh, cwd=tmp_path, env=typo)
         assert refused.code == 3, (command, refused)
         assert not list(fresh.glob("projections*")), f"{command} created a projections file"
+    # the publishing group on a mistyped data dir would send every derived event again
+    typo_dir = tmp_path / "dta"
+    for command in [("consume",), ("consume", "--follow")]:
+        refused = run(*command, data_dir=typo_dir, cwd=tmp_path, env=kafka)
+        assert refused.code == 3 and "would publish every derived event" in refused.message
+        assert "ledger consume --realert" in refused.message, refused
+    again = run("consume", "--realert", data_dir=typo_dir, cwd=tmp_path, env=kafka)
+    assert again.code == 0 and "0 derived events published" not in again.out, again
     # a relay on a mistyped data dir would sit at position 0 of a new, empty store for good
     idle = run("relay", data_dir=fresh, cwd=tmp_path, env=kafka)
     assert idle.code == 3 and f"no ledger in {fresh}" in idle.message, idle

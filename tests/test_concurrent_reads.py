@@ -108,6 +108,7 @@ def test_queries_succeed_while_a_consumer_group_follows(
         LEDGER_KAFKA_BOOTSTRAP=kafka_settings.bootstrap,
         LEDGER_KAFKA_TOPIC=kafka_settings.topic,
         LEDGER_KAFKA_GROUP=kafka_settings.group,
+        LEDGER_KAFKA_PARTITIONS=str(kafka_settings.partitions),
     )
     files, total = write_files(tmp_path, 3)
     data_dir = tmp_path / "data"
