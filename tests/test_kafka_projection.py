@@ -46,6 +46,7 @@ from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, strea
 from consumers.status import partition_lag
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
+from projections.projector import BatchResult
 from projections.schema import connect
 from projections.writer import ProjectionWriter
 
@@ -842,6 +843,56 @@ def test_derived_events_wait_for_the_partitions_behind() -> None:
 # --- (h) following the topic as a group member -------------------------------------------------
 
 
+class FollowingMember:
+    """A group member following the topic (`consume --follow`) on a thread of this
+    process. The file is its own while it runs, so progress is counted from its batches:
+    `new_events`, the events they added."""
+
+    def __init__(self, path: Path, settings: KafkaSettings, group: str) -> None:
+        self.new_events = 0
+        self.reports: list[kafka_projection.ConsumeReport] = []
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._follow, args=(path, settings, group), name="member", daemon=True
+        )
+
+    def _follow(self, path: Path, settings: KafkaSettings, group: str) -> None:
+        try:
+            report = kafka_projection.consume(
+                path,
+                settings,
+                group,
+                follow=True,
+                poll_ms=100,
+                max_records=500,
+                should_stop=self._stop.is_set,
+                on_batch=self._counted,
+            )
+            self.reports.append(report)
+        except BaseException as error:  # handed to the test
+            self._failure.append(error)
+
+    def _counted(self, result: BatchResult, _report: kafka_projection.ConsumeReport) -> None:
+        self.new_events += result.new_events
+
+    def has_projected(self, events: int) -> bool:
+        """Whether its batches added `events` (raising what ended it early)."""
+        if self._failure:
+            raise self._failure[0]
+        return self.new_events >= events
+
+    def __enter__(self) -> FollowingMember:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "the member did not stop"
+        assert not self._failure, self._failure
+
+
 def test_following_member_projects_what_arrives_and_stops_cleanly(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
@@ -849,49 +900,21 @@ def test_following_member_projects_what_arrives_and_stops_cleanly(
     cut = len(history) // 3
     group = kafka_settings.group
     path = settings.projections_path
-    stop = threading.Event()
-    reports: list[kafka_projection.ConsumeReport] = []
-    projected = [0]  # events applied so far (the file is the member's while it runs)
-    failure: list[BaseException] = []
-
-    def follow() -> None:
-        try:
-            report = kafka_projection.consume(
-                path,
-                kafka_settings,
-                group,
-                follow=True,
-                poll_ms=100,
-                max_records=500,
-                should_stop=stop.is_set,
-                on_batch=lambda _result, report: projected.__setitem__(0, report.events),
-            )
-            reports.append(report)
-        except BaseException as error:  # handed to the test
-            failure.append(error)
-
-    def projected_all() -> bool:
-        if failure:
-            raise failure[0]
-        return projected[0] >= fact_count(ledger)
-
-    member = threading.Thread(target=follow, name="member", daemon=True)
     with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
         accept(ledger, history[:cut])
         relayed()
-        member.start()
-        try:
+        with FollowingMember(path, kafka_settings, group) as member:
+
+            def caught_up() -> bool:
+                return member.has_projected(fact_count(ledger))
+
             for part in (history[cut : 2 * cut], history[2 * cut :]):
-                wait_until(projected_all, 90, "the member did not catch up")
+                wait_until(caught_up, 90, "the member did not catch up")
                 accept(ledger, part)
                 relayed()
-            wait_until(projected_all, 90, "the member did not catch up")
-        finally:
-            stop.set()
-            member.join(timeout=60)
-    assert not member.is_alive() and not failure, failure
+            wait_until(caught_up, 90, "the member did not catch up")
     facts = fact_count(ledger)
-    assert reports[0].events == facts
+    assert member.reports[0].events == facts
     assert sum(checkpoints(path, group).values()) == facts
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
 
@@ -913,35 +936,15 @@ def test_a_following_member_reads_again_a_partition_that_lost_data(
     con = connect(path)
     con.execute("UPDATE projection_checkpoints SET position = position + 1000")
     con.close()
-    stop, failure = threading.Event(), list[BaseException]()
-    projected = [fact_count(ledger)]  # events in the file (it is the member's while it runs)
-
-    def follow() -> None:
-        try:
-            kafka_projection.consume(
-                path, kafka_settings, group, follow=True, poll_ms=100, max_records=500,
-                should_stop=stop.is_set,
-                on_batch=lambda result, _report: projected.__setitem__(
-                    0, projected[0] + result.new_events),
-            )  # fmt: skip
-        except BaseException as error:  # handed to the test
-            failure.append(error)
-
-    def projected_all() -> bool:
-        if failure:
-            raise failure[0]
-        return projected[0] >= fact_count(ledger)
-
-    member = threading.Thread(target=follow, name="member", daemon=True)
-    member.start()
-    try:
+    before = fact_count(ledger)
+    with FollowingMember(path, kafka_settings, group) as member:
         accept(ledger, history[half:])
         relay.run(ledger, kafka_settings, tmp_path / "relay.json")
-        wait_until(projected_all, 90, "the member skipped the events after the loss")
-    finally:
-        stop.set()
-        member.join(timeout=60)
-    assert not member.is_alive() and not failure, failure
+        wait_until(
+            lambda: member.has_projected(fact_count(ledger) - before),
+            90,
+            "the member skipped the events after the loss",
+        )
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
     assert sum(checkpoints(path, group).values()) == fact_count(ledger), "offsets read again"
 
