@@ -120,8 +120,10 @@ def pipeline_status(
             status.broker_error = str(missing)
         status.problems.extend(
             f"partition {lag.partition} ends at {lag.highwater:,}, before the projected "
-            f"offset {lag.projected:,}: the topic lost data (after `ledger relay --republish "
-            "--from 0`, `ledger consume` reads it again from its beginning)"
+            f"offset {lag.projected:,}: the topic lost data (`ledger relay --republish "
+            "--from 0`, then `ledger rebuild --from-kafka`: it checks that no event is "
+            "missing; a consume reads such a partition again, but not a republished one that "
+            "grew past the old offset)"
             for lag in status.partitions
             if lag.lag is not None and lag.lag < 0
         )
