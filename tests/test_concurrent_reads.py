@@ -63,6 +63,10 @@ def query_while_following(
         follower, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
+        # the follower makes the file with its first batch (a group member joins first)
+        deadline = time.monotonic() + 60
+        while not (data_dir / "projections.duckdb").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         seen: list[int] = []
         for command in feed:
             done = run(command, env)
