@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -538,12 +537,7 @@ def _reaching(settings: KafkaSettings) -> Iterator[None]:
     restart, say: an idempotent producer's sequence is then unknown to it)."""
     try:
         yield
-    except (
-        KafkaConnectionError,
-        KafkaTimeoutError,
-        NodeNotReadyError,
-        BrokerNotAvailableError,
-    ) as error:
+    except UNREACHABLE as error:
         _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     except KafkaError as error:
         _fail(
@@ -584,15 +578,15 @@ def relay(
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
     settings, ledger, state_path = _kafka(), _ledger(create=False), State.settings.relay_state_path
     acknowledged = [0]  # records the broker acknowledged in this run
-
-    def batch_done(state: relay_tools.RelayState, records: int, head: int) -> None:
-        acknowledged[0] += records
-        progress.update(task, completed=state.position, total=head)
-
     with _reaching(settings):
         try:
             with _progress() as progress:
                 task = progress.add_task("publishing", total=ledger.head())
+
+                def batch_done(state: relay_tools.RelayState, records: int, head: int) -> None:
+                    acknowledged[0] += records
+                    progress.update(task, completed=state.position, total=head)
+
                 state = relay_tools.run(
                     ledger,
                     settings,
@@ -860,13 +854,11 @@ class Interrupted(BaseException):
     saying that what was stored stays."""
 
 
-_INTERRUPT = threading.Event()
-_INTERRUPTED_BY: list[signal.Signals] = []
+_INTERRUPTED_BY: list[signal.Signals] = []  # the signals received, in order
 
 
 def _interrupt(signum: int, frame: object) -> None:
     _INTERRUPTED_BY.append(signal.Signals(signum))
-    _INTERRUPT.set()
     raise Interrupted
 
 
@@ -894,7 +886,7 @@ def main() -> None:
         # After a Ctrl-C, whatever came out is its doing: libraries report it their own
         # way (orjson as a TypeError from its `default` hook, DuckDB as "Query
         # interrupted", and a rollback after it as "no transaction is active")
-        if _INTERRUPT.is_set():
+        if _INTERRUPTED_BY:
             _interrupted()
         _end_with(error)
 

@@ -485,7 +485,7 @@ def _personal_fields(model: type[Event]) -> frozenset[str]:
 
 #: Personal data fields per event type: the catalogue's `x-personal` marks.
 PERSONAL_FIELDS: dict[str, frozenset[str]] = {
-    model.__name__: _personal_fields(model) for model in EVENT_MODELS if _personal_fields(model)
+    model.__name__: marked for model in EVENT_MODELS if (marked := _personal_fields(model))
 }
 
 

@@ -85,12 +85,10 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
         "actor": incoming.actor,
         "data": dumped["data"],
     }
-    if incoming.source_event_id is not None:
-        parts = _source_key(incoming)
-        if any("\x1f" in part for part in parts):  # joined, they could read as others
-            key = "key-json\x1f" + orjson.dumps(parts).decode()
-        else:
-            key = "key\x1f" + "\x1f".join(parts)  # as ever: stored ids stay the same
+    parts = _source_key(incoming)
+    if parts is not None:
+        # joined, parts holding the separator could read as others; the rest as ever
+        key = "key-json\x1f" + orjson.dumps(parts).decode() if _separated(parts) else _joined(parts)
     else:
         content = {k: v for k, v in fact.items() if k not in ("event_id", "recorded_at")}
         key = "content\x1f" + orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
@@ -98,20 +96,27 @@ def to_fact(incoming: IncomingEvent, recorded_at: str) -> Fact:
     return fact
 
 
-def _source_key(incoming: IncomingEvent) -> tuple[str, str, str]:
-    return (incoming.customer_id, incoming.source or "", incoming.source_event_id or "")
+def _source_key(incoming: IncomingEvent) -> tuple[str, str, str] | None:
+    """The parts of an event's idempotency key (None: it has none, its content is the key)."""
+    if incoming.source_event_id is None:
+        return None
+    return (incoming.customer_id, incoming.source or "", incoming.source_event_id)
+
+
+def _separated(parts: tuple[str, str, str]) -> bool:
+    return any("\x1f" in part for part in parts)
+
+
+def _joined(parts: tuple[str, str, str]) -> str:
+    return "key\x1f" + "\x1f".join(parts)
 
 
 def former_event_id(incoming: IncomingEvent) -> str | None:
     """The id an event whose source key holds the \x1f separator got until 2026-11-24,
     when such keys were joined as they are: a store may hold the event under it, and the
     same event sent again must still be a duplicate. None for every other event."""
-    if incoming.source_event_id is None:
-        return None
     parts = _source_key(incoming)
-    if not any("\x1f" in part for part in parts):
-        return None
-    return event_id_of("key\x1f" + "\x1f".join(parts))
+    return event_id_of(_joined(parts)) if parts is not None and _separated(parts) else None
 
 
 _READ_PAGE = 10_000
