@@ -8,6 +8,7 @@ Exit status: 0 success; 1 some input was rejected (the rest landed); 2 usage err
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -85,6 +86,40 @@ err = _console(stderr=True)
 
 class State:
     settings: Settings = Settings()
+
+
+OWN_LOGGERS = ("bootstrap", "consumers", "domain", "projections")
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines through the console the progress bars use, so a line goes above a bar,
+    not through it; one line each, as wide as it is."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            err.print(self.format(record), highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
+def _log_to_stderr() -> None:
+    """The ledger's own log lines (warnings; a follower's news too, `_log_progress`) on
+    stderr, with their time and level."""
+    handler = _ConsoleHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    )
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
+def _log_progress() -> None:
+    """A follower runs as a service: it also says when it starts, which partitions it
+    was given or lost, and when a broker it had lost answers again."""
+    logging.getLogger("consumers").setLevel(logging.INFO)
 
 
 @app.callback()
@@ -578,6 +613,8 @@ def relay(
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
     settings, ledger, state_path = _kafka(), _ledger(create=False), State.settings.relay_state_path
     acknowledged = [0]  # records the broker acknowledged in this run
+    if follow:
+        _log_progress()
     with _reaching(settings):
         try:
             with _progress() as progress:
@@ -632,9 +669,13 @@ def consume(
         ),
     ] = False,
 ) -> None:
-    """Project the events topic into DuckDB: a catch-up to the topic's end (reading the
-    partitions directly), or with --follow as a member of the consumer group."""
+    """Project the events topic into DuckDB: a catch-up to its end, or --follow.
+
+    A catch-up reads the partitions directly; with --follow it joins the consumer group
+    and keeps going (several members share the partitions)."""
     settings = _kafka()
+    if follow:
+        _log_progress()
     with _reaching(settings):
         try:
             with _progress() as progress:
@@ -734,6 +775,8 @@ def _print_status(found: PipelineStatus) -> None:
     if found.derived is not None:
         published = f"{found.derived.published:,} of {found.derived.derived:,}"
         table.add_row("derived events acknowledged", found.derived.topic, published)
+    if found.dead_letters is not None:
+        table.add_row("dead letters", found.dead_letters.topic, f"{found.dead_letters.records:,}")
     out.print(table)
     if found.relay_topic is None or found.broker_error is not None:
         return
@@ -878,6 +921,7 @@ def main() -> None:
     stays recorded (whole batches only), so the same command can simply be run again."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    _log_to_stderr()
     try:
         app()
     except SystemExit:

@@ -9,6 +9,7 @@ sent and not marked (under the same ids), never skips.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Collection, Mapping
@@ -17,11 +18,14 @@ from typing import Any
 
 import orjson
 from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, partition_of, producer
+from consumers.kafka import Backoff, KafkaSettings, partition_of, producer, watched
 from projections import derived
 from projections.projector import Projector
+
+log = logging.getLogger(__name__)
 
 
 def publishes_derived(settings: KafkaSettings, group: str) -> bool:
@@ -65,16 +69,24 @@ class DerivedPublisher:
     again. `settle` waits for every acknowledgement and marks them all. A crash between an
     acknowledgement and its marking re-sends those events (same event ids) on restart:
     nothing is skipped.
+
+    With `retry` (a follower), a send the broker fails (unreachable, or restarted: its
+    idempotent producer's sequence numbers are unknown there) is tried again with a new
+    producer, with backoff, until it succeeds or the run ends (`finishing`); otherwise the
+    failure ends the run.
     """
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, *, retry: bool = False) -> None:
         self.settings = settings
+        self._retry = retry
         self._changed = threading.Condition()
         self._to_send: deque[list[dict[str, Any]]] = deque()
         self._sending = False
         self._acknowledged: list[str] = []
         self._failure: BaseException | None = None
         self._closing = False
+        self._finishing = False  # retries end: what fails now goes out with the next run
+        self._abandoned = False  # a send failed while finishing: the rest is not tried
         self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
         self._producer: KafkaProducer | None = None
         self._thread: threading.Thread | None = None
@@ -141,6 +153,12 @@ class DerivedPublisher:
             self._in_flight.difference_update(acknowledged)
         return len(acknowledged)
 
+    def finishing(self) -> None:
+        """The run is ending: what is sent still goes out, but a send that fails is not
+        tried again (a broker that stays down must not hold the stop); what it held goes
+        out with the next run, under the same ids."""
+        self._finishing = True
+
     def close(self) -> None:
         """Stop sending (what was sent and not marked is sent again next time)."""
         with self._changed:
@@ -163,9 +181,7 @@ class DerivedPublisher:
                 facts = self._to_send.popleft()
                 self._sending = True
             try:
-                if self._producer is None:
-                    self._producer = producer(self.settings)
-                sent = send_derived(self._producer, self.settings, facts)
+                sent = self._send(facts)
             except BaseException as error:  # raised on the projector thread
                 with self._changed:
                     self._failure = error
@@ -176,6 +192,39 @@ class DerivedPublisher:
                 self._acknowledged.extend(sent)
                 self._sending = False
                 self._changed.notify_all()
+
+    def _send(self, facts: list[dict[str, Any]]) -> list[str]:
+        """The ids the broker acknowledged (none when the run ended while retrying: they
+        go out with the next run, under the same ids)."""
+        backoff = Backoff(lambda: self._closing or self._finishing)
+        while not self._abandoned:
+            try:
+                if self._producer is None:
+                    self._producer = producer(self.settings, **watched())
+                sent = send_derived(self._producer, self.settings, facts)
+                if backoff.seconds > backoff.first:  # tried before
+                    log.warning("the broker acknowledged the derived events sent again")
+                return sent
+            except KafkaError as error:
+                if not self._retry:
+                    raise
+                if self._producer is not None:
+                    self._producer.close(timeout=1)
+                    self._producer = None
+                if self._closing or self._finishing:
+                    log.warning(
+                        "derived events not acknowledged by the broker at %s (%s): they go "
+                        "out with the next run", self.settings.bootstrap, error,
+                    )  # fmt: skip
+                    self._abandoned = True
+                    break
+                log.warning(
+                    "derived events not acknowledged by the broker at %s (%s); sending "
+                    "%s again in %.1fs with a new producer",
+                    self.settings.bootstrap, error, f"{len(facts):,}", backoff.seconds,
+                )  # fmt: skip
+                backoff.wait()
+        return []
 
 
 def send_derived(

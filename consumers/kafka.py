@@ -19,7 +19,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +148,32 @@ def partition_of(key: str, partitions: int) -> int:
     """The partition the relay's records of `key` (a customer id) go to in a topic of
     `partitions`: Kafka's default partitioner (murmur2 of the key), as kafka-python's."""
     return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+class Backoff:
+    """The waits between attempts at a broker that cannot be reached or answered with an
+    error: doubling from `first` to `most` seconds, back to `first` after a success. A
+    wait ends early when `should_stop` says so (a follower asked to stop mid-wait)."""
+
+    def __init__(
+        self,
+        should_stop: Callable[[], bool] = lambda: False,
+        *,
+        first: float = 0.5,
+        most: float = 30.0,
+    ) -> None:
+        self._should_stop = should_stop
+        self.first, self._most = first, most
+        self.seconds = first  # the next wait
+
+    def wait(self) -> None:
+        until = time.monotonic() + self.seconds
+        while (left := until - time.monotonic()) > 0 and not self._should_stop():
+            time.sleep(min(left, 0.1))
+        self.seconds = min(self.seconds * 2, self._most)
+
+    def reset(self) -> None:
+        self.seconds = self.first
 
 
 def watched() -> dict[str, Any]:

@@ -50,6 +50,8 @@ from kafka.errors import (
 
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
 from consumers.kafka import (
+    SAY_UNREACHABLE_AFTER_SECONDS,
+    Backoff,
     KafkaSettings,
     TopicMissing,
     consumer,
@@ -427,6 +429,8 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
             self.handed.pop(stream(tp), None)
         self._revoked.update(revoked)
         self.unpositioned.difference_update(revoked)
+        if revoked:
+            log.info("revoked %s (the group rebalances)", ", ".join(map(stream, sorted(revoked))))
         if not self.unpositioned:
             self._stored = None  # a read still under way is for partitions no longer ours
         self._publish_for_assigned()
@@ -454,6 +458,12 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         partitions, self.unpositioned = self.unpositioned, set()  # revoked ones left it
         seek(self.consumer, partitions, stored)
         self.handed.update({stream(tp): stored.get(stream(tp), 0) for tp in partitions})
+        if partitions:
+            log.info(
+                "assigned %s",
+                ", ".join(f"{stream(tp)} from offset {self.handed[stream(tp)]:,}"
+                          for tp in sorted(partitions)),
+            )  # fmt: skip
         self._publish_for_assigned()
         return True
 
@@ -495,6 +505,43 @@ class _Feed(Protocol):
     def close(self) -> None: ...
 
 
+class _ConnectionWatch:
+    """Says when a group member has had no connection to any broker for a while, and when
+    it has one again: kafka-python reconnects by itself, without a word, and a follower
+    that waits for a broker looks just like one with nothing to read."""
+
+    def __init__(
+        self,
+        kafka_consumer: KafkaConsumer,
+        say_after: float = SAY_UNREACHABLE_AFTER_SECONDS,
+        say_again_every: float = 60.0,
+    ) -> None:
+        self._consumer = kafka_consumer
+        self._say_after, self._say_again_every = say_after, say_again_every
+        self._lost_at: float | None = None
+        self._said_at: float | None = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        metrics = self._consumer.metrics().get("consumer-metrics", {})
+        if metrics.get("connection-count", 1) > 0:
+            if self._said_at is not None and self._lost_at is not None:
+                log.warning("the broker answers again after %.0f s; following on",
+                            now - self._lost_at)  # fmt: skip
+            self._lost_at = self._said_at = None
+            return
+        if self._lost_at is None:
+            self._lost_at = now
+        due = self._say_after if self._said_at is None else self._say_again_every
+        if now - (self._said_at or self._lost_at) >= due:
+            self._said_at = now
+            log.warning(
+                "no connection to the broker for %.0f s; kafka-python keeps reconnecting, "
+                "and the projections stay as they are until it answers",
+                now - self._lost_at,
+            )
+
+
 class _GroupMember:
     """A consumer group member polling and decoding on the calling thread (following the
     topic: records arrive a few at a time, and the group moves partitions around).
@@ -515,6 +562,7 @@ class _GroupMember:
         self._dead_letters = dead_letters
         self._projector = projector
         self._listener = listener
+        self._connection = _ConnectionWatch(kafka_consumer)
 
     @property
     def dead_letters(self) -> int:
@@ -529,6 +577,8 @@ class _GroupMember:
             self.consumer.resume(*(paused - held))
             self.consumer.pause(*(held - paused))
         polled = self.consumer.poll(timeout_ms=timeout_ms)
+        if not polled:
+            self._connection.check()
         self._read_again_where_lost()
         return [decode_polled(polled, self._dead_letters)] if polled else []
 
@@ -606,7 +656,7 @@ def consume(
     report = ConsumeReport(publishing=publishes_derived(settings, group))
     if report.publishing and not realert and not projections_path.exists():
         _refuse_to_realert(projections_path, settings)
-    publisher = DerivedPublisher(settings) if report.publishing else None
+    publisher = DerivedPublisher(settings, retry=follow) if report.publishing else None
     decoders = None if follow else decoders or decoder_count(settings)
     poll_records = min(max_records, POLL_RECORDS)
     writer = (
@@ -640,6 +690,11 @@ def consume(
             if publisher is not None:
                 publisher.own((), 0)  # nobody's derived events until partitions are assigned
             kafka_consumer.subscribe([settings.topic], listener=listener)
+            publishing = f"; publishing derived events to {settings.derived_topic}"
+            log.info(
+                "following %s on %s as group %s%s", settings.topic, settings.bootstrap, group,
+                "" if publisher is None else publishing,
+            )  # fmt: skip
             targets = None
         else:
             feed = Decoders(settings, decoders, poll_records)
@@ -665,6 +720,8 @@ def consume(
             on_batch=on_batch,
         )
     finally:
+        if publisher is not None:
+            publisher.finishing()
         projector.stop()
         if publisher is not None:
             publisher.close()
@@ -724,16 +781,13 @@ def _joining(
     """A group member's consumer. A follower outlasts a broker that cannot be reached at
     its start, as the relay does: it says so and retries with backoff (once connected,
     kafka-python reconnects by itself). None: stopped meanwhile."""
-    backoff = 0.5
+    backoff = Backoff(should_stop, most=max_backoff_seconds)
     while not should_stop():
         try:
             return consumer(settings, group_id=group, max_poll_records=poll_records, **watched())
         except KafkaError as error:
-            log.warning("broker unavailable (%s); retrying in %.1fs", error, backoff)
-        waited_until = time.monotonic() + backoff
-        while time.monotonic() < waited_until and not should_stop():
-            time.sleep(0.1)
-        backoff = min(backoff * 2, max_backoff_seconds)
+            log.warning("broker unavailable (%s); retrying in %.1fs", error, backoff.seconds)
+        backoff.wait()
     return None
 
 

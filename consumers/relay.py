@@ -29,6 +29,7 @@ from kafka.errors import KafkaError
 
 from consumers import cloudevents
 from consumers.kafka import (
+    Backoff,
     KafkaSettings,
     PartitionsDiffer,
     TopicMissing,
@@ -269,9 +270,15 @@ def run(
         else:
             state = republish_from(ledger, settings, state_path, republish_from_position)
         check_position(ledger, settings, state)
-        backoff = 0.5
+        backoff = Backoff(should_stop, most=max_backoff_seconds)
         kafka_producer: KafkaProducer | None = None
         checked_at: float | None = None  # a broker can restart empty between two batches
+        outage = False  # said that the broker is unavailable, and not yet that it is back
+        if follow:
+            log.info(
+                "publishing to %s on %s from store position %s",
+                settings.topic, settings.bootstrap, f"{state.position:,}",
+            )  # fmt: skip
         while not should_stop():
             try:
                 if kafka_producer is None:  # a broker that is down is reported, then retried
@@ -297,7 +304,11 @@ def run(
                     },
                 )
                 state.save(state_path)
-                backoff = 0.5
+                backoff.reset()
+                if outage:
+                    log.warning("the broker acknowledges again; at store position %s",
+                                f"{state.position:,}")  # fmt: skip
+                    outage = False
                 if on_batch:
                     on_batch(state, len(documents), ledger.head())
             except KafkaError as error:
@@ -308,11 +319,11 @@ def run(
                     raise
                 log.warning(
                     "broker unavailable (%s); retrying in %.1fs from store position %s",
-                    error, backoff, f"{state.position:,}",
+                    error, backoff.seconds, f"{state.position:,}",
                 )  # fmt: skip
                 checked_at = None  # the broker may come back empty: look again
-                time.sleep(backoff)
-                backoff = min(backoff * 2, max_backoff_seconds)
+                outage = True
+                backoff.wait()
         if kafka_producer is not None:
             kafka_producer.close()
         return state

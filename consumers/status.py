@@ -57,6 +57,12 @@ class DerivedPublication:
         return self.derived - self.published
 
 
+@dataclass(frozen=True)
+class DeadLetters:
+    topic: str
+    records: int  # every record on it (`ledger dlq list` shows them)
+
+
 @dataclass
 class PipelineStatus:
     event_store: str
@@ -69,6 +75,7 @@ class PipelineStatus:
     derived: DerivedPublication | None = None
     group: str | None = None
     partitions: list[PartitionLag] = field(default_factory=list)
+    dead_letters: DeadLetters | None = None  # None: unknown, or no dead-letter topic
     broker_error: str | None = None  # why the lag is unknown
     problems: list[str] = field(default_factory=list)  # what needs someone's attention
 
@@ -86,7 +93,8 @@ def pipeline_status(
     the configured group). An unreachable broker or a missing topic leaves the lag out,
     with the reason: the rest still tells where ingest and the relay stand. `problems`
     names what needs attention: a relay position of another store or topic, a partition
-    that ends before the projected offset (the topic lost data)."""
+    that ends before the projected offset (the topic lost data). `dead_letters` counts
+    the dead-letter topic's records (`ledger dlq list` shows them)."""
     status = PipelineStatus(event_store, ledger.head())
     stored: dict[str, int] = {}
     if kafka is not None:
@@ -114,6 +122,9 @@ def pipeline_status(
             status.problems.append(str(mismatch))
         try:
             status.partitions = partition_lag(kafka, stored, **watched())
+            records = _records_on(kafka, kafka.dlq_topic)
+            if records is not None:
+                status.dead_letters = DeadLetters(kafka.dlq_topic, records)
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
         except TopicMissing as missing:
@@ -128,3 +139,11 @@ def pipeline_status(
             if lag.lag is not None and lag.lag < 0
         )
     return status
+
+
+def _records_on(settings: KafkaSettings, topic: str) -> int | None:
+    """How many records `topic` holds (None: it does not exist)."""
+    try:
+        return sum(high_watermarks(settings, topic, **watched()).values())
+    except TopicMissing:
+        return None

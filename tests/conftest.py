@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -19,10 +20,12 @@ import duckdb
 import pytest
 
 from bootstrap import Settings, open_ledger
+from consumers import kafka_projection
 from consumers.kafka import KafkaSettings, dev_broker, ensure_topics
 from consumers.store_follower import catch_up
 from domain.events import INCOMING
 from domain.ledger import Ledger, Outcome
+from projections.projector import BatchResult
 from projections.schema import connect
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -237,3 +240,53 @@ def reader_holding(path: Path, seconds: float) -> Iterator[subprocess.Popen[byte
     finally:
         reader.kill()
         reader.wait()
+
+
+class FollowingMember:
+    """A group member following the topic (`consume --follow`) on a thread of this
+    process. The file is its own while it runs, so progress is counted from its batches:
+    `new_events`, the events they added."""
+
+    def __init__(self, path: Path, settings: KafkaSettings, group: str) -> None:
+        self.new_events = 0
+        self.reports: list[kafka_projection.ConsumeReport] = []
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._follow, args=(path, settings, group), name="member", daemon=True
+        )
+
+    def _follow(self, path: Path, settings: KafkaSettings, group: str) -> None:
+        try:
+            report = kafka_projection.consume(
+                path,
+                settings,
+                group,
+                follow=True,
+                poll_ms=100,
+                max_records=500,
+                should_stop=self._stop.is_set,
+                on_batch=self._counted,
+            )
+            self.reports.append(report)
+        except BaseException as error:  # handed to the test
+            self._failure.append(error)
+
+    def _counted(self, result: BatchResult, _report: kafka_projection.ConsumeReport) -> None:
+        self.new_events += result.new_events
+
+    def has_projected(self, events: int) -> bool:
+        """Whether its batches added `events` (raising what ended it early)."""
+        if self._failure:
+            raise self._failure[0]
+        return self.new_events >= events
+
+    def __enter__(self) -> FollowingMember:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "the member did not stop"
+        assert not self._failure, self._failure

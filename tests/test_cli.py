@@ -28,6 +28,7 @@ import orjson
 import pytest
 import typer
 from conftest import children_of, running
+from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumberError
 
 import cli
@@ -686,6 +687,9 @@ def test_status_tells_where_each_stage_stands(
     (tmp_path / "rest.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events[cut:]))
     for command in [("ingest", "first.jsonl"), ("relay",), ("consume",),
                     ("ingest", "rest.jsonl"), ("relay",)]:  # fmt: skip
+        if command == ("consume",):  # a record it cannot decode: one dead letter
+            with KafkaProducer(bootstrap_servers=kafka_settings.bootstrap) as poison:
+                poison.send(kafka_settings.topic, key=b"c-poison", value=b"{not json").get(10)
         done = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert done.code == 0, (command, done)
 
@@ -700,12 +704,14 @@ def test_status_tells_where_each_stage_stands(
     derived = found["derived"]
     assert derived["published"] == derived["derived"] > 0 and derived["waiting"] == 0
     assert found["group"] == kafka_settings.group and found["broker_error"] is None
+    assert found["dead_letters"] == {"topic": kafka_settings.dlq_topic, "records": 1}
 
     table = run("status", data_dir=data, cwd=tmp_path, env=kafka)
     assert table.code == 0, table
     shown_text = " ".join(table.out.split())  # rich wraps a title wider than its table
     assert f"group {kafka_settings.group} on {kafka_settings.topic}" in shown_text
     assert f"{derived['published']:,} of {derived['derived']:,}" in shown_text
+    assert f"dead letters │ {kafka_settings.dlq_topic} │ 1 │" in shown_text
 
     down = {**kafka, "LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     unreachable = run("status", data_dir=data, cwd=tmp_path, env=down)

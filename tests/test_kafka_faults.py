@@ -36,6 +36,7 @@ import orjson
 import pytest
 from conftest import (
     PROJECT_ROOT,
+    FollowingMember,
     accept,
     children_of,
     differences,
@@ -50,6 +51,7 @@ from kafka.errors import KafkaTimeoutError
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
+from consumers.derived_publishing import DerivedPublisher
 from consumers.kafka import (
     EVENTS_TOPIC_CONFIGS,
     SAY_UNREACHABLE_AFTER_SECONDS,
@@ -61,10 +63,12 @@ from consumers.kafka import (
     free_port,
     short_retention,
 )
-from consumers.kafka_decoding import DecoderFailed, Decoders
+from consumers.kafka_decoding import Decoded, DecoderFailed, Decoders, stream
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
+from projections import derived
 from projections.schema import connect
+from projections.writer import ProjectionWriter
 
 pytestmark = pytest.mark.kafka
 
@@ -393,6 +397,98 @@ def test_broker_restarted_empty_is_detected_then_republished(
         if thread.is_alive():
             thread.join(timeout=30)
         broker.stop()
+
+
+def derived_publication(path: Path) -> tuple[set[str], int]:
+    """The derived events' ids in the projections file, and how many were acknowledged
+    (read beside a member of this process: one configuration per file and process)."""
+    con = connect(path)
+    try:
+        ids = {str(row[0]) for row in con.execute("SELECT event_id FROM derived_events").fetchall()}
+        return ids, derived.publication(con)[1]
+    finally:
+        con.close()
+
+
+def test_a_following_member_outlasts_a_broker_restart_and_publishes_on(
+    ledger: Ledger, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a broker restart, the member's derived-events producer is refused
+    (OutOfOrderSequenceNumber: the broker no longer knows its sequence numbers), and the
+    member ended with exit 3 (an operator's review). It sends them again with a new
+    producer and follows on; it says when it lost the broker and when it had it back."""
+    history = generate_history(customers=40)
+    half = len(history) // 2
+    state_path, path = tmp_path / "relay.json", settings.projections_path
+    broker = DevBroker(free_port())
+    kafka = KafkaSettings(
+        bootstrap=broker.bootstrap, topic=f"faults-{uuid.uuid4().hex[:10]}", partitions=3
+    )
+    broker.start()
+    try:
+        ensure_topics(kafka)
+        accept(ledger, history[:half])
+        relay.run(ledger, kafka, state_path)
+        with (
+            caplog.at_level(logging.INFO, logger="consumers"),
+            FollowingMember(path, kafka, kafka.group) as member,
+        ):
+
+            def all_published() -> bool:
+                if not member.has_projected(fact_count(ledger)):
+                    return False
+                ids, published = derived_publication(path)
+                return published == len(ids) > 0
+
+            wait_for(all_published, 90, "the member did not publish the first half")
+            before = set(ids_in_topic(kafka, kafka.derived_topic))
+            broker.stop()
+            time.sleep(SAY_UNREACHABLE_AFTER_SECONDS + 1.5)
+            broker.start()  # memory storage: the topics are gone
+            ensure_topics(kafka)
+            relay.run(ledger, kafka, state_path, republish_from_position=0)
+            accept(ledger, history[half:])
+            relay.run(ledger, kafka, state_path)
+            wait_for(all_published, 120, "the member did not publish after the restart")
+        ids, _ = derived_publication(path)
+        assert set(ids_in_topic(kafka, kafka.derived_topic)) == ids - before
+        assert ids - before, "the second half derived nothing: the test proves nothing"
+    finally:
+        broker.stop()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("no connection to the broker" in m for m in said), said
+    assert any("the broker answers again" in m for m in said), said
+    assert differences(tables(path), embedded(ledger, tmp_path)) == {}
+
+
+def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
+    ledger: Ledger, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A follower's publisher sends again until the broker takes its derived events, but
+    a stop (Ctrl-C, SIGTERM) must not wait for a broker that stays down: what was not
+    acknowledged stays unmarked, and goes out with the next run."""
+    accept(ledger, generate_history(customers=20))
+    _, documents = ledger.documents_after(0, 100_000)
+    tp = TopicPartition("never-reached", 0)
+    decoded = Decoded(facts={tp: documents}, offsets={tp: len(documents)}, records=len(documents))
+    projector = ProjectionWriter(settings.projections_path).projector()
+    projector.apply(decoded.batch(), {("kafka:test", stream(tp)): len(documents)})
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", topic=tp.topic)
+    publisher = DerivedPublisher(kafka, retry=True)
+    settled: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="consumers.derived_publishing"):
+        publisher.publish(projector, None)
+        wait_for(lambda: "again in" in caplog.text, 60, "the publisher did not retry")
+        publisher.finishing()
+        settling = threading.Thread(target=lambda: settled.append(publisher.settle(projector)))
+        settling.start()
+        settling.join(timeout=60)
+        assert not settling.is_alive(), "the stop waits for a broker that is down"
+        publisher.close()
+    assert settled == [0]
+    derived_events, published = derived.publication(projector.con)
+    assert derived_events > 0 and published == 0
+    assert "they go out with the next run" in caplog.text
 
 
 def test_a_consumer_that_cannot_reach_the_broker_leaves_no_thread_running() -> None:

@@ -28,6 +28,7 @@ import pytest
 from conftest import (
     COMPARED,
     PROJECT_ROOT,
+    FollowingMember,
     accept,
     differences,
     embedded,
@@ -46,7 +47,6 @@ from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, strea
 from consumers.status import partition_lag
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
-from projections.projector import BatchResult
 from projections.schema import connect
 from projections.writer import ProjectionWriter
 
@@ -841,56 +841,6 @@ def test_derived_events_wait_for_the_partitions_behind() -> None:
 
 
 # --- (h) following the topic as a group member -------------------------------------------------
-
-
-class FollowingMember:
-    """A group member following the topic (`consume --follow`) on a thread of this
-    process. The file is its own while it runs, so progress is counted from its batches:
-    `new_events`, the events they added."""
-
-    def __init__(self, path: Path, settings: KafkaSettings, group: str) -> None:
-        self.new_events = 0
-        self.reports: list[kafka_projection.ConsumeReport] = []
-        self._stop = threading.Event()
-        self._failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._follow, args=(path, settings, group), name="member", daemon=True
-        )
-
-    def _follow(self, path: Path, settings: KafkaSettings, group: str) -> None:
-        try:
-            report = kafka_projection.consume(
-                path,
-                settings,
-                group,
-                follow=True,
-                poll_ms=100,
-                max_records=500,
-                should_stop=self._stop.is_set,
-                on_batch=self._counted,
-            )
-            self.reports.append(report)
-        except BaseException as error:  # handed to the test
-            self._failure.append(error)
-
-    def _counted(self, result: BatchResult, _report: kafka_projection.ConsumeReport) -> None:
-        self.new_events += result.new_events
-
-    def has_projected(self, events: int) -> bool:
-        """Whether its batches added `events` (raising what ended it early)."""
-        if self._failure:
-            raise self._failure[0]
-        return self.new_events >= events
-
-    def __enter__(self) -> FollowingMember:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        assert not self._thread.is_alive(), "the member did not stop"
-        assert not self._failure, self._failure
 
 
 def test_following_member_projects_what_arrives_and_stops_cleanly(
