@@ -40,7 +40,10 @@ NOTHING_YET = datetime.min.replace(tzinfo=UTC)
 
 
 def publish_until(
-    latest: Mapping[TopicPartition, datetime], behind: Collection[TopicPartition]
+    latest: Mapping[TopicPartition, datetime],
+    behind: Collection[TopicPartition],
+    *,
+    shared: bool = False,
 ) -> datetime | None:
     """How far in business time derived events may go out (those before it): the point
     every partition with records still to read has reached (None: nothing is behind).
@@ -53,10 +56,21 @@ def publish_until(
     business-time order; so once every partition behind has reached a time, nothing read
     later takes back a transition before it (a backfill recorded late still can). A
     partition read to its end does not hold the others back.
+
+    A member that shares the topic with other members of its group (`shared`) also goes
+    no further than its own partitions were read (the latest time in `latest`, which
+    holds its partitions only). The file's clock moves with the others' records too, and a
+    partition of its own that its last fetch found read to the end may have received
+    records since, earlier than that clock (the relay appends in the order events were
+    recorded, so everything before the latest time it read was there when it read it):
+    it published a breach whose resolution had just been recorded (a review of a group
+    of two).
     """
-    if not behind:
-        return None
-    return min(latest.get(tp, NOTHING_YET) for tp in behind)
+    until = min(latest.get(tp, NOTHING_YET) for tp in behind) if behind else None
+    if not shared:
+        return until
+    reached = max(latest.values(), default=NOTHING_YET)
+    return reached if until is None else min(until, reached)
 
 
 class DerivedPublisher:

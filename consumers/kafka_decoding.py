@@ -359,6 +359,9 @@ class Decoders:
         """The partitions not read to their ends."""
         return unread(self._targets, handed)
 
+    def shared(self) -> bool:
+        return False  # a catch-up reads every partition
+
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         pass  # no group to tell: the projections hold the offsets
 

@@ -258,17 +258,18 @@ class _ProjectorThread:
         """Whether this member was given partitions to publish for since the last call."""
         return self._publisher is not None and self._publisher.newly_owned()
 
-    def publish_all(self) -> Future[int]:
-        """Send every derived event not sent yet (for when no partition is behind), and
-        have the broker acknowledge them, on this thread; how many were marked published
-        comes in the future returned."""
+    def publish_all(self, until: datetime | None) -> Future[int]:
+        """Send every derived event not sent yet up to business time `until` (None: all;
+        for when no partition is behind, see `publish_until`), and have the broker
+        acknowledge them, on this thread; how many were marked published comes in the
+        future returned."""
         publisher = self._publisher
 
         def publish(writer: ProjectionWriter) -> int:
             if publisher is None:
                 return 0
             projector = writer.projector()
-            return publisher.publish(projector, None) + publisher.settle(projector)
+            return publisher.publish(projector, until) + publisher.settle(projector)
 
         return self.submit(publish)
 
@@ -498,6 +499,10 @@ class _Feed(Protocol):
         """The partitions with records to read that were not handed over yet."""
         ...
 
+    def shared(self) -> bool:
+        """Whether others read some of the topic's partitions (members of its group)."""
+        ...
+
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         """The projections committed these next offsets."""
         ...
@@ -602,6 +607,10 @@ class _GroupMember:
                 )  # fmt: skip
                 self.consumer.seek_to_beginning(tp)
                 handed[stream(tp)] = 0  # behind until read again
+
+    def shared(self) -> bool:
+        topic_partitions = self.consumer.partitions_for_topic(self._listener.topic) or set()
+        return len(self.consumer.assignment()) < len(topic_partitions)
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         """The assigned partitions where the broker had more when it last answered a fetch
@@ -859,7 +868,7 @@ def _project(
             withheld = projector.newly_owned() or withheld
             idle = projector.idle()
             if withheld and idle and publishing is None and not feed.behind(handed):
-                publishing = projector.publish_all()
+                publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))
                 withheld = idle = False
             if release_when_idle and idle and releasing is None:
                 releasing = projector.submit(ProjectionWriter.release)
@@ -868,14 +877,15 @@ def _project(
             handed.update({stream(tp): o for tp, o in decoded.offsets.items()})
             keep_latest(latest, decoded.latest)
             behind = feed.behind(handed)
-            until = publish_until(latest, behind)
+            until = publish_until(latest, behind, shared=feed.shared())
             withheld = withheld or until is not None
             projector.hand_over(decoded, more_to_come=bool(behind), publish_until=until)
     report_applied(projector.drain())
     if publishing is not None:
         report.derived += publishing.result()
     if withheld and not feed.behind(handed):
-        report.derived += projector.publish_all().result()
+        until = publish_until(latest, (), shared=feed.shared())
+        report.derived += projector.publish_all(until).result()
 
 
 def rebuild_from_kafka(

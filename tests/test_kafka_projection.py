@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -636,18 +637,24 @@ def scripted(*parts: Any) -> Decoded:
 
 
 class _ScriptedFeed:
-    """A group member's feed that decodes what it is given, then nothing."""
+    """A group member's feed that decodes what it is given, then nothing; `sharing`: the
+    group has other members."""
 
     dead_letters = 0
 
-    def __init__(self, script: list[Decoded], targets: dict[TopicPartition, int]) -> None:
-        self.script, self.targets = script, targets
+    def __init__(
+        self, script: list[Decoded], targets: dict[TopicPartition, int], sharing: bool = False
+    ) -> None:
+        self.script, self.targets, self.sharing = script, targets, sharing
 
     def read(self, timeout_ms: int) -> list[Decoded]:
         return [self.script.pop(0)] if self.script else []
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
+
+    def shared(self) -> bool:
+        return self.sharing
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         pass
@@ -763,6 +770,36 @@ def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_ba
         con.close()
 
 
+def sharing_member(
+    path: Path, kafka: KafkaSettings, owns: TopicPartition, end: int, script: list[Decoded]
+) -> None:
+    """A member of a group of several, owning partition `owns` (whose end its fetches
+    report at `end`), projecting into the group's file at `path` what `script` decodes,
+    then stopping."""
+    publisher = DerivedPublisher(kafka)
+    projector = kafka_projection._ProjectorThread(
+        ProjectionWriter(path), "kafka:test", max_waiting=1, publisher=publisher
+    )
+    handed: dict[str, int] = {}
+    latest: dict[TopicPartition, datetime] = {}
+    listener = kafka_projection._SeekToStoredOffsets(
+        _NoSeeking({owns}), projector, "kafka:test", handed, latest, publisher, "t"
+    )
+    feed = _ScriptedFeed(script, {owns: end}, sharing=True)
+    projector.start()
+    try:
+        listener.on_partitions_assigned({owns})
+        wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
+        kafka_projection._project(
+            feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
+            targets=None, poll_ms=100, release_when_idle=True,
+            should_stop=lambda: not feed.script,
+        )  # fmt: skip
+    finally:
+        projector.stop()
+        publisher.close()
+
+
 def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
 ) -> None:
@@ -787,29 +824,7 @@ def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
     registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
     p, q = (TopicPartition(kafka_settings.topic, partition_of(c, 3)) for c in (x, y))
     at = datetime.fromisoformat
-
-    def member(owns: TopicPartition, end: int, script: list[Decoded]) -> None:
-        publisher = DerivedPublisher(kafka_settings)
-        projector = kafka_projection._ProjectorThread(
-            ProjectionWriter(settings.projections_path), "kafka:test", max_waiting=1,
-            publisher=publisher,
-        )  # fmt: skip
-        handed: dict[str, int] = {}
-        listener = kafka_projection._SeekToStoredOffsets(
-            _NoSeeking({owns}), projector, "kafka:test", handed, {}, publisher, "t"
-        )
-        feed = _ScriptedFeed(script, {owns: end})
-        projector.start()
-        try:
-            listener.on_partitions_assigned({owns})
-            wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
-            kafka_projection._project(
-                feed, projector, kafka_projection.ConsumeReport(), handed=handed, targets=None,
-                poll_ms=100, release_when_idle=True, should_stop=lambda: not feed.script,
-            )  # fmt: skip
-        finally:
-            projector.stop()
-            publisher.close()
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
 
     member(p, 4, [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"))])
     member(q, 2, [scripted(q, [registered_y, y_later], 2, at("2025-01-06T11:00:00+00:00"))])
@@ -826,9 +841,60 @@ def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
         con.close()
 
 
+def test_a_member_read_to_its_end_publishes_no_further_than_its_own_partitions_reached(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """Member B's last fetch found X's partition read to its end, at X's complaint (09:00);
+    the relay has appended X's acknowledgement (09:30) since. Member A, sharing the file,
+    reads Y's partition to 11:00 and moves the clock past X's deadlines. B's next batch
+    must not publish X's warning and breach up to that clock (they went out, and B's next
+    fetch took them back: a review of a group of two), only up to where B has read."""
+    x, y = "X-0", next(f"Y-{n}" for n in range(100)
+                       if partition_of(f"Y-{n}", 3) != partition_of("X-0", 3))  # fmt: skip
+    accept(ledger, [
+        event("CustomerRegistered", x, "2025-01-06T08:00:00Z"),
+        event("CustomerRegistered", y, "2025-01-06T08:00:00Z"),
+        event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
+              "channel": "phone", "category": "billing", "priority": "urgent"}),
+        event("ComplaintAcknowledged", x, "2025-01-06T09:30:00Z", {"complaint_id": "c1"}),
+        event("ContactLogged", y, "2025-01-06T11:00:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+        event("ContactLogged", x, "2025-01-06T11:30:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+    ])  # fmt: skip
+    _, documents = ledger.documents_after(0, 100)
+    registered_x, registered_y, filed, acknowledged, y_later, x_later = documents
+    p, q = (TopicPartition(kafka_settings.topic, partition_of(c, 3)) for c in (x, y))
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+
+    member(q, 2, [scripted(q, [registered_y, y_later], 2, at("2025-01-06T11:00:00+00:00"))])
+    member(p, 2, [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"))])
+    con = connect(settings.projections_path, read_only=True)
+    try:  # what B's batch derived, against A's clock: B read only to 09:00
+        sla = "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
+        assert con.execute(sla).fetchall()[0][0] > 0, "the test proves nothing"
+    finally:
+        con.close()
+    member(p, 4, [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T11:30:00+00:00"))])
+
+    sent = [orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)]
+    assert [(f["type"], f["customer_id"]) for f in sent if f["type"].startswith("Sla")] == []
+    con = connect(settings.projections_path, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
+        assert con.execute(sla).fetchall() == [(0,)]
+        stages = "SELECT count(*) FROM derived_events WHERE type = 'LoyaltyStageChanged'"
+        published = "SELECT count(*) FROM derived_published"
+        assert con.execute(published).fetchall() == con.execute(stages).fetchall()
+    finally:
+        con.close()
+
+
 def test_derived_events_wait_for_the_partitions_behind() -> None:
     """`publish_until`: the earliest business time among the partitions behind; one not
-    read from yet holds everything back; one read to its end holds nothing back."""
+    read from yet holds everything back; one read to its end holds nothing back, except
+    for a member sharing the topic with others."""
     a, b, c = (TopicPartition("t", n) for n in range(3))
     noon, evening = datetime(2025, 3, 3, 12, tzinfo=UTC), datetime(2025, 3, 3, 20, tzinfo=UTC)
     latest = {a: evening, b: noon}
@@ -838,6 +904,10 @@ def test_derived_events_wait_for_the_partitions_behind() -> None:
     assert until(latest, [a]) == evening
     assert until(latest, [a, b]) == noon  # c, caught up, does not count
     assert until(latest, [a, c]) == NOTHING_YET
+    # a member of a group of several: no further than its own partitions were read
+    assert until(latest, [], shared=True) == evening
+    assert until(latest, [b], shared=True) == noon
+    assert until({}, [], shared=True) == NOTHING_YET
 
 
 # --- (h) following the topic as a group member -------------------------------------------------
