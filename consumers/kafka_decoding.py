@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from consumers import cloudevents
-from consumers.kafka import KafkaSettings, consumer, high_watermarks, producer, watched
+from consumers.kafka import Backoff, KafkaSettings, consumer, high_watermarks, producer, watched
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,28 @@ class DeadLetters:
 
     `sent_below` holds, per stream, an offset below which the dead letters were sent
     already (by the consumer that built the live projections, when this reads the topic
-    again to rebuild them): those are counted, not sent again."""
+    again to rebuild them): those are counted, not sent again. With `retry` (a follower),
+    dead letters the broker did not acknowledge (unreachable, or restarted: it no longer
+    knows the idempotent producer's sequence numbers) are sent again with a new
+    producer, with backoff, until it does."""
 
     def __init__(
-        self, settings: KafkaSettings, sent_below: Mapping[str, int] | None = None
+        self,
+        settings: KafkaSettings,
+        sent_below: Mapping[str, int] | None = None,
+        *,
+        retry: bool = False,
     ) -> None:
         self.settings = settings
         self.sent_below = dict(sent_below or {})
         self.count = 0
+        self._retry = retry
         self._producer: KafkaProducer | None = None
-        self._pending: list[Any] = []
+        self._pending: list[tuple[dict[str, Any], Any]] = []  # (what was sent, its future)
 
     def producer(self) -> KafkaProducer:
         if self._producer is None:
-            self._producer = producer(self.settings)
+            self._producer = producer(self.settings, **watched())
         return self._producer
 
     def send(self, record: Any, error: Exception) -> None:
@@ -171,20 +180,41 @@ class DeadLetters:
             ("dlq_error_class", type(error).__name__.encode()),
             ("dlq_error_message", str(error)[:2000].encode()),
         ]
-        self._pending.append(
-            self.producer().send(
-                self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
-            )
-        )
+        letter = {"key": record.key, "value": record.value, "headers": headers}
+        self._pending.append((letter, self._send(letter)))
+
+    def _send(self, letter: dict[str, Any]) -> Any:
+        return self.producer().send(self.settings.dlq_topic, **letter)
 
     def flush(self) -> None:
-        """Wait until the broker has every dead letter; raises if one was not delivered."""
-        if not self._pending:
-            return
-        self.producer().flush()
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.get(timeout=0)
+        """Wait until the broker has every dead letter; raises if one was not delivered
+        (a follower sends them again until the broker takes them)."""
+        backoff = Backoff()
+        while self._pending:
+            try:
+                if any(future is None for _, future in self._pending):
+                    self._pending = [(letter, self._send(letter)) for letter, _ in self._pending]
+                self.producer().flush()
+                for _, future in self._pending:
+                    future.get(timeout=0)
+            except KafkaError as error:
+                if not self._retry:
+                    self._pending = []
+                    raise
+                if self._producer is not None:
+                    self._producer.close(timeout=1)
+                    self._producer = None
+                log.warning(
+                    "dead letters not acknowledged by the broker at %s (%s); sending %s "
+                    "again in %.1fs with a new producer",
+                    self.settings.bootstrap, error, f"{len(self._pending):,}", backoff.seconds,
+                )  # fmt: skip
+                self._pending = [(letter, None) for letter, _ in self._pending]
+                backoff.wait()
+                continue
+            self._pending = []
+            if backoff.seconds > backoff.first:
+                log.warning("the broker acknowledged the dead letters sent again")
 
     def close(self) -> None:
         if self._producer is not None:

@@ -695,7 +695,9 @@ def consume(
             listener = _SeekToStoredOffsets(
                 kafka_consumer, projector, source, handed, latest, publisher, settings.topic
             )
-            feed = _GroupMember(kafka_consumer, DeadLetters(settings), projector, listener)
+            feed = _GroupMember(
+                kafka_consumer, DeadLetters(settings, retry=True), projector, listener
+            )
             if publisher is not None:
                 publisher.own((), 0)  # nobody's derived events until partitions are assigned
             kafka_consumer.subscribe([settings.topic], listener=listener)

@@ -58,7 +58,7 @@ class DerivedPublication:
 
 
 @dataclass(frozen=True)
-class DeadLetters:
+class DeadLetterCount:
     topic: str
     records: int  # every record on it (`ledger dlq list` shows them)
 
@@ -75,7 +75,7 @@ class PipelineStatus:
     derived: DerivedPublication | None = None
     group: str | None = None
     partitions: list[PartitionLag] = field(default_factory=list)
-    dead_letters: DeadLetters | None = None  # None: unknown, or no dead-letter topic
+    dead_letters: DeadLetterCount | None = None  # None: unknown, or no dead-letter topic
     broker_error: str | None = None  # why the lag is unknown
     problems: list[str] = field(default_factory=list)  # what needs someone's attention
 
@@ -124,7 +124,7 @@ def pipeline_status(
             status.partitions = partition_lag(kafka, stored, **watched())
             records = _records_on(kafka, kafka.dlq_topic)
             if records is not None:
-                status.dead_letters = DeadLetters(kafka.dlq_topic, records)
+                status.dead_letters = DeadLetterCount(kafka.dlq_topic, records)
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
         except TopicMissing as missing:

@@ -45,7 +45,7 @@ from conftest import (
     running,
     tables,
 )
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaTimeoutError
 
@@ -58,12 +58,13 @@ from consumers.kafka import (
     DevBroker,
     KafkaSettings,
     PartitionsDiffer,
+    TopicMissing,
     consumer,
     ensure_topics,
     free_port,
     short_retention,
 )
-from consumers.kafka_decoding import Decoded, DecoderFailed, Decoders, stream
+from consumers.kafka_decoding import Decoded, DecoderFailed, Decoders, list_dead_letters, stream
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from projections import derived
@@ -459,6 +460,45 @@ def test_a_following_member_outlasts_a_broker_restart_and_publishes_on(
     assert any("no connection to the broker" in m for m in said), said
     assert any("the broker answers again" in m for m in said), said
     assert differences(tables(path), embedded(ledger, tmp_path)) == {}
+
+
+def test_a_following_member_sends_dead_letters_again_after_a_broker_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The dead-letter producer of a member that sent before a broker restart is refused
+    after it (OutOfOrderSequenceNumber), as the derived events' was: the member sends the
+    dead letters again with a new producer instead of ending."""
+    broker = DevBroker(free_port())
+    kafka = KafkaSettings(
+        bootstrap=broker.bootstrap, topic=f"faults-{uuid.uuid4().hex[:10]}", partitions=1
+    )
+
+    def poison(text: bytes) -> None:
+        with KafkaProducer(bootstrap_servers=kafka.bootstrap) as sender:
+            sender.send(kafka.topic, key=b"c-1", value=text, partition=0).get(10)
+
+    def dead_letters() -> list[str]:
+        with suppress(TopicMissing):
+            return [letter["value"] for letter in list_dead_letters(kafka)]
+        return []
+
+    broker.start()
+    try:
+        ensure_topics(kafka)
+        with FollowingMember(settings.projections_path, kafka, kafka.group) as member:
+            poison(b"{first")
+            wait_for(lambda: dead_letters() == ["{first"], 60, "no first dead letter")
+            broker.restart_empty()
+            ensure_topics(kafka)
+            poison(b"{second")  # offset 0: where the member stood before the restart
+            poison(b"{third")  # offset 1: the member reads it
+            wait_for(  # has_projected(0) raises what ended the member
+                lambda: member.has_projected(0) and dead_letters() == ["{third"],
+                90,
+                "no dead letter after the restart",
+            )
+    finally:
+        broker.stop()
 
 
 def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
