@@ -225,9 +225,11 @@ def _event_at(ledger: Ledger, position: int) -> str | None:
 
 
 @contextmanager
-def sole_relay(state_path: Path) -> Iterator[None]:
-    """Hold the data dir's relay lock: two relays on one position file would each publish
-    every event (and hide a data loss from each other's counts)."""
+def sole_relay(state_path: Path, ledger: Ledger | None = None, topic: str = "") -> Iterator[None]:
+    """Hold the data dir's relay lock, and the store's for `topic`: two relays on one
+    position file would each publish every event (and hide a data loss from each other's
+    counts); two relays of one PostgreSQL store to one topic, from two data dirs or
+    hosts, would each publish every event."""
     state_path.parent.mkdir(parents=True, exist_ok=True)
     with open(state_path.with_name(state_path.name + ".lock"), "a+b") as lock:
         try:
@@ -237,7 +239,16 @@ def sole_relay(state_path: Path) -> Iterator[None]:
                 f"another relay is publishing from this data dir ({state_path.parent}); "
                 "one is enough (stop the other first)"
             ) from None
-        yield
+        if ledger is None:
+            yield
+            return
+        with ledger.held_alone(f"relay to {topic}") as alone:
+            if not alone:
+                raise RelayBusy(
+                    f"another relay (another data dir or host) is publishing this event "
+                    f"store to topic {topic}; one is enough (stop the other first)"
+                )
+            yield
 
 
 BatchCallback = Callable[[RelayState, int, int], None]
@@ -264,7 +275,7 @@ def run(
     (from the last acknowledged position) and catches up when the broker returns. A
     one-shot run raises the broker's error instead (run it again later).
     """
-    with sole_relay(state_path):
+    with sole_relay(state_path, ledger, settings.topic):
         if republish_from_position is None:
             state = RelayState.load(state_path)
         else:

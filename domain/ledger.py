@@ -12,6 +12,7 @@ import hashlib
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -301,6 +302,29 @@ class Ledger(Application[UUID]):
         facts = [e.fact for e in stream if isinstance(e, Customer.Recorded)]
         facts.sort(key=lambda f: datetime.fromisoformat(f["occurred_at"]))  # stable
         return facts
+
+    @contextmanager
+    def held_alone(self, name: str) -> Iterator[bool]:
+        """Hold the store-wide lock `name` while the block runs; yields whether nobody else
+        held it. A PostgreSQL store can be shared by hosts and data dirs, so the lock is
+        an advisory lock of its database, keyed by the store's schema and table as well;
+        a SQLite store belongs to its data dir, whose own locks suffice (always True)."""
+        from eventsourcing.postgres import PostgresDatastore  # psycopg: only when it is used
+
+        datastore = getattr(self.recorder, "datastore", None)
+        if not isinstance(datastore, PostgresDatastore):
+            yield True
+            return
+        table = getattr(self.recorder, "events_table_name", "")
+        key = f"customer-ledger {datastore.schema}.{table} {name}"
+        with datastore.get_connection() as connection:  # autocommit: a session lock
+            row = connection.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
+            held = bool(row and next(iter(row.values())))
+            try:
+                yield held
+            finally:
+                if held:
+                    connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
 
     def head(self) -> int:
         """The position of the newest event in the store (0 when empty)."""

@@ -21,9 +21,11 @@ import duckdb
 import orjson
 import psycopg
 import pytest
-from conftest import PG_DSN, event, project, record
+from conftest import PG_DSN, event, fact_count, project, record
 
 from bootstrap import Settings, open_ledger
+from consumers import relay
+from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
 from domain.ledger import Ledger, Outcome
 
@@ -533,3 +535,25 @@ def test_processes_opening_a_new_store_at_once_all_get_a_ledger(
     finally:
         for ledger in opened:
             ledger.close()
+
+
+@pytest.mark.kafka
+def test_one_relay_per_postgres_store_and_topic_whatever_the_data_dir(
+    open_pg: OpenLedger,
+    postgres_settings: Settings,
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+) -> None:
+    """Two data dirs (or hosts) over one PostgreSQL store: each relay's data-dir lock is
+    its own, and both published every event. The store's advisory lock lets one relay
+    per topic run; another topic, or the same one after the first stopped, is free."""
+    first = open_pg()
+    second = open_pg(dataclasses.replace(postgres_settings, data_dir=tmp_path / "b"))
+    record(first, generate_history(customers=5))
+    with relay.sole_relay(tmp_path / "a" / "relay.json", first, kafka_settings.topic):
+        with pytest.raises(relay.RelayBusy, match="another data dir or host"):
+            relay.run(second, kafka_settings, tmp_path / "b" / "relay.json")
+        with relay.sole_relay(tmp_path / "b" / "other.json", second, "another-topic"):
+            pass
+    state = relay.run(second, kafka_settings, tmp_path / "b" / "relay.json")
+    assert (state.position, state.published) == (second.head(), fact_count(second))
