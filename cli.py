@@ -774,6 +774,8 @@ def _print_status(found: PipelineStatus) -> None:
         table.add_row("relay (acknowledged)", found.relay_topic, f"{found.relay_position:,}")
     if found.derived is not None:
         published = f"{found.derived.published:,} of {found.derived.derived:,}"
+        if found.derived.withdrawn:
+            published += f" ({found.derived.withdrawn:,} more withdrawn since by late events)"
         table.add_row("derived events acknowledged", found.derived.topic, published)
     if found.dead_letters is not None:
         table.add_row("dead letters", found.dead_letters.topic, f"{found.dead_letters.records:,}")

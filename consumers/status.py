@@ -51,6 +51,7 @@ class DerivedPublication:
     topic: str
     derived: int  # in the projections file
     published: int  # of those, acknowledged by the broker
+    withdrawn: int = 0  # acknowledged, and taken back since by an event recorded late
 
     @property
     def waiting(self) -> int:
@@ -109,7 +110,11 @@ def pipeline_status(
                     status.projections[source] = position
             status.clock = stored_clock(con)
             if kafka is not None:
-                status.derived = DerivedPublication(kafka.derived_topic, *derived.publication(con))
+                status.derived = DerivedPublication(
+                    kafka.derived_topic,
+                    *derived.publication(con),
+                    derived.withdrawn_after_publication(con),
+                )
         finally:
             con.close()
     if kafka is not None:

@@ -143,3 +143,15 @@ def publication(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
         """,
     )
     return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def withdrawn_after_publication(con: duckdb.DuckDBPyConnection) -> int:
+    """How many derived events the broker acknowledged that the projections no longer
+    derive: an event recorded late (a backfill) took them back, and subscribers still
+    hold them (no withdrawal goes out yet: README, Known limits)."""
+    row = one(
+        con,
+        "SELECT count(*) FROM derived_published AS p "
+        "ANTI JOIN derived_events AS d USING (event_id)",
+    )
+    return int(row[0]) if row else 0

@@ -703,6 +703,7 @@ def test_status_tells_where_each_stage_stands(
     assert all(p["lag"] == p["highwater"] - (p["projected"] or 0) for p in partitions)
     derived = found["derived"]
     assert derived["published"] == derived["derived"] > 0 and derived["waiting"] == 0
+    assert derived["withdrawn"] == 0
     assert found["group"] == kafka_settings.group and found["broker_error"] is None
     assert found["dead_letters"] == {"topic": kafka_settings.dlq_topic, "records": 1}
 

@@ -21,6 +21,7 @@ from conftest import event, project, record
 
 from bootstrap import Settings
 from domain.ledger import Ledger
+from projections import derived as derived_events
 from projections.projector import Projector
 from projections.schema import connect
 
@@ -657,3 +658,33 @@ def test_sla_event_ids_are_distinct_whatever_the_ids_hold(
         "S-1",
         uuid.UUID(hashlib.md5(b"derived|sla|S-1|k|resolution|SlaBreached").hexdigest()),
     ) in rows
+
+
+def test_a_transition_taken_back_after_publication_is_counted(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """A breach went out; a resolution recorded late (its business time before the due
+    time) takes it back. Subscribers still hold it (no withdrawal is published yet), so
+    the projections count it for `ledger status`."""
+    accept(ledger, [
+        filed("x", "urgent"),
+        step("ComplaintAcknowledged", 0.25, "x"),
+        filed("later", "low", hours=30),  # the clock: past x's due time (24 h)
+    ])  # fmt: skip
+    con = project(ledger, settings)
+    assert derived(con, "x") == [
+        ("SlaWarning", "resolution", at(18)),
+        ("SlaBreached", "resolution", at(24)),
+    ]
+    rows = con.execute("SELECT event_id FROM derived_events").fetchall()
+    published = [str(row[0]) for row in rows]
+    con.close()
+    con = connect(settings.projections_path)
+    derived_events.mark_published(con, published)  # what a consumer group does
+    assert derived_events.withdrawn_after_publication(con) == 0
+    con.close()
+
+    accept(ledger, [step("ComplaintResolved", 20, "x")])  # recorded late
+    con = project(ledger, settings)
+    assert derived(con, "x") == [("SlaWarning", "resolution", at(18))]
+    assert derived_events.withdrawn_after_publication(con) == 1
