@@ -800,13 +800,14 @@ def sharing_member(
         publisher.close()
 
 
-def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
-    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
-) -> None:
-    """Member B owns X's partition and has read X's complaint, not yet its acknowledgement;
-    member A owns Y's and reads it to the end, moving the file's clock past X's deadlines.
-    A must not publish X's warning and breach (B's records take them back): each member
-    publishes its own partitions' customers' transitions, up to where it has read."""
+def urgent_complaint_story(
+    ledger: Ledger, topic: str, contacts_after: list[tuple[str, str]]
+) -> tuple[dict[str, tuple[int, bytes]], TopicPartition, TopicPartition]:
+    """Customer X files an urgent complaint at 09:00 and has it acknowledged at 09:30 (it
+    never warns nor breaches); Y, in another of 3 partitions, is registered at 08:00;
+    then inbound contacts `contacts_after` ("x" or "y", ISO time), in that order. The
+    stored documents by name (registered_x, registered_y, filed, acknowledged,
+    x_later, y_later), X's partition and Y's."""
     x, y = "X-0", next(f"Y-{n}" for n in range(100)
                        if partition_of(f"Y-{n}", 3) != partition_of("X-0", 3))  # fmt: skip
     accept(ledger, [
@@ -815,30 +816,48 @@ def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
         event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
               "channel": "phone", "category": "billing", "priority": "urgent"}),
         event("ComplaintAcknowledged", x, "2025-01-06T09:30:00Z", {"complaint_id": "c1"}),
-        event("ContactLogged", x, "2025-01-06T10:30:00Z",
-              {"channel": "phone", "direction": "inbound"}),
-        event("ContactLogged", y, "2025-01-06T11:00:00Z",
-              {"channel": "phone", "direction": "inbound"}),
+        *(event("ContactLogged", {"x": x, "y": y}[who], when,
+                {"channel": "phone", "direction": "inbound"}) for who, when in contacts_after),
     ])  # fmt: skip
     _, documents = ledger.documents_after(0, 100)
-    registered_x, registered_y, filed, acknowledged, x_later, y_later = documents
-    p, q = (TopicPartition(kafka_settings.topic, partition_of(c, 3)) for c in (x, y))
-    at = datetime.fromisoformat
-    member = partial(sharing_member, settings.projections_path, kafka_settings)
+    names = ["registered_x", "registered_y", "filed", "acknowledged",
+             *(f"{who}_later" for who, _ in contacts_after)]  # fmt: skip
+    p, q = (TopicPartition(topic, partition_of(c, 3)) for c in (x, y))
+    return dict(zip(names, documents, strict=True)), p, q
 
-    member(p, 4, [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"))])
-    member(q, 2, [scripted(q, [registered_y, y_later], 2, at("2025-01-06T11:00:00+00:00"))])
-    member(p, 4, [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T10:30:00+00:00"))])
 
+def no_sla_transition_went_out(settings: Settings, kafka_settings: KafkaSettings) -> None:
+    """All six events projected, no SLA transition derived, none on the derived topic."""
     sent = [orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)]
     assert [(f["type"], f["customer_id"]) for f in sent if f["type"].startswith("Sla")] == []
     con = connect(settings.projections_path, read_only=True)
     try:
         assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
-        sla = "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
-        assert con.execute(sla).fetchall() == [(0,)]
+        assert con.execute(SLA_DERIVED).fetchall() == [(0,)]
     finally:
         con.close()
+
+
+SLA_DERIVED = "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
+
+
+def test_members_sharing_a_file_publish_only_their_own_customers_transitions(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """Member B owns X's partition and has read X's complaint, not yet its acknowledgement;
+    member A owns Y's and reads it to the end, moving the file's clock past X's deadlines.
+    A must not publish X's warning and breach (B's records take them back): each member
+    publishes its own partitions' customers' transitions, up to where it has read."""
+    d, p, q = urgent_complaint_story(
+        ledger, kafka_settings.topic, [("x", "2025-01-06T10:30:00Z"), ("y", "2025-01-06T11:00:00Z")]
+    )
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+
+    member(p, 4, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
+    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    member(p, 4, [scripted(p, [d["acknowledged"], d["x_later"]], 4, at("2025-01-06T10:30Z"))])
+    no_sla_transition_went_out(settings, kafka_settings)
 
 
 def test_a_member_read_to_its_end_publishes_no_further_than_its_own_partitions_reached(
@@ -849,41 +868,23 @@ def test_a_member_read_to_its_end_publishes_no_further_than_its_own_partitions_r
     reads Y's partition to 11:00 and moves the clock past X's deadlines. B's next batch
     must not publish X's warning and breach up to that clock (they went out, and B's next
     fetch took them back: a review of a group of two), only up to where B has read."""
-    x, y = "X-0", next(f"Y-{n}" for n in range(100)
-                       if partition_of(f"Y-{n}", 3) != partition_of("X-0", 3))  # fmt: skip
-    accept(ledger, [
-        event("CustomerRegistered", x, "2025-01-06T08:00:00Z"),
-        event("CustomerRegistered", y, "2025-01-06T08:00:00Z"),
-        event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
-              "channel": "phone", "category": "billing", "priority": "urgent"}),
-        event("ComplaintAcknowledged", x, "2025-01-06T09:30:00Z", {"complaint_id": "c1"}),
-        event("ContactLogged", y, "2025-01-06T11:00:00Z",
-              {"channel": "phone", "direction": "inbound"}),
-        event("ContactLogged", x, "2025-01-06T11:30:00Z",
-              {"channel": "phone", "direction": "inbound"}),
-    ])  # fmt: skip
-    _, documents = ledger.documents_after(0, 100)
-    registered_x, registered_y, filed, acknowledged, y_later, x_later = documents
-    p, q = (TopicPartition(kafka_settings.topic, partition_of(c, 3)) for c in (x, y))
+    d, p, q = urgent_complaint_story(
+        ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z"), ("x", "2025-01-06T11:30:00Z")]
+    )
     at = datetime.fromisoformat
     member = partial(sharing_member, settings.projections_path, kafka_settings)
 
-    member(q, 2, [scripted(q, [registered_y, y_later], 2, at("2025-01-06T11:00:00+00:00"))])
-    member(p, 2, [scripted(p, [registered_x, filed], 2, at("2025-01-06T09:00:00+00:00"))])
+    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
     con = connect(settings.projections_path, read_only=True)
     try:  # what B's batch derived, against A's clock: B read only to 09:00
-        sla = "SELECT count(*) FROM derived_events WHERE type LIKE 'Sla%'"
-        assert con.execute(sla).fetchall()[0][0] > 0, "the test proves nothing"
+        assert con.execute(SLA_DERIVED).fetchall()[0][0] > 0, "the test proves nothing"
     finally:
         con.close()
-    member(p, 4, [scripted(p, [acknowledged, x_later], 4, at("2025-01-06T11:30:00+00:00"))])
-
-    sent = [orjson.loads(r.value) for r in read_topic(kafka_settings, kafka_settings.derived_topic)]
-    assert [(f["type"], f["customer_id"]) for f in sent if f["type"].startswith("Sla")] == []
+    member(p, 4, [scripted(p, [d["acknowledged"], d["x_later"]], 4, at("2025-01-06T11:30Z"))])
+    no_sla_transition_went_out(settings, kafka_settings)
     con = connect(settings.projections_path, read_only=True)
-    try:
-        assert con.execute("SELECT count(*) FROM events").fetchall() == [(6,)]
-        assert con.execute(sla).fetchall() == [(0,)]
+    try:  # the stage changes went out, each member its own customers'
         stages = "SELECT count(*) FROM derived_events WHERE type = 'LoyaltyStageChanged'"
         published = "SELECT count(*) FROM derived_published"
         assert con.execute(published).fetchall() == con.execute(stages).fetchall()
