@@ -671,8 +671,7 @@ def consume(
 ) -> None:
     """Project the events topic into DuckDB: a catch-up to its end, or --follow.
 
-    A catch-up reads the partitions directly; with --follow it joins the consumer group
-    and keeps going (several members share the partitions)."""
+    A catch-up reads every partition; --follow joins the group and shares them."""
     settings = _kafka()
     if follow:
         _log_progress()
