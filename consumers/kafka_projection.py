@@ -510,41 +510,43 @@ class _Feed(Protocol):
     def close(self) -> None: ...
 
 
-class _ConnectionWatch:
-    """Says when a group member has had no connection to any broker for a while, and when
-    it has one again: kafka-python reconnects by itself, without a word, and a follower
-    that waits for a broker looks just like one with nothing to read."""
+UNASSIGNED_SAY_AFTER_SECONDS = 60.0
+"""How long a group member waits for partitions before saying so: longer than a join
+waits for members that died without leaving (`max_poll_interval_ms`, 30 s)."""
 
-    def __init__(
-        self,
-        kafka_consumer: KafkaConsumer,
-        say_after: float = SAY_UNREACHABLE_AFTER_SECONDS,
-        say_again_every: float = 60.0,
-    ) -> None:
-        self._consumer = kafka_consumer
+
+class _Lasting:
+    """A state of a group member someone watching it should hear of: said once it has
+    lasted `say_after` seconds, again every `say_again_every`, and when it ends (if it
+    was said). Messages take the seconds it has lasted as `{seconds}`."""
+
+    def __init__(self, lasting: str, over: str, say_after: float, say_again_every: float = 60.0):
+        self._lasting, self._over = lasting, over
         self._say_after, self._say_again_every = say_after, say_again_every
-        self._lost_at: float | None = None
+        self._since: float | None = None
         self._said_at: float | None = None
 
-    def check(self) -> None:
+    def observe(self, holds: bool) -> None:
         now = time.monotonic()
-        metrics = self._consumer.metrics().get("consumer-metrics", {})
-        if metrics.get("connection-count", 1) > 0:
-            if self._said_at is not None and self._lost_at is not None:
-                log.warning("the broker answers again after %.0f s; following on",
-                            now - self._lost_at)  # fmt: skip
-            self._lost_at = self._said_at = None
+        if not holds:
+            if self._said_at is not None and self._since is not None:
+                log.warning(self._over.format(seconds=f"{now - self._since:.0f}"))
+            self._since = self._said_at = None
             return
-        if self._lost_at is None:
-            self._lost_at = now
+        if self._since is None:
+            self._since = now
         due = self._say_after if self._said_at is None else self._say_again_every
-        if now - (self._said_at or self._lost_at) >= due:
+        if now - (self._said_at or self._since) >= due:
             self._said_at = now
-            log.warning(
-                "no connection to the broker for %.0f s; kafka-python keeps reconnecting, "
-                "and the projections stay as they are until it answers",
-                now - self._lost_at,
-            )
+            log.warning(self._lasting.format(seconds=f"{now - self._since:.0f}"))
+
+
+def _disconnected(kafka_consumer: KafkaConsumer) -> bool:
+    """Whether the consumer has no connection to any broker (kafka-python reconnects by
+    itself, without a word: a member waiting for a broker looks like one with nothing
+    to read)."""
+    metrics = kafka_consumer.metrics().get("consumer-metrics", {})
+    return bool(metrics.get("connection-count", 1) == 0)
 
 
 class _GroupMember:
@@ -567,7 +569,21 @@ class _GroupMember:
         self._dead_letters = dead_letters
         self._projector = projector
         self._listener = listener
-        self._connection = _ConnectionWatch(kafka_consumer)
+        self._disconnected = _Lasting(
+            "no connection to the broker for {seconds} s; kafka-python keeps reconnecting, "
+            "and the projections stay as they are until it answers",
+            "the broker answers again after {seconds} s; following on",
+            say_after=SAY_UNREACHABLE_AFTER_SECONDS,
+        )
+        self._unassigned = _Lasting(
+            "no partition assigned to this member for {seconds} s: the group has more "
+            "members than the topic has partitions, or waits for members that left without "
+            "a word; the dev broker (Tansu) assigns nothing again to a group whose members "
+            "all left at the same moment: restart it (README, Kafka)",
+            "partitions assigned after {seconds} s",
+            say_after=UNASSIGNED_SAY_AFTER_SECONDS,
+            say_again_every=600.0,
+        )
 
     @property
     def dead_letters(self) -> int:
@@ -583,7 +599,8 @@ class _GroupMember:
             self.consumer.pause(*(held - paused))
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         if not polled:
-            self._connection.check()
+            self._disconnected.observe(_disconnected(self.consumer))
+        self._unassigned.observe(not self.consumer.assignment())
         self._read_again_where_lost()
         return [decode_polled(polled, self._dead_letters)] if polled else []
 

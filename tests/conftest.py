@@ -286,6 +286,10 @@ class FollowingMember:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop it as Ctrl-C does (again: nothing more), and raise what ended it early."""
         self._stop.set()
         self._thread.join(timeout=60)
         assert not self._thread.is_alive(), "the member did not stop"
