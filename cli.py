@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -162,6 +163,21 @@ def _fail(message: str, code: int = EXIT_UNAVAILABLE) -> NoReturn:
 
 def _say_error(message: str) -> None:
     err.print(Text.assemble(("error:", "red"), " ", message))
+
+
+def _wait_for_the_ledger(poll_seconds: float = 1.0) -> None:
+    """A follower started before the first ingest (services started together) waits for
+    the ledger to be made, saying so once, instead of failing: a one-shot command
+    refuses a data dir with no ledger (`_ledger`)."""
+    settings = State.settings
+    if settings.event_store is not None or settings.data_dir.is_dir():
+        return
+    err.print(
+        f"no ledger in {settings.data_dir} yet (--data-dir, LEDGER_DATA_DIR): waiting for "
+        "the first `ledger ingest` to make it"
+    )
+    while not settings.data_dir.is_dir():
+        time.sleep(poll_seconds)
 
 
 def _parse_as_of(value: str | None) -> datetime | None:
@@ -611,10 +627,14 @@ def relay(
     """Publish every stored event, in order, to the events topic (CloudEvents on Kafka)."""
     if from_position is not None and not republish:
         _fail("--from goes with --republish (the relay otherwise continues where it stands)", 2)
-    settings, ledger, state_path = _kafka(), _ledger(create=False), State.settings.relay_state_path
-    acknowledged = [0]  # records the broker acknowledged in this run
     if follow:
         _log_progress()
+        try:
+            _wait_for_the_ledger()
+        except Interrupted:
+            return  # Ctrl-C is how a follower stops
+    settings, ledger, state_path = _kafka(), _ledger(create=False), State.settings.relay_state_path
+    acknowledged = [0]  # records the broker acknowledged in this run
     with _reaching(settings):
         try:
             with _progress() as progress:

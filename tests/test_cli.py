@@ -1074,6 +1074,40 @@ def test_sigterm_stops_a_follower_as_ctrl_c_does(tmp_path: Path) -> None:
     assert "Traceback" not in err.decode()
 
 
+def test_a_relay_started_before_the_first_ingest_waits_for_the_ledger(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """Services started together: `relay --follow` before the first ingest exited 3 ("no
+    ledger"), to be restarted by its manager; it now says it waits, and publishes what
+    the first ingest records. A one-shot relay still refuses (a mistyped data dir)."""
+    data, kafka = tmp_path / "d", kafka_env(kafka_settings)
+    assert run("relay", data_dir=data, cwd=tmp_path, env=kafka).code == 3
+    events = generate_history(customers=3)
+    (tmp_path / "h.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events))
+    command, environment = ledger_command(("relay", "--follow"), data, kafka)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(2)  # started, waiting
+        assert process.poll() is None, process.communicate()
+        assert run("ingest", "h.jsonl", data_dir=data, cwd=tmp_path, env=kafka).code == 0
+        position = data / "relay-position.json"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            position.exists() and orjson.loads(position.read_bytes())["published"] == len(events)
+        ):
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "waiting for the first `ledger ingest`" in " ".join(err.decode().split())
+    assert orjson.loads(position.read_bytes())["published"] == len(events)
+
+
 def test_an_encrypted_store_read_with_another_key_is_refused_in_one_line(tmp_path: Path) -> None:
     from eventsourcing.cryptography import AESCipher
 
