@@ -598,8 +598,7 @@ class _GroupMember:
             self.consumer.resume(*(paused - held))
             self.consumer.pause(*(held - paused))
         polled = self.consumer.poll(timeout_ms=timeout_ms)
-        if not polled:
-            self._disconnected.observe(_disconnected(self.consumer))
+        self._disconnected.observe(not polled and _disconnected(self.consumer))
         self._unassigned.observe(not self.consumer.assignment())
         self._read_again_where_lost()
         return [decode_polled(polled, self._dead_letters)] if polled else []
