@@ -9,23 +9,19 @@ sent and not marked (under the same ids), never skips.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from kafka import KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import TopicPartition
 
 from consumers import cloudevents
-from consumers.kafka import Backoff, KafkaSettings, partition_of, producer, watched
+from consumers.kafka import KafkaSettings, ReliableSender, partition_of
 from projections import derived
 from projections.projector import Projector
-
-log = logging.getLogger(__name__)
 
 
 def publishes_derived(settings: KafkaSettings, group: str) -> bool:
@@ -84,15 +80,27 @@ class DerivedPublisher:
     acknowledgement and its marking re-sends those events (same event ids) on restart:
     nothing is skipped.
 
-    With `retry` (a follower), a send the broker fails (unreachable, or restarted: its
-    idempotent producer's sequence numbers are unknown there) is tried again with a new
-    producer, with backoff, until it succeeds or the run ends (`finishing`); otherwise the
-    failure ends the run.
+    With `retry` (a follower), what the broker did not acknowledge (unreachable, or
+    restarted: its idempotent producer's sequence numbers are unknown there) is sent
+    again with a new producer, with backoff (`ReliableSender`), until it is acknowledged
+    or the run ends (`finishing`, `should_stop`); otherwise the failure ends the run.
     """
 
-    def __init__(self, settings: KafkaSettings, *, retry: bool = False) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        retry: bool = False,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.settings = settings
-        self._retry = retry
+        self._sender = ReliableSender(
+            settings,
+            settings.derived_topic,
+            "derived events",
+            retry=retry,
+            should_stop=lambda: self._closing or self._finishing or should_stop(),
+        )
         self._changed = threading.Condition()
         self._to_send: deque[list[dict[str, Any]]] = deque()
         self._sending = False
@@ -102,7 +110,6 @@ class DerivedPublisher:
         self._finishing = False  # retries end: what fails now goes out with the next run
         self._abandoned = False  # a send failed while finishing: the rest is not tried
         self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
-        self._producer: KafkaProducer | None = None
         self._thread: threading.Thread | None = None
         self._owned: tuple[frozenset[int], int] | None = None  # None: every customer
         self._newly_owned = False
@@ -180,8 +187,7 @@ class DerivedPublisher:
             self._changed.notify_all()
         if self._thread is not None:
             self._thread.join()
-        if self._producer is not None:
-            self._producer.close()
+        self._sender.close()
 
     # --- on the sending thread
 
@@ -208,53 +214,18 @@ class DerivedPublisher:
                 self._changed.notify_all()
 
     def _send(self, facts: list[dict[str, Any]]) -> list[str]:
-        """The ids the broker acknowledged (none when the run ended while retrying: they
-        go out with the next run, under the same ids)."""
-        backoff = Backoff(lambda: self._closing or self._finishing)
-        while not self._abandoned:
-            try:
-                if self._producer is None:
-                    self._producer = producer(self.settings, **watched())
-                sent = send_derived(self._producer, self.settings, facts)
-                if backoff.seconds > backoff.first:  # tried before
-                    log.warning("the broker acknowledged the derived events sent again")
-                return sent
-            except KafkaError as error:
-                if not self._retry:
-                    raise
-                if self._producer is not None:
-                    self._producer.close(timeout=1)
-                    self._producer = None
-                if self._closing or self._finishing:
-                    log.warning(
-                        "derived events not acknowledged by the broker at %s (%s): they go "
-                        "out with the next run", self.settings.bootstrap, error,
-                    )  # fmt: skip
-                    self._abandoned = True
-                    break
-                log.warning(
-                    "derived events not acknowledged by the broker at %s (%s); sending "
-                    "%s again in %.1fs with a new producer",
-                    self.settings.bootstrap, error, f"{len(facts):,}", backoff.seconds,
-                )  # fmt: skip
-                backoff.wait()
-        return []
+        """The ids the broker acknowledged (not all when the run ended while retrying: the
+        rest go out with the next run, under the same ids, and this run sends no more)."""
+        if self._abandoned:
+            return []
+        records = [derived_record(fact) for fact in facts]
+        acknowledged = [facts[i]["event_id"] for i in self._sender.send(records)]
+        if len(acknowledged) < len(facts):
+            self._abandoned = True
+        return acknowledged
 
 
-def send_derived(
-    kafka_producer: KafkaProducer, settings: KafkaSettings, facts: list[dict[str, Any]]
-) -> list[str]:
-    """Send derived events (their recorded shape) and wait until the broker acknowledged
-    every one; returns their ids."""
-    futures = []
-    for fact in facts:
-        record = cloudevents.encode(fact, orjson.dumps(fact), None)
-        futures.append(
-            kafka_producer.send(
-                settings.derived_topic, key=record.key, value=record.value, headers=record.headers
-            )
-        )
-    kafka_producer.flush()
-    for future in futures:
-        future.get(timeout=0)
-    return [fact["event_id"] for fact in facts]
+def derived_record(fact: dict[str, Any]) -> dict[str, Any]:
+    """A derived event (its recorded shape) as a record of the derived topic."""
+    record = cloudevents.encode(fact, orjson.dumps(fact), None)
+    return {"key": record.key, "value": record.value, "headers": record.headers}

@@ -13,6 +13,7 @@ LEDGER_KAFKA_SSL_CERTFILE, LEDGER_KAFKA_SSL_KEYFILE.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -26,9 +27,17 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumberError,
+    TopicAlreadyExistsError,
+)
 from kafka.net.sasl import SASL_MECHANISMS
 from kafka.partitioner.default import murmur2
+
+log = logging.getLogger(__name__)
 
 SAY_UNREACHABLE_AFTER_SECONDS = 5.0
 """How long a command someone (or a cron job) waits for an unreachable broker before
@@ -174,6 +183,89 @@ class Backoff:
 
     def reset(self) -> None:
         self.seconds = self.first
+
+
+def worth_retrying(error: KafkaError) -> bool:
+    """Whether sending again, with a new producer, can succeed: the broker's retriable
+    errors, an unreachable broker, and a restarted one that no longer knows the
+    idempotent producer's sequence numbers; not a refusal that stays (authorisation, a
+    record too large)."""
+    return bool(getattr(error, "retriable", False)) or isinstance(
+        error, OutOfOrderSequenceNumberError
+    )
+
+
+class ReliableSender:
+    """Sends records to `topic` and waits for the broker's acknowledgement. With `retry`
+    (a follower), what was not acknowledged is sent again with a new producer, with
+    backoff, while the error is worth retrying and `should_stop` does not say stop; a
+    failure not retried is raised. `what` names the records in what it says."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        what: str,
+        *,
+        retry: bool = False,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.settings, self.topic, self.what = settings, topic, what
+        self._retry, self._should_stop = retry, should_stop
+        self._producer: KafkaProducer | None = None
+
+    def send(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The indexes of the records the broker acknowledged: all of them, unless it was
+        asked to stop while retrying. Nothing acknowledged is sent again."""
+        pending = list(range(len(records)))
+        acknowledged: list[int] = []
+        backoff = Backoff(self._should_stop)
+        while pending:
+            futures: list[tuple[int, Any]] = []
+            error: KafkaError | None = None
+            try:
+                if self._producer is None:
+                    self._producer = producer(self.settings, **watched())
+                for index in pending:
+                    futures.append((index, self._producer.send(self.topic, **records[index])))
+                self._producer.flush()
+            except KafkaError as raised:
+                error = raised
+            left = pending[len(futures) :]  # never handed to the producer
+            for index, future in futures:
+                if future.is_done and future.succeeded():
+                    acknowledged.append(index)
+                else:
+                    left.append(index)
+                    error = error or future.exception
+            pending = sorted(left)
+            if not pending:
+                continue  # all acknowledged: the loop ends (its `else` says so after retries)
+            error = error or KafkaTimeoutError(f"{self.what} not acknowledged")
+            if not self._retry or not worth_retrying(error):
+                raise error
+            self.close(timeout=1)
+            if self._should_stop():
+                log.warning(
+                    "%s not acknowledged by the broker at %s (%s); stopping: the next run "
+                    "sends them", self.what, self.settings.bootstrap, error,
+                )  # fmt: skip
+                break
+            log.warning(
+                "%s not acknowledged by the broker at %s (%s); sending %s again in %.1fs "
+                "with a new producer",
+                self.what, self.settings.bootstrap, error, f"{len(pending):,}", backoff.seconds,
+            )  # fmt: skip
+            backoff.wait()
+        else:
+            if backoff.seconds > backoff.first:  # tried again, and it took them
+                log.warning("the broker acknowledged the %s sent again", self.what)
+        return acknowledged
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=timeout)
+            self._producer = None
 
 
 def watched() -> dict[str, Any]:

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -30,11 +30,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 
 from consumers import cloudevents
-from consumers.kafka import Backoff, KafkaSettings, consumer, high_watermarks, producer, watched
+from consumers.kafka import KafkaSettings, ReliableSender, consumer, high_watermarks, watched
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +151,18 @@ class DeadLetters:
         sent_below: Mapping[str, int] | None = None,
         *,
         retry: bool = False,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.sent_below = dict(sent_below or {})
         self.count = 0
-        self._retry = retry
-        self._producer: KafkaProducer | None = None
-        self._pending: list[tuple[dict[str, Any], Any]] = []  # (what was sent, its future)
-
-    def producer(self) -> KafkaProducer:
-        if self._producer is None:
-            self._producer = producer(self.settings, **watched())
-        return self._producer
+        self._sender = ReliableSender(
+            settings, settings.dlq_topic, "dead letters", retry=retry, should_stop=should_stop
+        )
+        self._pending: list[dict[str, Any]] = []
 
     def send(self, record: Any, error: Exception) -> None:
+        """Keep a dead letter for the next `flush`."""
         self.count += 1
         origin = stream(TopicPartition(record.topic, record.partition))
         if record.offset < self.sent_below.get(origin, 0):
@@ -180,45 +178,21 @@ class DeadLetters:
             ("dlq_error_class", type(error).__name__.encode()),
             ("dlq_error_message", str(error)[:2000].encode()),
         ]
-        letter = {"key": record.key, "value": record.value, "headers": headers}
-        self._pending.append((letter, self._send(letter)))
-
-    def _send(self, letter: dict[str, Any]) -> Any:
-        return self.producer().send(self.settings.dlq_topic, **letter)
+        self._pending.append({"key": record.key, "value": record.value, "headers": headers})
 
     def flush(self) -> None:
-        """Wait until the broker has every dead letter; raises if one was not delivered
-        (a follower sends them again until the broker takes them)."""
-        backoff = Backoff()
-        while self._pending:
-            try:
-                if any(future is None for _, future in self._pending):
-                    self._pending = [(letter, self._send(letter)) for letter, _ in self._pending]
-                self.producer().flush()
-                for _, future in self._pending:
-                    future.get(timeout=0)
-            except KafkaError as error:
-                if not self._retry:
-                    self._pending = []
-                    raise
-                if self._producer is not None:
-                    self._producer.close(timeout=1)
-                    self._producer = None
-                log.warning(
-                    "dead letters not acknowledged by the broker at %s (%s); sending %s "
-                    "again in %.1fs with a new producer",
-                    self.settings.bootstrap, error, f"{len(self._pending):,}", backoff.seconds,
-                )  # fmt: skip
-                self._pending = [(letter, None) for letter, _ in self._pending]
-                backoff.wait()
-                continue
-            self._pending = []
-            if backoff.seconds > backoff.first:
-                log.warning("the broker acknowledged the dead letters sent again")
+        """Send the dead letters kept and wait until the broker has every one; raises if
+        one was not delivered (a follower sends them again until the broker takes them,
+        and raises when stopped meanwhile: the records behind them are not committed)."""
+        pending, self._pending = self._pending, []
+        if len(self._sender.send(pending)) < len(pending):
+            raise KafkaTimeoutError(
+                "dead letters not acknowledged before the stop; the records behind them "
+                "are read again by the next run"
+            )
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close()
+        self._sender.close()
 
 
 def list_dead_letters(settings: KafkaSettings, limit: int = 100) -> list[dict[str, Any]]:

@@ -625,8 +625,9 @@ class _GroupMember:
                 handed[stream(tp)] = 0  # behind until read again
 
     def shared(self) -> bool:
-        topic_partitions = self.consumer.partitions_for_topic(self._listener.topic) or set()
-        return len(self.consumer.assignment()) < len(topic_partitions)
+        """Unknown partitions (metadata missing for a moment) count as shared."""
+        topic_partitions = self.consumer.partitions_for_topic(self._listener.topic)
+        return not topic_partitions or len(self.consumer.assignment()) < len(topic_partitions)
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         """The assigned partitions where the broker had more when it last answered a fetch
@@ -681,7 +682,11 @@ def consume(
     report = ConsumeReport(publishing=publishes_derived(settings, group))
     if report.publishing and not realert and not projections_path.exists():
         _refuse_to_realert(projections_path, settings)
-    publisher = DerivedPublisher(settings, retry=follow) if report.publishing else None
+    publisher = (
+        DerivedPublisher(settings, retry=follow, should_stop=should_stop)
+        if report.publishing
+        else None
+    )
     decoders = None if follow else decoders or decoder_count(settings)
     poll_records = min(max_records, POLL_RECORDS)
     writer = (
@@ -712,7 +717,10 @@ def consume(
                 kafka_consumer, projector, source, handed, latest, publisher, settings.topic
             )
             feed = _GroupMember(
-                kafka_consumer, DeadLetters(settings, retry=True), projector, listener
+                kafka_consumer,
+                DeadLetters(settings, retry=True, should_stop=should_stop),
+                projector,
+                listener,
             )
             if publisher is not None:
                 publisher.own((), 0)  # nobody's derived events until partitions are assigned

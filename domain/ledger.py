@@ -12,7 +12,7 @@ import hashlib
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -323,8 +323,9 @@ class Ledger(Application[UUID]):
             try:
                 yield held
             finally:
-                if held:
-                    connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+                if held:  # best effort: a lost session has released it already
+                    with suppress(Exception):
+                        connection.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
 
     def head(self) -> int:
         """The position of the newest event in the store (0 when empty)."""

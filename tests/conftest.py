@@ -247,13 +247,15 @@ class FollowingMember:
     process. The file is its own while it runs, so progress is counted from its batches:
     `new_events`, the events they added."""
 
-    def __init__(self, path: Path, settings: KafkaSettings, group: str) -> None:
+    def __init__(
+        self, path: Path, settings: KafkaSettings, group: str, name: str = "member"
+    ) -> None:
         self.new_events = 0
         self.reports: list[kafka_projection.ConsumeReport] = []
         self._stop = threading.Event()
         self._failure: list[BaseException] = []
         self._thread = threading.Thread(
-            target=self._follow, args=(path, settings, group), name="member", daemon=True
+            target=self._follow, args=(path, settings, group), name=name, daemon=True
         )
 
     def _follow(self, path: Path, settings: KafkaSettings, group: str) -> None:

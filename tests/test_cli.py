@@ -1085,12 +1085,16 @@ def test_a_relay_started_before_the_first_ingest_waits_for_the_ledger(
     events = generate_history(customers=3)
     (tmp_path / "h.jsonl").write_text("\n".join(orjson.dumps(e).decode() for e in events))
     command, environment = ledger_command(("relay", "--follow"), data, kafka)
-    process = subprocess.Popen(
-        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    said = tmp_path / "relay.err"
+    with said.open("wb") as stderr:
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
-        time.sleep(2)  # started, waiting
-        assert process.poll() is None, process.communicate()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and b"waiting" not in said.read_bytes():
+            assert process.poll() is None, said.read_text()
+            time.sleep(0.1)
         assert run("ingest", "h.jsonl", data_dir=data, cwd=tmp_path, env=kafka).code == 0
         position = data / "relay-position.json"
         deadline = time.monotonic() + 60
@@ -1099,12 +1103,13 @@ def test_a_relay_started_before_the_first_ingest_waits_for_the_ledger(
         ):
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, err.decode()[-2000:]
-    assert "waiting for the first `ledger ingest`" in " ".join(err.decode().split())
+    err = said.read_text()
+    assert process.returncode == 0, err[-2000:]
+    assert "waiting for the first `ledger ingest`" in " ".join(err.split())
     assert orjson.loads(position.read_bytes())["published"] == len(events)
 
 

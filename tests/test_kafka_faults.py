@@ -491,12 +491,13 @@ def test_a_following_member_sends_dead_letters_again_after_a_broker_restart(
             broker.restart_empty()
             ensure_topics(kafka)
             poison(b"{second")  # offset 0: where the member stood before the restart
-            poison(b"{third")  # offset 1: the member reads it
+            poison(b"{third")  # offset 1: the member reads it (both, if it read again)
             wait_for(  # has_projected(0) raises what ended the member
-                lambda: member.has_projected(0) and dead_letters() == ["{third"],
+                lambda: member.has_projected(0) and "{third" in dead_letters(),
                 90,
                 "no dead letter after the restart",
             )
+            assert set(dead_letters()) <= {"{second", "{third"}
     finally:
         broker.stop()
 
@@ -516,7 +517,7 @@ def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
     kafka = KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", topic=tp.topic)
     publisher = DerivedPublisher(kafka, retry=True)
     settled: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="consumers.derived_publishing"):
+    with caplog.at_level(logging.WARNING, logger="consumers"):
         publisher.publish(projector, None)
         wait_for(lambda: "again in" in caplog.text, 60, "the publisher did not retry")
         publisher.finishing()
@@ -528,7 +529,7 @@ def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
     assert settled == [0]
     derived_events, published = derived.publication(projector.con)
     assert derived_events > 0 and published == 0
-    assert "they go out with the next run" in caplog.text
+    assert "stopping: the next run sends them" in caplog.text
 
 
 def test_a_consumer_that_cannot_reach_the_broker_leaves_no_thread_running() -> None:

@@ -9,7 +9,6 @@ every test has its own topics (the `kafka_settings` fixture) and its own consume
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import subprocess
@@ -45,7 +44,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
 from consumers.derived_publishing import NOTHING_YET, DerivedPublisher, publish_until
-from consumers.kafka import KafkaSettings, ensure_topics, high_watermarks, partition_of
+from consumers.kafka import KafkaSettings, high_watermarks, partition_of
 from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, stream
 from consumers.status import partition_lag
 from domain.demo_history import generate_history
@@ -972,34 +971,30 @@ def test_a_following_member_reads_again_a_partition_that_lost_data(
     assert sum(checkpoints(path, group).values()) == fact_count(ledger), "offsets read again"
 
 
-def test_a_member_left_without_partitions_says_so(
-    settings: Settings,
-    kafka_settings: KafkaSettings,
-    tmp_path: Path,
+def test_a_lasting_state_of_a_member_is_said_once_due_again_later_and_when_over(
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A member the group gives no partition logs nothing else, just like an idle one:
-    after a while it says so (more members than partitions here; a dev broker whose
-    group all left at once, in the wild), and again when it gets partitions."""
-    monkeypatch.setattr(kafka_projection, "UNASSIGNED_SAY_AFTER_SECONDS", 2.0)
-    one = dataclasses.replace(kafka_settings, topic=f"{kafka_settings.topic}-one", partitions=1)
-    ensure_topics(one)
+    """How a member reports no connection, or no partitions (a dev broker whose group all
+    left at once assigns nothing again): said once it has lasted, again after a while,
+    and when it ends; nothing when it ended before it was said."""
+    lasting = kafka_projection._Lasting(
+        "waiting {seconds} s", "over after {seconds} s", say_after=0.2, say_again_every=0.6
+    )
 
-    def said(text: str) -> bool:
-        return any(r.getMessage().startswith(text) for r in caplog.records)
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records]
 
-    with (
-        caplog.at_level(logging.INFO, logger="consumers"),
-        FollowingMember(settings.projections_path, one, one.group) as first,
-    ):
-        wait_until(lambda: said("assigned"), 60, "the first member got no partition")
-        with FollowingMember(tmp_path / "second.duckdb", one, one.group):
-            wait_until(lambda: said("no partition assigned"), 60,
-                       "the member without partitions said nothing")  # fmt: skip
-            first.stop()  # it leaves: the other gets the partition
-            wait_until(lambda: said("partitions assigned after"), 60,
-                       "the member did not say it got partitions")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="consumers"):
+        lasting.observe(True)
+        lasting.observe(False)  # over before it was due: nothing said
+        assert said() == []
+        deadline = time.monotonic() + 1.1
+        while time.monotonic() < deadline:
+            lasting.observe(True)
+            time.sleep(0.02)
+        assert [m.split()[0] for m in said()] == ["waiting", "waiting"]  # at 0.2 s, 0.8 s
+        lasting.observe(False)
+        assert len(said()) == 3 and said()[-1].startswith("over after ")
 
 
 MEMBER = """
