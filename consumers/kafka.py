@@ -172,8 +172,13 @@ class Backoff:
         most: float = 30.0,
     ) -> None:
         self._should_stop = should_stop
-        self.first, self._most = first, most
+        self._first, self._most = first, most
         self.seconds = first  # the next wait
+
+    @property
+    def waited(self) -> bool:
+        """Whether it waited since it was made or `reset` (after a success)."""
+        return self.seconds > self._first
 
     def wait(self) -> None:
         until = time.monotonic() + self.seconds
@@ -182,7 +187,7 @@ class Backoff:
         self.seconds = min(self.seconds * 2, self._most)
 
     def reset(self) -> None:
-        self.seconds = self.first
+        self.seconds = self._first
 
 
 def worth_retrying(error: KafkaError) -> bool:
@@ -220,7 +225,7 @@ class ReliableSender:
         pending = list(range(len(records)))
         acknowledged: list[int] = []
         backoff = Backoff(self._should_stop)
-        while pending:
+        while pending:  # none: no producer is made
             futures: list[tuple[int, Any]] = []
             error: KafkaError | None = None
             try:
@@ -240,7 +245,9 @@ class ReliableSender:
                     error = error or future.exception
             pending = sorted(left)
             if not pending:
-                continue  # all acknowledged: the loop ends (its `else` says so after retries)
+                if backoff.waited:
+                    log.warning("the broker acknowledged the %s sent again", self.what)
+                break
             error = error or KafkaTimeoutError(f"{self.what} not acknowledged")
             if not self._retry or not worth_retrying(error):
                 raise error
@@ -257,9 +264,6 @@ class ReliableSender:
                 self.what, self.settings.bootstrap, error, f"{len(pending):,}", backoff.seconds,
             )  # fmt: skip
             backoff.wait()
-        else:
-            if backoff.seconds > backoff.first:  # tried again, and it took them
-                log.warning("the broker acknowledged the %s sent again", self.what)
         return acknowledged
 
     def close(self, timeout: float | None = None) -> None:

@@ -284,7 +284,6 @@ def run(
         backoff = Backoff(should_stop, most=max_backoff_seconds)
         kafka_producer: KafkaProducer | None = None
         checked_at: float | None = None  # a broker can restart empty between two batches
-        outage = False  # said that the broker is unavailable, and not yet that it is back
         if follow:
             log.info(
                 "publishing to %s on %s from store position %s",
@@ -315,11 +314,10 @@ def run(
                     },
                 )
                 state.save(state_path)
-                backoff.reset()
-                if outage:
+                if backoff.waited:  # it said the broker was unavailable
                     log.warning("the broker acknowledges again; at store position %s",
                                 f"{state.position:,}")  # fmt: skip
-                    outage = False
+                backoff.reset()
                 if on_batch:
                     on_batch(state, len(documents), ledger.head())
             except KafkaError as error:
@@ -333,7 +331,6 @@ def run(
                     error, backoff.seconds, f"{state.position:,}",
                 )  # fmt: skip
                 checked_at = None  # the broker may come back empty: look again
-                outage = True
                 backoff.wait()
         if kafka_producer is not None:
             kafka_producer.close()
