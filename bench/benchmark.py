@@ -432,7 +432,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    failed = failed_phases(all_results)
+    if failed:
+        print(f"failed phases (their figures are missing): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def failed_phases(all_results: dict[int, dict[str, Any]]) -> list[str]:
+    """The phases that ended in an error, as "size:phase" (a failed phase becomes a result
+    and the run goes on, so the other figures are still measured)."""
+    return [
+        f"{size}:{name}"
+        for size, results in all_results.items()
+        for name, result in results.items()
+        if isinstance(result, dict) and "error" in result
+    ]
 
 
 NOTES = {

@@ -290,6 +290,9 @@ def kafka_projection(p: Params) -> Result:
         Path(p["projections"]),
         settings,
         group=p["group"],
+        # every attempt (and the profile's rerun) starts a new file on the same topic, so
+        # each publishes the history's derived events again, as the first one did
+        realert=True,
         on_batch=lambda _result, _report: marks.__setitem__("last_batch", time.perf_counter()),
     )
     finished = time.perf_counter()
