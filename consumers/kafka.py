@@ -28,11 +28,14 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import (
+    DuplicateSequenceNumberError,
+    InvalidProducerEpochError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     OutOfOrderSequenceNumberError,
     TopicAlreadyExistsError,
+    UnknownProducerIdError,
 )
 from kafka.net.sasl import SASL_MECHANISMS
 from kafka.partitioner.default import murmur2
@@ -190,14 +193,22 @@ class Backoff:
         self.seconds = self._first
 
 
+PRODUCER_STATE_ERRORS = (
+    OutOfOrderSequenceNumberError,
+    UnknownProducerIdError,
+    InvalidProducerEpochError,
+    DuplicateSequenceNumberError,
+)
+"""What a broker that restarted (or lost its producer state) answers an idempotent
+producer it no longer knows: a new producer gets a new id and starts its sequence again."""
+
+
 def worth_retrying(error: KafkaError) -> bool:
     """Whether sending again, with a new producer, can succeed: the broker's retriable
     errors, an unreachable broker, and a restarted one that no longer knows the
-    idempotent producer's sequence numbers; not a refusal that stays (authorisation, a
-    record too large)."""
-    return bool(getattr(error, "retriable", False)) or isinstance(
-        error, OutOfOrderSequenceNumberError
-    )
+    idempotent producer (`PRODUCER_STATE_ERRORS`); not a refusal that stays
+    (authorisation, a record too large)."""
+    return bool(getattr(error, "retriable", False)) or isinstance(error, PRODUCER_STATE_ERRORS)
 
 
 class ReliableSender:

@@ -36,6 +36,7 @@ from consumers.kafka import (
     high_watermarks,
     producer,
     watched,
+    worth_retrying,
 )
 from domain.events import without_personal_data
 from domain.ledger import Ledger
@@ -273,7 +274,9 @@ def run(
 
     Following, it outlasts an unreachable broker: it retries with exponential backoff
     (from the last acknowledged position) and catches up when the broker returns. A
-    one-shot run raises the broker's error instead (run it again later).
+    one-shot run raises the broker's error instead (run it again later), and so does a
+    follower for a refusal that stays (`worth_retrying`: authorisation, a record too
+    large), rather than retrying it for ever.
     """
     with sole_relay(state_path, ledger, settings.topic):
         if republish_from_position is None:
@@ -324,7 +327,7 @@ def run(
                 if kafka_producer is not None:
                     kafka_producer.close(timeout=1)
                     kafka_producer = None
-                if not follow:
+                if not follow or not worth_retrying(error):
                     raise
                 log.warning(
                     "broker unavailable (%s); retrying in %.1fs from store position %s",

@@ -47,7 +47,14 @@ from conftest import (
 )
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumberError,
+    TopicAuthorizationFailedError,
+    UnknownProducerIdError,
+)
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay
@@ -58,11 +65,13 @@ from consumers.kafka import (
     DevBroker,
     KafkaSettings,
     PartitionsDiffer,
+    ReliableSender,
     TopicMissing,
     consumer,
     ensure_topics,
     free_port,
     short_retention,
+    worth_retrying,
 )
 from consumers.kafka_decoding import Decoded, DecoderFailed, Decoders, list_dead_letters, stream
 from domain.demo_history import generate_history
@@ -530,6 +539,36 @@ def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
     derived_events, published = derived.publication(projector.con)
     assert derived_events > 0 and published == 0
     assert "stopping: the next run sends them" in caplog.text
+
+
+def test_an_outage_is_worth_retrying_and_a_refusal_that_stays_is_not() -> None:
+    """The rule the relay and the followers' senders share before they send again."""
+    assert worth_retrying(KafkaTimeoutError("unable to bootstrap"))
+    assert worth_retrying(KafkaConnectionError("connection reset"))
+    assert worth_retrying(OutOfOrderSequenceNumberError())  # a broker that restarted
+    assert worth_retrying(UnknownProducerIdError())
+    assert not worth_retrying(MessageSizeTooLargeError("2,000,000 bytes"))
+    assert not worth_retrying(TopicAuthorizationFailedError())
+
+
+def test_a_follower_does_not_retry_a_refusal_that_stays(kafka_settings: KafkaSettings) -> None:
+    """A record the producer refuses (too large) is raised at once, even by a sender that
+    retries an outage for ever, so a follower does not hold its group's file retrying."""
+    sender = ReliableSender(kafka_settings, kafka_settings.dlq_topic, "dead letters", retry=True)
+    outcome: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sender.send([{"key": b"c-1", "value": b"x" * 2_000_000}])
+        except MessageSizeTooLargeError as error:
+            outcome.append(error)
+
+    sending = threading.Thread(target=send, daemon=True)
+    sending.start()
+    sending.join(timeout=60)
+    sender.close()
+    assert not sending.is_alive(), "the sender retried a refusal that stays"
+    assert len(outcome) == 1
 
 
 def test_a_consumer_that_cannot_reach_the_broker_leaves_no_thread_running() -> None:
