@@ -50,7 +50,7 @@ from consumers import kafka as kafka_tools
 from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.derived_publishing import publishes_derived
-from consumers.kafka import KafkaSettings, TopicMissing
+from consumers.kafka import KafkaSettings, TopicMissing, worth_retrying
 from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
 from domain.events import EVENT_MODELS, contract_schema, contract_types, type_schema
@@ -584,13 +584,20 @@ UNREACHABLE = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, Broke
 @contextmanager
 def _reaching(settings: KafkaSettings) -> Iterator[None]:
     """A Kafka command's block: a broker error ends it with one line and exit status 3,
-    saying whether the broker could not be reached or answered with an error (after a
-    restart, say: an idempotent producer's sequence is then unknown to it)."""
+    saying whether the broker could not be reached, answered with an error that may pass
+    (after a restart, say: an idempotent producer's sequence is then unknown to it), or
+    refused what running again would not change."""
     try:
         yield
     except UNREACHABLE as error:
         _fail(f"cannot reach the broker at {settings.bootstrap}: {error}")
     except KafkaError as error:
+        if not worth_retrying(error):
+            _fail(
+                f"the broker at {settings.bootstrap} refused: {error}. Running the command "
+                "again will not help until that is fixed (the client's rights on the topic, "
+                "or a record larger than the broker or client accepts)"
+            )
         _fail(
             f"the broker at {settings.bootstrap} answered with an error: {error} (restarted? "
             "run the same command again: it carries on from what was stored and adds "

@@ -29,7 +29,11 @@ import pytest
 import typer
 from conftest import children_of, running
 from kafka import KafkaProducer
-from kafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumberError
+from kafka.errors import (
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumberError,
+    TopicAuthorizationFailedError,
+)
 
 import cli
 from bootstrap import Settings, open_ledger
@@ -852,6 +856,7 @@ def test_a_broker_that_answers_with_an_error_is_not_called_unreachable(
     for error, said in [
         (OutOfOrderSequenceNumberError("sequence"), "answered with an error"),
         (KafkaTimeoutError("no broker"), "cannot reach the broker"),
+        (TopicAuthorizationFailedError("topic"), "again will not help until that is fixed"),
     ]:
         with pytest.raises(typer.Exit) as ended, cli._reaching(settings):
             raise error
