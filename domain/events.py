@@ -557,7 +557,28 @@ class SlaBreached(_Derived):
     data: SlaClock
 
 
-DERIVED_MODELS: tuple[type[BaseModel], ...] = (LoyaltyStageChanged, SlaWarning, SlaBreached)
+class ResponseWait(_Data):
+    channel: Channel = Field(description="the channel of the contact that started the wait")
+    waiting_since: AwareDatetime = Field(description="business time of that contact")
+    contact_event_id: str = Field(description="the event id of that contact")
+    alarm_after_hours: int = Field(ge=1, description="the alarm time of its channel")
+
+
+class ResponseOverdue(_Derived):
+    """A customer's inbound contact (an email, by default) concerning no complaint is still
+    unanswered `alarm_after_hours` after it: no outbound contact to them since. Sent once
+    per wait, at its alarm time; later inbound contacts before an answer join the wait."""
+
+    type: Literal["ResponseOverdue"]
+    data: ResponseWait
+
+
+DERIVED_MODELS: tuple[type[BaseModel], ...] = (
+    LoyaltyStageChanged,
+    SlaWarning,
+    SlaBreached,
+    ResponseOverdue,
+)
 
 
 IncomingEvent = Annotated[

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from domain.events import Priority
+from domain.events import Channel, Priority
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,21 @@ class SlaPolicy:
 
     targets: dict[Priority, SlaTarget] = field(default_factory=_default_targets)
     warning_fraction: Decimal = Decimal("0.75")
+
+
+@dataclass(frozen=True)
+class ResponsePolicy:
+    """The response alarm (founding documents: customers expect an email answer within a
+    day, and staff are alerted when one is still unanswered after 12 hours).
+
+    A customer waits from an inbound contact on one of `channels` that concerns no
+    complaint (a complaint's own first-response clock covers those) until the next
+    outbound contact to them, on any channel; further inbound contacts meanwhile join the
+    same wait. The alarm is due `alarm_after_hours` into a wait still unanswered then.
+    """
+
+    alarm_after_hours: int = 12
+    channels: tuple[Channel, ...] = (Channel.EMAIL,)
 
 
 @dataclass(frozen=True)

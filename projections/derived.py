@@ -2,7 +2,9 @@
 
 - `LoyaltyStageChanged` for every stage a customer enters (from loyalty_stage_history);
 - `SlaWarning` when 75 % of a target elapsed with its clock still running;
-- `SlaBreached` when a target was missed.
+- `SlaBreached` when a target was missed;
+- `ResponseOverdue` when a customer's wait for an answer reached its alarm time
+  unanswered (`response_waits`).
 
 Each transition has one deterministic event id (the MD5 of what changed, as a UUID), and is
 stamped with the business time it happened (entered_at, warning time, due time), not
@@ -38,6 +40,8 @@ WHERE (type = 'LoyaltyStageChanged'
        AND customer_id IN (SELECT customer_id FROM ladder_walks WHERE walk = 'again'))
    OR (type IN ('SlaWarning', 'SlaBreached')
        AND customer_id IN (SELECT customer_id FROM sla_scope))
+   OR (type = 'ResponseOverdue'
+       AND customer_id IN (SELECT customer_id FROM response_scope))
 """
 
 INSERT_IN_SCOPE = """
@@ -67,9 +71,24 @@ sla_transitions AS (
     UNION ALL
     SELECT 'SlaBreached', due_at, *
     FROM clocks WHERE status = 'breached'
+),
+-- one alarm per wait, named by the contact that started it (its id holds no '|')
+response_alarms AS (
+    SELECT md5('derived|response|' || customer_id || '|' || started_by::VARCHAR)::UUID
+               AS event_id,
+           'ResponseOverdue' AS type, customer_id, alarm_at AS occurred_at,
+           json_object('channel', channel, 'waiting_since', iso(started_at),
+                       'contact_event_id', started_by::VARCHAR,
+                       'alarm_after_hours', CAST(epoch(alarm_at - started_at) // 3600 AS INTEGER))
+               AS data
+    FROM response_waits
+    WHERE customer_id IN (SELECT customer_id FROM response_scope)
+      AND status IN ('overdue', 'answered_late')
 )
 SELECT * FROM (
     SELECT * FROM stage_changes
+    UNION ALL
+    SELECT * FROM response_alarms
     UNION ALL
     -- Two free-text ids: joined with '|' they could collide ("a|b"+"c", "a"+"b|c"), so
     -- ids holding one are hashed as a JSON array instead (the ids of all others stay).
@@ -86,9 +105,36 @@ SELECT * FROM (
 """
 
 
+INTRODUCED_IN: dict[str, int] = {"ResponseOverdue": 4}
+"""The projections' schema version that first derived each type (the others: from the
+start). A rebuild that upgrades a file counts the new types' events up to the old file's
+clock as published (`count_history_as_published`): they describe the past, and nobody
+was waiting for them."""
+
+
+def count_history_as_published(
+    con: duckdb.DuckDBPyConnection, previous_version: int, until: datetime
+) -> dict[str, int]:
+    """Mark as published the derived events of types newer than `previous_version` that
+    happened by `until`; returns how many, by type."""
+    new_types = sorted(t for t, since in INTRODUCED_IN.items() if since > previous_version)
+    if not new_types:
+        return {}
+    history = """
+        SELECT event_id, type FROM derived_events
+        WHERE list_contains($types, type) AND occurred_at <= $until
+          AND event_id NOT IN (SELECT event_id FROM derived_published)
+    """
+    params = {"types": new_types, "until": until}
+    counted = con.execute(f"SELECT type, count(*) FROM ({history}) GROUP BY type", params)
+    by_type = {str(kind): int(n) for kind, n in counted.fetchall()}
+    run(con, f"INSERT INTO derived_published SELECT event_id FROM ({history})", params)
+    return by_type
+
+
 def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
-    """Derive the stages entered (`ladder_entries`) and the transitions of the complaint
-    clocks in scope (`sla_scope`)."""
+    """Derive the stages entered (`ladder_entries`), the transitions of the complaint
+    clocks in scope (`sla_scope`) and the response alarms in scope (`response_scope`)."""
     run(con, DELETE_IN_SCOPE)
     run(con, INSERT_IN_SCOPE, {"as_of": as_of})
 

@@ -6,10 +6,10 @@ projection writes and the checkpoints commit in one DuckDB transaction, so a cra
 instant leaves either the whole batch applied and acknowledged, or none of it.
 
 Per batch: bulk-append to `events`, then set-based SQL over the batch's new events and the
-state carried from earlier batches (ladder positions, complaint steps, profile totals),
-then the ABC split across all customers, then the derived events (stage changes, SLA
-warnings and breaches) those changes revealed. No step reads the whole history, so a
-batch costs the same however much came before it.
+state carried from earlier batches (ladder positions, complaint steps, contacts, profile
+totals), then the ABC split across all customers, then the derived events (stage changes,
+SLA warnings and breaches, response alarms) those changes revealed. No step reads the
+whole history, so a batch costs the same however much came before it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from domain.policy import LadderPolicy, SlaPolicy
-from projections import derived, loyalty, mirror, profiles, sla
+from domain.policy import LadderPolicy, ResponsePolicy, SlaPolicy
+from projections import derived, loyalty, mirror, profiles, responses, sla
 from projections.schema import create_schema, one, run
 
 Checkpoint = tuple[str, str]
@@ -47,10 +47,11 @@ class Projector:
         con: duckdb.DuckDBPyConnection,
         sla_policy: SlaPolicy | None = None,
         ladder: LadderPolicy | None = None,
+        response_policy: ResponsePolicy | None = None,
     ) -> None:
         self.con = con
         self.ladder = ladder or LadderPolicy()
-        create_schema(con, sla_policy, self.ladder)
+        create_schema(con, sla_policy, self.ladder, response_policy)
 
     def checkpoint(self, source: str, stream: str = "") -> int | None:
         row = one(
@@ -85,6 +86,7 @@ class Projector:
             clock = self._advance_clock(as_of)
             loyalty.refresh(con, self.ladder)
             sla.refresh(con, clock)
+            responses.refresh(con, clock)
             profiles.refresh(con)
             derived.refresh(con, clock)
             for (source, stream), position in checkpoints.items():

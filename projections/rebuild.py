@@ -8,13 +8,20 @@ unless asked) and renames it over the old file, so analysts never see a half-bui
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
+import duckdb
+
+from projections import derived
 from projections.projector import Projector
 from projections.schema import connect, one, run
+
+log = logging.getLogger(__name__)
 
 
 class RebuildBehind(RuntimeError):
@@ -68,8 +75,26 @@ def rebuilding(path: Path, *, realert: bool = False) -> Iterator[Path]:
                     "INSERT OR IGNORE INTO derived_published "
                     "SELECT event_id FROM previous.derived_published",
                 )
+                if clock and clock[0] is not None:
+                    _count_new_types_as_published(con, clock[0])
             run(con, "DETACH previous")
     finally:
         con.close()
     os.replace(staging, path)
     Path(f"{path}.wal").unlink(missing_ok=True)
+
+
+def _count_new_types_as_published(con: duckdb.DuckDBPyConnection, clock: datetime) -> None:
+    """An upgrade (a file of an older schema version) must not send the history of a
+    derived type new in this version (`derived.INTRODUCED_IN`) as if it just happened."""
+    try:
+        row = one(con, "SELECT schema_version FROM previous.projection_meta")
+    except duckdb.CatalogException:  # before projection_meta existed
+        row = (1,)
+    counted = derived.count_history_as_published(con, int(row[0]) if row else 1, clock)
+    for kind, count in counted.items():
+        log.warning(
+            "%s %s events before %s (new in this version) are counted as published, not "
+            "sent: they describe the past (`--realert` sends them)",
+            f"{count:,}", kind, clock,
+        )  # fmt: skip

@@ -33,6 +33,15 @@ SUMMARIES: dict[str, str] = {
         GROUP BY priority
         ORDER BY array_position(['urgent', 'high', 'normal', 'low'], priority)
     """,
+    "Response alarm: waits for an answer, by channel": """
+        SELECT channel, count(*) AS waits,
+               count(*) FILTER (WHERE status = 'answered') AS answered,
+               count(*) FILTER (WHERE status = 'answered_late') AS answered_late,
+               count(*) FILTER (WHERE status = 'overdue') AS overdue,
+               count(*) FILTER (WHERE status = 'waiting') AS waiting,
+               round(median(epoch(answered_at - started_at)) / 3600, 1) AS median_hours
+        FROM response_waits GROUP BY channel ORDER BY channel
+    """,
     "Top complaint categories": """
         SELECT category, count(*) AS complaints,
                count(*) FILTER (WHERE resolution_status = 'breached') AS resolution_breached,

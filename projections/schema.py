@@ -1,8 +1,8 @@
 """The DuckDB schema of the projections, and opening the file.
 
 Tables are created here once; each projection family fills its own tables. Reference
-tables (`sla_targets`, `survey_scales`, `loyalty_stages`) copy the domain's rules so SQL
-can join them and analysts can read them.
+tables (`sla_targets`, `response_alarm_channels`, `survey_scales`, `loyalty_stages`) copy
+the domain's rules so SQL can join them and analysts can read them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 
 from domain.events import SURVEY_SCALES
-from domain.policy import STAGES, LadderPolicy, SlaPolicy
+from domain.policy import STAGES, LadderPolicy, ResponsePolicy, SlaPolicy
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,24 @@ CREATE TABLE IF NOT EXISTS complaint_sla (
     PRIMARY KEY (customer_id, complaint_id)
 );
 
+-- Waits for an answer (domain.policy.ResponsePolicy): from an inbound contact on an alarm
+-- channel that concerns no complaint, to the next outbound contact to the customer.
+CREATE TABLE IF NOT EXISTS response_waits (
+    customer_id        VARCHAR NOT NULL,
+    started_at         TIMESTAMPTZ NOT NULL,      -- the wait's first inbound contact
+    started_by         UUID NOT NULL,             -- its event id
+    channel            VARCHAR NOT NULL,          -- its channel
+    contacts           BIGINT NOT NULL,           -- inbound contacts of the wait (alarm channels)
+    alarm_at           TIMESTAMPTZ NOT NULL,      -- started_at + the channel's alarm hours
+    answered_at        TIMESTAMPTZ,               -- the next outbound contact (NULL: none yet)
+    answered_by        UUID,
+    status             VARCHAR NOT NULL,          -- waiting | overdue | answered | answered_late
+    PRIMARY KEY (customer_id, started_by)
+);
+
 CREATE TABLE IF NOT EXISTS derived_events (
     event_id     UUID PRIMARY KEY,                -- stable: the MD5 of what changed
-    type         VARCHAR NOT NULL,                -- LoyaltyStageChanged | SlaWarning | SlaBreached
+    type         VARCHAR NOT NULL,                -- a type of the derived catalogue
     customer_id  VARCHAR NOT NULL,
     occurred_at  TIMESTAMPTZ NOT NULL,            -- when the transition happened
     data         JSON NOT NULL
@@ -145,6 +160,11 @@ CREATE TABLE IF NOT EXISTS sla_targets (
     first_response_hours  INTEGER NOT NULL,
     resolution_hours      INTEGER NOT NULL,
     warning_fraction      DECIMAL(4, 2) NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS response_alarm_channels (
+    channel            VARCHAR PRIMARY KEY,
+    alarm_after_hours  INTEGER NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS survey_scales (
@@ -258,19 +278,36 @@ CREATE TABLE IF NOT EXISTS internal.complaint_steps (
     root_cause    VARCHAR,
     compensation  DECIMAL(18, 4)
 );
+
+-- Contacts that start or end a wait for an answer: inbound ones that concern no
+-- complaint (any channel: the policy's channels are applied when waits are computed) and
+-- every outbound one.
+CREATE TABLE IF NOT EXISTS internal.contact_turns (
+    customer_id  VARCHAR NOT NULL,
+    event_id     UUID NOT NULL,
+    occurred_at  TIMESTAMPTZ NOT NULL,
+    position     BIGINT NOT NULL,
+    direction    VARCHAR NOT NULL,
+    channel      VARCHAR NOT NULL
+);
 """
 
 #: Bumped whenever the DDL, a table's meaning or the carried state changes: a file built by another
 #: version must be rebuilt (`ledger rebuild`), not updated in place.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
-def _reference_rows(sla: SlaPolicy, ladder: LadderPolicy) -> dict[str, list[tuple[Any, ...]]]:
+def _reference_rows(
+    sla: SlaPolicy, ladder: LadderPolicy, response: ResponsePolicy
+) -> dict[str, list[tuple[Any, ...]]]:
     """The rows the reference tables must hold for these policies."""
     return {
         "sla_targets": [
             (p.value, t.first_response_hours, t.resolution_hours, sla.warning_fraction)
             for p, t in sla.targets.items()
+        ],
+        "response_alarm_channels": [
+            (channel.value, response.alarm_after_hours) for channel in response.channels
         ],
         "survey_scales": [(kind.value, low, high) for kind, (low, high) in SURVEY_SCALES.items()],
         "loyalty_stages": [
@@ -280,14 +317,19 @@ def _reference_rows(sla: SlaPolicy, ladder: LadderPolicy) -> dict[str, list[tupl
 
 
 def _refresh_reference_tables(
-    con: duckdb.DuckDBPyConnection, sla: SlaPolicy, ladder: LadderPolicy
+    con: duckdb.DuckDBPyConnection,
+    sla: SlaPolicy,
+    ladder: LadderPolicy,
+    response: ResponsePolicy,
 ) -> None:
     """Rewrite a reference table only when the policy changed (an unchanged file stays
     unchanged: nothing to fold into it when the writer lets go)."""
-    for table, rows in _reference_rows(sla, ladder).items():
+    for table, rows in _reference_rows(sla, ladder, response).items():
         stored = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
         if sorted(map(_text, stored)) != sorted(map(_text, rows)):
             run(con, f"DELETE FROM {table}")
+            if not rows:
+                continue
             row = f"({', '.join('?' * len(rows[0]))})"
             run(
                 con,
@@ -398,6 +440,7 @@ def create_schema(
     con: duckdb.DuckDBPyConnection,
     sla: SlaPolicy | None = None,
     ladder: LadderPolicy | None = None,
+    response: ResponsePolicy | None = None,
 ) -> None:
     """Create what is missing, in one transaction (a process killed meanwhile leaves the
     file as it was); a file of another schema version is refused untouched."""
@@ -412,7 +455,9 @@ def create_schema(
         if version is None:
             run(con, DDL)
             run(con, "INSERT INTO projection_meta VALUES (TRUE, ?)", [SCHEMA_VERSION])
-        _refresh_reference_tables(con, sla or SlaPolicy(), ladder or LadderPolicy())
+        _refresh_reference_tables(
+            con, sla or SlaPolicy(), ladder or LadderPolicy(), response or ResponsePolicy()
+        )
         con.commit()
     except BaseException:
         con.rollback()

@@ -178,9 +178,10 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
 # Every projection and the state carried between batches; projection_checkpoints differ
 # by design (event-store position vs Kafka offsets).
 COMPARED = ("events", "customer_profiles", "loyalty_stage_history", "complaint_sla",
-            "derived_events", "projection_clock", "internal.profile_totals",
-            "internal.orders", "internal.ladder_facts", "internal.ladder_positions",
-            "internal.complaint_steps")  # fmt: skip
+            "response_waits", "derived_events", "projection_clock",
+            "internal.profile_totals", "internal.orders", "internal.ladder_facts",
+            "internal.ladder_positions", "internal.complaint_steps",
+            "internal.contact_turns")  # fmt: skip
 
 Tables = dict[str, list[tuple[Any, ...]]]
 

@@ -574,7 +574,13 @@ def test_project_as_of_moves_pending_sla_to_breached(tmp_path: Path) -> None:
 EVERY_TABLE_SQL = (
     " UNION ALL ".join(
         f"SELECT '{table}' AS t, to_json(x)::VARCHAR AS row FROM {table} AS x"
-        for table in ("events", "customer_profiles", "loyalty_stage_history", "complaint_sla")
+        for table in (
+            "events",
+            "customer_profiles",
+            "loyalty_stage_history",
+            "complaint_sla",
+            "response_waits",
+        )
     )
     + " ORDER BY ALL"
 )
@@ -582,6 +588,7 @@ SUMMARY_TITLES = (
     "Customers per loyalty stage",
     "ABC classification",
     "Complaint SLA compliance",
+    "Response alarm: waits for an answer",
     "Top complaint categories",
 )
 

@@ -163,10 +163,10 @@ def test_topic_follows_the_cloudevents_contract(
 def test_derived_topic_follows_the_same_contract(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
-    """Stage changes, SLA warnings and breaches reach downstream systems in the events'
-    envelope: values valid against their schemas in `ledger schema`, headers naming them,
-    the customer as key, and each customer's derived events in one partition, in
-    business-time order."""
+    """Stage changes, SLA warnings and breaches, and response alarms reach downstream
+    systems in the events' envelope: values valid against their schemas in `ledger
+    schema`, headers naming them, the customer as key, and each customer's derived events
+    in one partition, in business-time order."""
     outcomes = record(ledger, generate_history(customers=40))
     assert all(o.status == "accepted" for o in outcomes)
     relay.run(ledger, kafka_settings, tmp_path / "relay.json")
@@ -177,7 +177,7 @@ def test_derived_topic_follows_the_same_contract(
     )  # fmt: skip
     document = json.loads(printed.stdout)
     schemas = document["derived"]
-    assert set(schemas) == {"LoyaltyStageChanged", "SlaWarning", "SlaBreached"}
+    assert set(schemas) == {"LoyaltyStageChanged", "SlaWarning", "SlaBreached", "ResponseOverdue"}
     # a subscriber may also refer into the whole document: its references must resolve
     registry = Registry().with_resource(document["$id"], Resource.from_contents(document))
 

@@ -34,11 +34,13 @@ TABLES = {
     "customer_profiles",
     "loyalty_stage_history",
     "complaint_sla",
+    "response_waits",
     "projection_clock",
     "derived_events",
     "derived_published",
     "projection_checkpoints",
     "sla_targets",
+    "response_alarm_channels",
     "survey_scales",
     "loyalty_stages",
     "projection_meta",
@@ -47,6 +49,7 @@ TABLES = {
     "internal.ladder_facts",
     "internal.ladder_positions",
     "internal.complaint_steps",
+    "internal.contact_turns",
 }
 KAFKA = ("kafka:test-group", "ledger.facts:0")
 
@@ -430,7 +433,7 @@ def test_killed_ledger_project_command(ledger: Ledger, settings: Settings, tmp_p
 
 
 def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
-    ledger: Ledger, settings: Settings
+    ledger: Ledger, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Carried state from another version would be merged into wrongly: refuse, and say
     how to fix it; `rebuild` does."""
@@ -450,7 +453,17 @@ def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
         catch_up(ledger, path)
 
     assert rebuild(ledger, path) == ledger.head()
-    assert differences(snapshot(path), current) == {}
+    # the upgrade counts the history of the derived types new since version 1 as sent
+    alarms = {row for row in current["derived_events"] if row[1] == "ResponseOverdue"}
+    assert alarms, "the demo history has a response alarm"
+    rebuilt = snapshot(path)
+    assert (
+        differences(without(rebuilt, "derived_published"), without(current, "derived_published"))
+        == {}
+    )
+    assert current["derived_published"] == []
+    assert sorted(rebuilt["derived_published"]) == sorted((row[0],) for row in alarms)
+    assert f"{len(alarms):,} ResponseOverdue events before" in caplog.text
 
 
 def test_redelivered_batch_changes_nothing(ledger: Ledger, tmp_path: Path) -> None:
