@@ -215,3 +215,18 @@ def test_the_demo_report_counts_the_waits_by_status(ledger: Ledger, settings: Se
         "waiting": 0,
         "median_hours": 11.5,  # answered after 3 h and 20 h
     }
+
+
+def test_an_answer_recorded_late_takes_the_alarm_back(ledger: Ledger, settings: Settings) -> None:
+    """A backfilled reply dated before the alarm time: the wait was answered in time after
+    all (a published alarm counts as withdrawn: `ledger status`)."""
+    accept(ledger, [email_in(0), contact(20, "phone", "inbound", topic="question")])
+    con = project(ledger, settings)
+    assert [w["status"] for w in waits(con)] == ["overdue"]
+    assert len(alarms(con)) == 1
+    con.close()
+
+    accept(ledger, [reply(5)])
+    con = project(ledger, settings)
+    assert [(w["status"], w["answered_at"]) for w in waits(con)] == [("answered", at(5))]
+    assert alarms(con) == []
