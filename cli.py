@@ -797,7 +797,10 @@ def _print_status(found: PipelineStatus) -> None:
     if found.clock is not None:
         table.add_row("projection as-of clock", "", str(found.clock))
     if found.relay_topic is not None:
-        table.add_row("relay (acknowledged)", found.relay_topic, f"{found.relay_position:,}")
+        behind = f" ({found.relay_behind:,} behind the store head)" if found.relay_behind else ""
+        table.add_row(
+            "relay (acknowledged)", found.relay_topic, f"{found.relay_position:,}{behind}"
+        )
     if found.derived is not None:
         published = f"{found.derived.published:,} of {found.derived.derived:,}"
         if found.derived.withdrawn:

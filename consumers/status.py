@@ -73,6 +73,7 @@ class PipelineStatus:
     clock: datetime | None = None
     relay_topic: str | None = None
     relay_position: int | None = None
+    relay_behind: int | None = None  # store positions not published yet (events: at most)
     derived: DerivedPublication | None = None
     group: str | None = None
     partitions: list[PartitionLag] = field(default_factory=list)
@@ -121,6 +122,7 @@ def pipeline_status(
         status.relay_topic = kafka.topic
         relay = RelayState.load(relay_state_path)
         status.relay_position = relay.position
+        status.relay_behind = max(status.store_head - relay.position, 0)
         try:
             check_position(ledger, kafka, relay)
         except RelayStateMismatch as mismatch:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import pytest
 import typer
-from conftest import children_of, running
+from conftest import children_of, event, running
 from kafka import KafkaProducer
 from kafka.errors import (
     KafkaTimeoutError,
@@ -708,6 +708,7 @@ def test_status_tells_where_each_stage_stands(
     assert shown.code == 0, shown
     found = shown.json()
     assert found["relay_position"] == found["store_head"] > len(events)
+    assert found["relay_behind"] == 0
     partitions = found["partitions"]
     assert len(partitions) == kafka_settings.partitions
     assert sum(p["lag"] for p in partitions) == len(events) - cut, "the rest is not consumed"
@@ -724,6 +725,18 @@ def test_status_tells_where_each_stage_stands(
     assert f"group {kafka_settings.group} on {kafka_settings.topic}" in shown_text
     assert f"{derived['published']:,} of {derived['derived']:,}" in shown_text
     assert f"dead letters │ {kafka_settings.dlq_topic} │ 1 │" in shown_text
+    assert "behind the store head" not in shown_text
+
+    # recorded, not relayed yet: the relay is behind the store
+    (tmp_path / "more.jsonl").write_text(
+        orjson.dumps(event("CustomerRegistered", "c-late", "2025-06-01T09:00:00Z")).decode()
+    )
+    assert run("ingest", "more.jsonl", data_dir=data, cwd=tmp_path, env=kafka).code == 0
+    behind = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka).json()
+    assert behind["relay_behind"] == behind["store_head"] - behind["relay_position"] > 0
+    assert behind["relay_position"] == found["relay_position"]
+    shown_text = " ".join(run("status", data_dir=data, cwd=tmp_path, env=kafka).out.split())
+    assert f"{behind['relay_behind']:,} behind the store head" in shown_text
 
     down = {**kafka, "LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     unreachable = run("status", data_dir=data, cwd=tmp_path, env=down)
