@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -51,6 +52,10 @@ LATENCY_RATES = [2_000, 5_000]
 LATENCY_SECONDS = 10.0
 LEDGER_PHASES = ("ingest", "relay", "kafka_projection", "catch_up")
 SEED = 7
+GENERATOR = hashlib.sha256(
+    (Path(__file__).resolve().parent.parent / "domain" / "demo_history.py").read_bytes()
+).hexdigest()[:12]
+"""Names the cached inputs: a changed history generator makes new ones, not stale reuse."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,7 +159,7 @@ class SizeRun:
         self.run_id = run_id
         self.results: dict[str, Any] = {}
         self.timeout = 300 + size * 0.004
-        self.jsonl = cache / f"events-{size}-seed{SEED}.jsonl"
+        self.jsonl = cache / f"events-{size}-seed{SEED}-{GENERATOR}.jsonl"
         self.store = self.dir / "store"
         self.docs = self.dir / "facts.tsv"
         self.projections = self.dir / "projections.duckdb"
@@ -320,7 +325,7 @@ def latency_data(cache: Path, scratch: Path) -> Path:
     """Events for the latency test: customers of their own (prefix L), enough for every
     rate (shared by all sizes and cached)."""
     events = int(sum(LATENCY_RATES) * LATENCY_SECONDS)
-    path = cache / f"latency-{events}-seed{SEED + 1}.jsonl"
+    path = cache / f"latency-{events}-seed{SEED + 1}-{GENERATOR}.jsonl"
     if not path.exists():
         runner.run(
             "generate",

@@ -31,7 +31,8 @@ Result = dict[str, Any]
 
 PHASES: dict[str, Callable[[Params], Result]] = {}
 
-# generate_history makes about 28.5 events per customer over its two years.
+# generate_history makes about 29-30 events per customer over its two years (a lower guess
+# is safe: `_history` cuts a longer history to size).
 EVENTS_PER_CUSTOMER = 28
 
 

@@ -198,6 +198,10 @@ CAMPAIGNS: Final = (
     (10, 28, "campaign: Singles' Day preview"),
     (12, 5, "campaign: year-end offers"),
 )
+# Shares of routine inbound emails answered late (after 13-48 h) and never; the rest are
+# answered within 1-10 h, so the response alarm (12 h) has both quiet and loud cases.
+REPLY_LATE: Final = 0.10
+REPLY_NEVER: Final = 0.05
 DURATIONS: Final[dict[str, tuple[int, int]]] = {
     "phone": (60, 900),
     "call_center": (90, 1_200),
@@ -658,7 +662,7 @@ def _contacts(story: _Story) -> None:
         for _ in range(rng.randint(1, 5)):
             day = (start + rng.randint(0, 90) * DAY) // DAY
             channel, topic = _weighted(rng, PROSPECT_TOPICS)
-            story.contact(_daytime(rng, day), channel, "inbound", topic, _agent(rng, channel))
+            _inbound(story, _daytime(rng, day), channel, topic)
         if rng.random() < 0.6:
             at = _daytime(rng, start // DAY + rng.randint(2, 20))
             story.contact(at, "phone", "outbound", "follow-up on quote", rng.choice(STAFF))
@@ -669,7 +673,7 @@ def _contacts(story: _Story) -> None:
         at = _daytime(rng, start // DAY + rng.randrange(span_days) + 1, 8, 21)
         if rng.random() < 0.65:
             channel, topic = _weighted(rng, INBOUND_TOPICS)
-            story.contact(at, channel, "inbound", topic, _agent(rng, channel))
+            _inbound(story, at, channel, topic)
             if channel in ("chat", "web") and rng.random() < 0.1:
                 story.survey(at + 10 * MINUTE, "ces", story.score(1, 7))
         else:
@@ -678,6 +682,31 @@ def _contacts(story: _Story) -> None:
     if until < story.calendar.end and rng.random() < 0.5:  # a lapsed customer
         at = _daytime(rng, until // DAY + rng.randint(60, 120))
         story.contact(at, "phone", "outbound", "win-back call", rng.choice(CALL_CENTER))
+
+
+def _inbound(story: _Story, at: int, channel: str, topic: str) -> None:
+    """A routine inbound touch; an email also gets its staff reply (see `_email_reply`)."""
+    agent = _agent(story.rng, channel)
+    if story.contact(at, channel, "inbound", topic, agent) and channel == "email":
+        _email_reply(story, at, topic)
+
+
+def _email_reply(story: _Story, received: int, topic: str) -> None:
+    """Staff answer a routine email: most within hours, some late, a few never.
+
+    Customers expect an email answer within a day and the response alarm fires on an email
+    unanswered after 12 h, so the history needs all three cases: about 85 % answered 1-10 h
+    later, 10 % after 13-48 h, 5 % never. Emails about a complaint are not answered here:
+    the complaint's own steps and its SLA cover them.
+    """
+    rng = story.rng
+    draw = rng.random()
+    if draw < REPLY_NEVER:
+        return
+    low, high = (13 * HOUR, 48 * HOUR) if draw < REPLY_NEVER + REPLY_LATE else (HOUR, 10 * HOUR)
+    at = received + rng.randint(low, high)
+    if at < story.calendar.end:  # the history stops at the period's end
+        story.contact(at, "email", "outbound", f"re: {topic}", rng.choice(STAFF))
 
 
 def _agent(rng: Random, channel: str) -> str | None:

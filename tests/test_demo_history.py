@@ -193,3 +193,36 @@ def test_purchases_peak_in_spring_and_before_the_year_end(full_history: Events) 
     months = Counter(_occurred(e).month for e in full_history if e["type"] == "PurchaseRecorded")
     assert months[11] + months[12] > months[7] + months[8]
     assert months[3] + months[4] > months[7] + months[8]
+
+
+def test_routine_inbound_emails_are_mostly_answered_within_hours(full_history: Events) -> None:
+    """The response alarm needs quiet and loud cases: most routine emails get a staff reply
+    ('re: <topic>') within 12 h, some later, a few never; complaint emails are left out."""
+    emails: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    replies: dict[str, list[datetime]] = defaultdict(list)
+    for e in full_history:
+        data = e["data"]
+        if e["type"] != "ContactLogged" or data["channel"] != "email":
+            continue
+        if data["direction"] == "inbound" and "complaint_id" not in data:
+            emails[e["customer_id"]].append((_occurred(e), data["topic"]))
+        elif data["topic"].startswith("re: "):
+            assert data["direction"] == "outbound" and "complaint_id" not in data
+            assert re.fullmatch(r"agent-\d{2}", e["actor"]) and data["agent"] == e["actor"]
+            replies[e["customer_id"]].append(_occurred(e))
+            earlier = [
+                t for t, topic in emails[e["customer_id"]] if f"re: {topic}" == data["topic"]
+            ]
+            assert earlier and _occurred(e) - max(earlier) <= timedelta(hours=48)
+    answered = Counter[str]()
+    for customer, received in emails.items():
+        for at, _ in received:
+            later = [t for t in replies[customer] if t > at]
+            wait = min(later) - at if later else None
+            answered[
+                "never" if wait is None else "soon" if wait <= timedelta(hours=12) else "late"
+            ] += 1
+    total = sum(answered.values())
+    assert total >= 200, "too few routine emails to show the response alarm"
+    assert 0.75 <= answered["soon"] / total <= 0.92
+    assert answered["late"] and answered["never"]
