@@ -55,7 +55,7 @@ from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
 from domain.events import EVENT_MODELS, contract_schema, contract_types, type_schema
 from domain.intake import Rejected, exact_json, parse_record
-from domain.ledger import ConcurrencyExhausted, Ledger
+from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost
 from projections import reports
 from projections.projector import BatchResult
 from projections.rebuild import RebuildBehind
@@ -668,6 +668,12 @@ def relay(
             kafka_tools.PartitionsDiffer,
         ) as error:
             _fail(str(error))
+        except StoreLockLost as error:
+            _fail(
+                f"{error}; stopped, since another relay may have started meanwhile: start "
+                "this one again (it refuses while another runs, and resumes from its "
+                "acknowledged position)"
+            )
         except Interrupted:
             if follow:
                 return  # Ctrl-C is how a follower stops

@@ -226,11 +226,14 @@ def _event_at(ledger: Ledger, position: int) -> str | None:
 
 
 @contextmanager
-def sole_relay(state_path: Path, ledger: Ledger | None = None, topic: str = "") -> Iterator[None]:
+def sole_relay(
+    state_path: Path, ledger: Ledger | None = None, topic: str = ""
+) -> Iterator[Callable[[], None]]:
     """Hold the data dir's relay lock, and the store's for `topic`: two relays on one
     position file would each publish every event (and hide a data loss from each other's
     counts); two relays of one PostgreSQL store to one topic, from two data dirs or
-    hosts, would each publish every event."""
+    hosts, would each publish every event. Yields `confirm`, which raises `StoreLockLost`
+    once the store's lock went with its database session (a second relay could start)."""
     state_path.parent.mkdir(parents=True, exist_ok=True)
     with open(state_path.with_name(state_path.name + ".lock"), "a+b") as lock:
         try:
@@ -241,15 +244,15 @@ def sole_relay(state_path: Path, ledger: Ledger | None = None, topic: str = "") 
                 "one is enough (stop the other first)"
             ) from None
         if ledger is None:
-            yield
+            yield lambda: None
             return
-        with ledger.held_alone(f"relay to {topic}") as alone:
-            if not alone:
+        with ledger.held_alone(f"relay to {topic}") as store_lock:
+            if not store_lock.held:
                 raise RelayBusy(
                     f"another relay (another data dir or host) is publishing this event "
                     f"store to topic {topic}; one is enough (stop the other first)"
                 )
-            yield
+            yield store_lock.confirm
 
 
 BatchCallback = Callable[[RelayState, int, int], None]
@@ -278,7 +281,7 @@ def run(
     follower for a refusal that stays (`worth_retrying`: authorisation, a record too
     large), rather than retrying it for ever.
     """
-    with sole_relay(state_path, ledger, settings.topic):
+    with sole_relay(state_path, ledger, settings.topic) as confirm_sole:
         if republish_from_position is None:
             state = RelayState.load(state_path)
         else:
@@ -297,6 +300,7 @@ def run(
                 if kafka_producer is None:  # a broker that is down is reported, then retried
                     kafka_producer = producer(settings, **watched())
                 if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
+                    confirm_sole()
                     check_topic(settings, state)
                     checked_at = time.monotonic()
                 last, documents = ledger.documents_after(state.position, batch_size)

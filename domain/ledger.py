@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +61,19 @@ class _Decision:
     from_cache: dict[str, int] = field(default_factory=dict)  # the version when read
     doubtful: set[str] = field(default_factory=set)  # cached customers with rejections
     unsaved: set[str] = field(default_factory=set)  # created, but nothing to save
+
+
+@dataclass(frozen=True)
+class StoreLock:
+    """A store-wide lock (`Ledger.held_alone`): whether it was free, and `confirm()`, which
+    raises `StoreLockLost` once it is no longer held."""
+
+    held: bool
+    confirm: Callable[[], None] = lambda: None
+
+
+class StoreLockLost(RuntimeError):
+    """A store-wide lock went with its database session: another holder may have it now."""
 
 
 class ConcurrencyExhausted(RuntimeError):
@@ -304,24 +317,37 @@ class Ledger(Application[UUID]):
         return facts
 
     @contextmanager
-    def held_alone(self, name: str) -> Iterator[bool]:
+    def held_alone(self, name: str) -> Iterator[StoreLock]:
         """Hold the store-wide lock `name` while the block runs; yields whether nobody else
-        held it. A PostgreSQL store can be shared by hosts and data dirs, so the lock is
-        an advisory lock of its database, keyed by the store's schema and table as well;
-        a SQLite store belongs to its data dir, whose own locks suffice (always True)."""
+        held it, and a way to confirm it is still held. A PostgreSQL store can be shared by
+        hosts and data dirs, so the lock is an advisory lock of its database, keyed by the
+        store's schema and table as well, held by a session of its own; a SQLite store
+        belongs to its data dir, whose own locks suffice (always held)."""
         from eventsourcing.postgres import PostgresDatastore  # psycopg: only when it is used
 
         datastore = getattr(self.recorder, "datastore", None)
         if not isinstance(datastore, PostgresDatastore):
-            yield True
+            yield StoreLock(held=True)
             return
         table = getattr(self.recorder, "events_table_name", "")
         key = f"customer-ledger {datastore.schema}.{table} {name}"
         with datastore.get_connection() as connection:  # autocommit: a session lock
             row = connection.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
             held = bool(row and next(iter(row.values())))
+
+            def confirm() -> None:
+                # a session lock lasts as long as its session: a session that still answers
+                # still holds it
+                try:
+                    connection.execute("SELECT 1").fetchone()
+                except Exception as error:
+                    raise StoreLockLost(
+                        f"the event store's lock {name!r} was lost with its database session "
+                        f"(the database restarted, or ended the session): {error}"
+                    ) from error
+
             try:
-                yield held
+                yield StoreLock(held=held, confirm=confirm)
             finally:
                 if held:  # best effort: a lost session has released it already
                     with suppress(Exception):

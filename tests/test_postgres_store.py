@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from bootstrap import Settings, open_ledger
 from consumers import relay
 from consumers.kafka import KafkaSettings
 from domain.demo_history import generate_history
-from domain.ledger import Ledger, Outcome
+from domain.ledger import Ledger, Outcome, StoreLockLost
 
 pytestmark = pytest.mark.postgres
 
@@ -557,3 +558,41 @@ def test_one_relay_per_postgres_store_and_topic_whatever_the_data_dir(
             pass
     state = relay.run(second, kafka_settings, tmp_path / "b" / "relay.json")
     assert (state.position, state.published) == (second.head(), fact_count(second))
+
+
+@pytest.mark.kafka
+def test_a_following_relay_stops_when_its_store_lock_goes_with_its_session(
+    open_pg: OpenLedger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """The advisory lock lasts as long as its database session: after a PostgreSQL
+    restart (or a session ended by an administrator) a second relay could start, so the
+    first stops instead of publishing beside it."""
+    ledger = open_pg()
+    record(ledger, generate_history(customers=3))
+    ended: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            relay.run(ledger, kafka_settings, tmp_path / "relay.json", follow=True,
+                      poll_seconds=0.05, check_every_seconds=0.1)  # fmt: skip
+        except BaseException as error:
+            ended.append(error)
+
+    advisory = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    with psycopg.connect(PG_DSN, autocommit=True) as admin:
+        others = set(admin.execute(advisory).fetchall())  # not the relay's
+        following = threading.Thread(target=follow, daemon=True)
+        following.start()
+        lock_sessions: set[Any] = set()
+        deadline = time.monotonic() + 30
+        while not lock_sessions and time.monotonic() < deadline:
+            lock_sessions = set(admin.execute(advisory).fetchall()) - others
+            time.sleep(0.05)
+        assert lock_sessions, "the relay took no advisory lock"
+        time.sleep(0.5)  # the relay publishes and follows
+        assert following.is_alive() and not ended
+        for (pid,) in lock_sessions:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    following.join(timeout=30)
+    assert not following.is_alive(), "the relay went on without its lock"
+    assert len(ended) == 1 and isinstance(ended[0], StoreLockLost), ended
