@@ -194,6 +194,28 @@ def _parse_as_of(value: str | None) -> datetime | None:
     return moment
 
 
+def _project_what_was_recorded(ledger: Ledger) -> str | None:
+    """After `ingest` or `record`: bring the projections up to date, or with a broker
+    configured say who does. Returns why the projections could not be updated (the file
+    is busy or outdated): the events are recorded all the same, and recording them again
+    would add nothing, so the caller says that rather than "try again"."""
+    if State.settings.kafka is not None:
+        err.print("projections follow through Kafka: run `ledger relay` and `ledger consume`")
+        return None
+    try:
+        _project(ledger)
+    except ProjectionsUnavailable as error:
+        return str(error)
+    return None
+
+
+def _projections_behind(why: str) -> NoReturn:
+    _fail(
+        f"recorded, but the projections were not updated: {why}. Nothing needs recording "
+        "again: `ledger project` brings the projections up to date"
+    )
+
+
 def _project(ledger: Ledger, as_of: datetime | None = None, follow: bool = False) -> int:
     """Bring the projections up to date from the store, with a progress bar on a terminal."""
     with _progress() as progress:
@@ -276,10 +298,7 @@ def ingest(
     total = ingest_files.IngestReport()
     for name in files:
         total.add(_ingest_one(ledger, name, fmt, batch_size))
-    if project and State.settings.kafka is None:
-        _project(ledger)
-    elif project:
-        err.print("projections follow through Kafka: run `ledger relay` and `ledger consume`")
+    projections_behind = _project_what_was_recorded(ledger) if project else None
     out.print(
         f"accepted {total.accepted:,}, duplicates {total.duplicates:,}, rejected {total.rejected:,}"
     )
@@ -289,6 +308,8 @@ def ingest(
         err.print(f"… {total.rejected - len(total.first_rejects):,} more rejects")
     for path in total.rejects_files:
         err.print(f"rejects kept in {path}")
+    if projections_behind is not None:
+        _projections_behind(projections_behind)
     if total.rejected:
         raise typer.Exit(EXIT_REJECTED)
 
@@ -359,11 +380,10 @@ def record(
     (outcome,) = ledger.record([parsed])
     if outcome.status == "rejected":
         _fail(outcome.reason or "rejected", code=EXIT_REJECTED)
-    if State.settings.kafka is None:
-        _project(ledger)
-    else:
-        err.print("projections follow through Kafka: run `ledger relay` and `ledger consume`")
     out.print(f"{outcome.status} {outcome.event_id}")
+    projections_behind = _project_what_was_recorded(ledger)
+    if projections_behind is not None:
+        _projections_behind(projections_behind)
 
 
 # --- projections ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 import pytest
 import typer
@@ -326,6 +327,40 @@ def test_ingest_from_stdin_and_csv(tmp_path: Path) -> None:
 
 
 # --- record and history --------------------------------------------------------------------
+
+
+def test_recorded_events_are_said_recorded_when_the_projections_cannot_follow(
+    tmp_path: Path,
+) -> None:
+    """A projections file that cannot be updated (busy, or of another version) after the
+    events were recorded: "try again" made a user record the same contact twice (a review
+    of the README). The command says the events are recorded, exits 3, and `ledger
+    project` is what to run."""
+    data = tmp_path / "d"
+    contact = '{"channel": "phone", "direction": "inbound", "topic": "lock test"}'
+    first = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
+                data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert first.code == 0, first
+    con = duckdb.connect(str(data / "projections.duckdb"))
+    con.execute("UPDATE projection_meta SET schema_version = 1")  # as an older version left it
+    con.close()
+
+    second = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
+                 data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert second.code == 3, second
+    assert re.fullmatch(r"accepted [0-9a-f-]{36}", second.out.strip()), second.out
+    assert "recorded, but the projections were not updated" in second.message
+    assert "Nothing needs recording again: `ledger project`" in second.message
+
+    (tmp_path / "more.jsonl").write_text(
+        orjson.dumps(event("CustomerRegistered", "C2", "2025-06-01T09:00:00Z")).decode()
+    )
+    ingested = run("ingest", "more.jsonl", data_dir=data, cwd=tmp_path)
+    assert ingested.code == 3, ingested
+    assert "accepted 1, duplicates 0, rejected 0" in ingested.out
+    assert "recorded, but the projections were not updated" in ingested.message
+    history = run("history", "C1", "--json", data_dir=data, cwd=tmp_path)
+    assert len(history.out.splitlines()) == 2, "both contacts are recorded"
 
 
 def test_record_then_history_in_business_time_order(tmp_path: Path) -> None:
