@@ -294,6 +294,8 @@ def ingest(
     for name in files:  # all readable before anything is recorded
         if name != "-" and not os.access(name, os.R_OK):
             _fail(f"cannot read {name}: no such file, or not readable", code=2)
+        if name != "-" and os.path.isdir(name):
+            _fail(f"cannot read {name}: it is a directory (name the files in it)", code=2)
     ledger = _ledger()
     total = ingest_files.IngestReport()
     for name in files:

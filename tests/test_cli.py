@@ -1004,6 +1004,9 @@ def test_mistakes_start_nothing(tmp_path: Path) -> None:
                   cwd=tmp_path)  # fmt: skip
     assert refused.code == 2 and "missing.jsonl" in refused.message, refused
     assert not data.exists(), "nothing is recorded when one of the files cannot be read"
+    a_directory = run("ingest", str(good), str(tmp_path), data_dir=data, cwd=tmp_path)
+    assert a_directory.code == 2 and "it is a directory" in a_directory.message, a_directory
+    assert not data.exists(), "nothing is recorded when one of the files is a directory"
 
     unknown = run("record", "CustomerRegisterd", "--customer", "C1", data_dir=data,
                   cwd=tmp_path)  # fmt: skip
