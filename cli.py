@@ -53,6 +53,7 @@ from consumers.derived_publishing import publishes_derived
 from consumers.kafka import KafkaSettings, TopicMissing, worth_retrying
 from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
+from domain.customer import AHEAD_OF_RECORDING
 from domain.events import EVENT_MODELS, contract_schema, contract_types, type_schema
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost
@@ -190,7 +191,15 @@ def _parse_as_of(value: str | None) -> datetime | None:
     except ValueError:
         _fail(f"--as-of {value!r} is not 'now' or an ISO-8601 date-time", code=2)
     if moment.tzinfo is None:
-        _fail(f"--as-of {value!r} has no UTC offset (write e.g. {value}+00:00)", code=2)
+        example = value if "T" in value or " " in value else f"{value}T00:00:00"
+        _fail(f"--as-of {value!r} has no UTC offset (write e.g. {example}+00:00)", code=2)
+    if moment > datetime.now(UTC) + AHEAD_OF_RECORDING:
+        _fail(
+            f"--as-of {value} lies more than {AHEAD_OF_RECORDING} after now: the as-of "
+            "clock never goes back, so a future time would leave every running SLA clock "
+            "breached for good (check the year and the UTC offset)",
+            code=2,
+        )
     return moment
 
 
@@ -413,6 +422,13 @@ def project(
     ] = None,
 ) -> None:
     """Project stored events into DuckDB from where the projections left off."""
+    if as_of is not None and State.settings.kafka is not None:
+        _fail(
+            "the projections follow Kafka here (LEDGER_KAFKA_BOOTSTRAP is set), and their "
+            "as-of clock follows the events' business time as they arrive: --as-of moves "
+            "it on the embedded path only (README, Known limits)",
+            2,
+        )
     _refuse_beside_kafka("ledger consume")
     ledger = _ledger()
     moved_to = _parse_as_of(as_of)

@@ -21,6 +21,7 @@ import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -574,7 +575,7 @@ def test_project_as_of_moves_pending_sla_to_breached(tmp_path: Path) -> None:
         {"complaint_id": "K1", "first_response_status": "pending", "resolution_status": "pending"},
     ]
 
-    moved = run("project", "--as-of", "2030-01-01T00:00:00+00:00", data_dir=data, cwd=tmp_path)
+    moved = run("project", "--as-of", "2026-06-01T00:00:00+00:00", data_dir=data, cwd=tmp_path)
     assert moved.code == 0, moved
     assert re.fullmatch(r"projections at position ([\d,]+) of \1", moved.out.strip()), moved.out
 
@@ -594,15 +595,23 @@ def test_project_as_of_moves_pending_sla_to_breached(tmp_path: Path) -> None:
             "resolution_status": "breached",
         },
     ]
-    assert after.json()[0]["clock"].startswith("2030-01-01T00:00:00")
+    assert after.json()[0]["clock"].startswith("2026-06-01T00:00:00")
 
-    naive = run("project", "--as-of", "2030-01-01T00:00:00", data_dir=data, cwd=tmp_path)
+    naive = run("project", "--as-of", "2026-06-01T00:00:00", data_dir=data, cwd=tmp_path)
     assert naive.code == 2, naive
-    assert "has no UTC offset" in naive.message
+    assert "has no UTC offset (write e.g. 2026-06-01T00:00:00+00:00)" in naive.message
+    a_date = run("project", "--as-of", "2026-06-01", data_dir=data, cwd=tmp_path)
+    assert "(write e.g. 2026-06-01T00:00:00+00:00)" in a_date.message, a_date
 
-    earlier = run("project", "--as-of", "2029-01-01T00:00:00+00:00", data_dir=data, cwd=tmp_path)
+    # the clock never goes back: a time in the future (a typo in the year) is refused
+    future = datetime.now(UTC) + timedelta(hours=2)
+    ahead = run("project", "--as-of", future.isoformat(), data_dir=data, cwd=tmp_path)
+    assert ahead.code == 2 and "lies more than 1:00:00 after now" in ahead.message, ahead
+    assert run("project", "--as-of", "now", data_dir=data, cwd=tmp_path).code == 0
+
+    earlier = run("project", "--as-of", "2026-01-01T00:00:00+00:00", data_dir=data, cwd=tmp_path)
     assert earlier.code == 0, earlier
-    assert "the as-of clock stays at 2030-01-01T00:00:00+00:00: it never goes back" in earlier.err
+    assert "the as-of clock stays at" in earlier.err and "it never goes back" in earlier.err
     assert "stays at" not in moved.err
 
 
@@ -647,7 +656,7 @@ def test_demo_is_deterministic_and_rebuild_changes_nothing(tmp_path: Path) -> No
     # Move the clock first: a rebuild must keep it (SLA states), not fall back to the
     # event-time watermark.
     assert (
-        run("project", "--as-of", "2030-01-01T00:00:00+00:00", data_dir=first, cwd=tmp_path).code
+        run("project", "--as-of", "2026-06-01T00:00:00+00:00", data_dir=first, cwd=tmp_path).code
         == 0
     )
     before = run("query", EVERY_TABLE_SQL, "--format", "csv", data_dir=first, cwd=tmp_path)
@@ -867,6 +876,8 @@ def test_kafka_commands_refuse_what_would_lose_data(
                              (("rebuild",), "ledger rebuild --from-kafka")]:  # fmt: skip
         refused = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert refused.code == 2 and f"run `{instead}` instead" in refused.message, refused
+    as_of = run("project", "--as-of", "now", data_dir=data, cwd=tmp_path, env=kafka)
+    assert as_of.code == 2 and "on the embedded path only" in as_of.message, as_of
     assert run("rebuild", "--group", "g", data_dir=data, cwd=tmp_path).code == 2
     assert relay_position() == head
 
