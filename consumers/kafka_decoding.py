@@ -134,13 +134,18 @@ def decode_polled(polled: Mapping[TopicPartition, list[Any]], dead_letters: Dead
     return decoded
 
 
+ALL_SENT = sys.maxsize
+"""`sent_below` of a stream whose dead letters another group sends: they are only counted."""
+
+
 class DeadLetters:
     """The dead-letter topic: each record that cannot be decoded, with headers naming where
     it came from and why.
 
     `sent_below` holds, per stream, an offset below which the dead letters were sent
     already (by the consumer that built the live projections, when this reads the topic
-    again to rebuild them): those are counted, not sent again. With `retry` (a follower),
+    again to rebuild them): those are counted, not sent again; `ALL_SENT` for a group that
+    only counts them (a copy: the ledger's own group sends them). With `retry` (a follower),
     dead letters the broker did not acknowledge (unreachable, or restarted: it no longer
     knows the idempotent producer's sequence numbers) are sent again with a new
     producer, with backoff, until it does."""
@@ -152,9 +157,11 @@ class DeadLetters:
         *,
         retry: bool = False,
         should_stop: Callable[[], bool] = lambda: False,
+        only_count: bool = False,
     ) -> None:
         self.settings = settings
         self.sent_below = dict(sent_below or {})
+        self.only_count = only_count
         self.count = 0
         self._sender = ReliableSender(
             settings, settings.dlq_topic, "dead letters", retry=retry, should_stop=should_stop
@@ -165,7 +172,7 @@ class DeadLetters:
         """Keep a dead letter for the next `flush`."""
         self.count += 1
         origin = stream(TopicPartition(record.topic, record.partition))
-        if record.offset < self.sent_below.get(origin, 0):
+        if self.only_count or record.offset < self.sent_below.get(origin, 0):
             return
         log.warning(
             "dead letter %s:%s@%s: %s", record.topic, record.partition, record.offset, error

@@ -60,6 +60,7 @@ from consumers.kafka import (
     watched,
 )
 from consumers.kafka_decoding import (
+    ALL_SENT,
     POLL_RECORDS,
     DeadLetters,
     Decoded,
@@ -718,7 +719,9 @@ def consume(
             )
             feed = _GroupMember(
                 kafka_consumer,
-                DeadLetters(settings, retry=True, should_stop=should_stop),
+                DeadLetters(
+                    settings, retry=True, should_stop=should_stop, only_count=publisher is None
+                ),
                 projector,
                 listener,
             )
@@ -741,7 +744,10 @@ def consume(
                 again = {(source, stream): 0 for stream in stored.keys() - kept.keys()}
                 projector.call(lambda writer: writer.projector().apply([], again))
             handed.update(kept)
-            feed.assign({tp: (handed.get(stream(tp)), end) for tp, end in targets.items()})
+            feed.assign(
+                {tp: (handed.get(stream(tp)), end) for tp, end in targets.items()},
+                None if report.publishing else dict.fromkeys(map(stream, targets), ALL_SENT),
+            )
         _project(
             feed,
             projector,
@@ -948,6 +954,8 @@ def rebuild_from_kafka(
                     [], {(source, stream(tp)): 0 for tp in ends}
                 )
             )
+            if not publishes_derived(settings, group or settings.group):  # a copy's
+                dead_letters_sent_below = dict.fromkeys(map(stream, ends), ALL_SENT)
             decoders.assign({tp: (None, end) for tp, end in ends.items()}, dead_letters_sent_below)
             _project(decoders, projector, report, handed={}, targets=ends, poll_ms=1000,
                      release_when_idle=False, on_batch=on_batch)  # fmt: skip

@@ -492,16 +492,42 @@ def test_another_group_projects_but_only_the_ledgers_group_publishes(
 ) -> None:
     """A second group (an analyst's copy of the projections, in a file of its own) derives
     the same events but does not publish them: downstream systems hear of each transition
-    once, whichever group runs first."""
+    once, whichever group runs first. Nor does it send dead letters (a review found each
+    copy sent them again): it counts them, and the ledger's group sends them."""
     accept(ledger, generate_history(customers=40))
     relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    with KafkaProducer(bootstrap_servers=kafka_settings.bootstrap) as producer:
+        producer.send(kafka_settings.topic, key=b"c-poison", value=b"{not json").get(10)
     copy = tmp_path / "copy.duckdb"
 
     other = kafka_projection.consume(copy, kafka_settings, "analysts-copy")
-    assert (other.publishing, other.derived) == (False, 0)
+    assert (other.publishing, other.derived, other.dead_letters) == (False, 0, 1)
+    assert read_topic(kafka_settings, kafka_settings.dlq_topic) == [], "sent by a one-shot copy"
+    following_copy = tmp_path / "following-copy.duckdb"
+    records = fact_count(ledger) + 1  # the poison too
+
+    def read_through() -> bool:
+        if not following_copy.exists():  # the member makes it
+            return False
+        # read-write, as the member in this process opens it (DuckDB shares the instance)
+        con = connect(following_copy)
+        try:
+            row = con.execute("SELECT sum(position) FROM projection_checkpoints").fetchone()
+        except duckdb.Error:  # no tables yet
+            return False
+        finally:
+            con.close()
+        return bool(row and row[0] is not None and int(row[0]) >= records)
+
+    with FollowingMember(following_copy, kafka_settings, "following-copy"):
+        wait_until(read_through, 60, "the following copy did not read the topic through")
+    assert read_topic(kafka_settings, kafka_settings.dlq_topic) == [], "sent by a follower"
+    kafka_projection.rebuild_from_kafka(copy, kafka_settings, "analysts-copy", realert=True)
     assert read_topic(kafka_settings, kafka_settings.derived_topic) == []
+    assert read_topic(kafka_settings, kafka_settings.dlq_topic) == []
     own = kafka_projection.consume(settings.projections_path, kafka_settings)
     assert own.publishing and own.derived > 0
+    assert len(read_topic(kafka_settings, kafka_settings.dlq_topic)) == own.dead_letters == 1
 
     ids = published_ids(kafka_settings)
     assert len(ids) == len(set(ids)) == own.derived
