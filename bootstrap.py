@@ -6,6 +6,8 @@ nothing else reads the environment. Every variable is documented in the README.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import sqlite3
 import time
@@ -59,11 +61,17 @@ class Settings:
             kafka = KafkaSettings.from_env(env)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        event_store = env.get("LEDGER_EVENT_STORE") or None
+        if event_store:
+            _postgres_env(event_store)  # raises ConfigError for what is no PostgreSQL URL
+        cipher_key = env.get("LEDGER_CIPHER_KEY") or None
+        if cipher_key:
+            _check_cipher_key(cipher_key)
         return cls(
             data_dir=data_dir or Path(env.get("LEDGER_DATA_DIR", "ledger-data")),
-            event_store=env.get("LEDGER_EVENT_STORE") or None,
+            event_store=event_store,
             reporting_currency=currency,
-            cipher_key=env.get("LEDGER_CIPHER_KEY") or None,
+            cipher_key=cipher_key,
             kafka=kafka,
         )
 
@@ -104,6 +112,21 @@ class Settings:
             )
         env.update(self.extra_env)
         return env
+
+
+def _check_cipher_key(key: str) -> None:
+    """An AES key in base64, as `AESCipher.create_key` makes it (16, 24 or 32 bytes): a
+    malformed one is a usage error at start-up, not a store that cannot be opened."""
+    try:
+        size = len(base64.b64decode(key, validate=True))
+    except binascii.Error:
+        size = -1
+    if size not in (16, 24, 32):
+        raise ConfigError(
+            "LEDGER_CIPHER_KEY is not an AES key in base64 (16, 24 or 32 bytes); make one "
+            "with: python -c 'from eventsourcing.cryptography import AESCipher; "
+            "print(AESCipher.create_key(16))'"
+        )
 
 
 def _postgres_env(dsn: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import children_of, running
+from eventsourcing.cryptography import AESCipher
 
 from bootstrap import ConfigError, Settings
 from consumers.kafka import DevBroker, KafkaSettings, PortInUse, free_port
@@ -93,6 +94,25 @@ def test_a_currency_outside_iso_4217_is_a_config_error(currency: str) -> None:
     message = refused(LEDGER_REPORTING_CURRENCY=currency)
     assert f"LEDGER_REPORTING_CURRENCY={currency.upper()!r}" in message
     assert "ISO 4217" in message
+
+
+@pytest.mark.parametrize("key", ["notbase64!", "c2hvcnQ=", "YWJjZGVmZ2hpamtsbW5vcHE="])
+def test_a_malformed_cipher_key_is_a_config_error(key: str) -> None:
+    """Not base64, or not 16, 24 or 32 bytes (5 and 17 here): it was found only when the
+    store was opened, as if the store were unavailable (exit 3, not 2)."""
+    message = refused(LEDGER_CIPHER_KEY=key)
+    assert "LEDGER_CIPHER_KEY is not an AES key in base64" in message
+    assert key not in message, "the key is not printed"
+
+
+def test_a_cipher_key_made_by_the_library_parses() -> None:
+    key = AESCipher.create_key(32)
+    assert Settings.from_env(env={"LEDGER_CIPHER_KEY": key}).cipher_key == key
+
+
+@pytest.mark.parametrize("url", ["mysql://x@y/z", "postgresql://host"])
+def test_an_event_store_that_is_no_postgresql_url_is_a_config_error(url: str) -> None:
+    assert f"LEDGER_EVENT_STORE={url!r} is not a PostgreSQL URL" in refused(LEDGER_EVENT_STORE=url)
 
 
 def test_iso_4217_currencies_still_parse() -> None:
