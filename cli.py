@@ -522,7 +522,12 @@ def query(
     if not sql.strip(" \t\n;"):
         _fail("no SQL given, e.g. ledger query 'SELECT * FROM customer_profiles LIMIT 5'", 2)
     if not path.exists():
-        _fail(f"no projections at {path}; run `ledger ingest` or `ledger project` first")
+        if State.settings.kafka is None:
+            _fail(f"no projections at {path}; run `ledger ingest` or `ledger project` first")
+        _fail(
+            f"no projections at {path}; with a broker configured they are built from the "
+            "topic: run `ledger relay`, then `ledger consume`"
+        )
     con = connect(path, read_only=True)
     try:
         result = con.execute(sql)

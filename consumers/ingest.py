@@ -53,7 +53,9 @@ ProgressCallback = Callable[[int, IngestReport], None]
 
 
 class RejectsFile:
-    """Appends rejects as JSON Lines; the file is created on the first reject only."""
+    """Appends rejects as JSON Lines, in line order; the file is created on the first reject
+    only. A batch's rejects come in two rounds (lines that do not validate, then events the
+    ledger refuses), so they wait in `_pending` until `flush` writes them sorted."""
 
     def __init__(self, rejects_dir: Path, source_name: str) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -63,25 +65,43 @@ class RejectsFile:
         self.source_name = source_name
         self.first: list[tuple[str, int, str]] = []
         self._handle: IO[bytes] | None = None
+        self._pending: list[tuple[int, bytes, str]] = []
 
     def add(self, line_number: int, text: bytes, reason: str) -> None:
-        if len(self.first) < FIRST_REJECTS:
-            self.first.append((self.source_name, line_number, reason))
+        self._pending.append((line_number, text, reason))
+        if len(self._pending) >= PENDING_REJECTS:  # a file of nothing but rejects
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rejects kept so far, by line number."""
+        if not self._pending:
+            return
+        self._pending.sort(key=lambda reject: reject[0])
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = self.path.open("ab")
-        record = {
-            "source": self.source_name,
-            "line": line_number,
-            "text": text.decode("utf-8", errors="backslashreplace"),
-            "reason": reason,
-            "rejected_at": datetime.now(UTC).isoformat(),
-        }
-        self._handle.write(orjson.dumps(record) + b"\n")
+        rejected_at = datetime.now(UTC).isoformat()
+        for line_number, text, reason in self._pending:
+            if len(self.first) < FIRST_REJECTS:
+                self.first.append((self.source_name, line_number, reason))
+            record = {
+                "source": self.source_name,
+                "line": line_number,
+                "text": text.decode("utf-8", errors="backslashreplace"),
+                "reason": reason,
+                "rejected_at": rejected_at,
+            }
+            self._handle.write(orjson.dumps(record) + b"\n")
+        self._pending.clear()
 
     def close(self) -> None:
+        self.flush()
         if self._handle is not None:
             self._handle.close()
+
+
+PENDING_REJECTS = 50_000
+"""Rejects kept before they are written, at most (they are written sorted per batch)."""
 
 
 def detect_format(name: str, explicit: Format | None) -> Format:
@@ -110,6 +130,7 @@ def ingest_stream(
                 batch, exhausted = _next_batch(lines, batch_size, report, rejects)
                 if batch:
                     _record(ledger, batch, report, rejects)
+                rejects.flush()
                 del batch  # freed by reference counting, before the collector runs again
             if exhausted:
                 break

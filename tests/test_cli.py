@@ -502,6 +502,9 @@ def test_query_formats_and_errors(tmp_path: Path) -> None:
     assert "no projections at" in nothing.message
     assert "ledger ingest" in nothing.message
     assert not missing.exists()
+    through_kafka = {"LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:1"}  # not reached: only its mode
+    nothing = run("query", "SELECT 1", data_dir=missing, cwd=tmp_path, env=through_kafka)
+    assert nothing.code == 3 and "run `ledger relay`, then `ledger consume`" in nothing.message
 
 
 # --- schema --------------------------------------------------------------------------------
@@ -1049,7 +1052,7 @@ def test_a_non_postgresql_event_store_is_refused(tmp_path: Path) -> None:
         cwd=tmp_path,
         env={"LEDGER_EVENT_STORE": "mysql://user@db.example:3306/crm"},
     )
-    assert refused.code == 3, refused
+    assert refused.code == 2, refused  # a malformed setting: a usage error
     assert "LEDGER_EVENT_STORE" in refused.message
     assert "not a PostgreSQL URL" in refused.message
     assert not (data / "events.sqlite3").exists()

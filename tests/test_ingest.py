@@ -260,18 +260,19 @@ def test_the_rejects_file_holds_line_text_and_reason_of_each_bad_line(
     assert report.rejects_files[0].parent == settings.rejects_dir
     assert report.rejects_files[0].name.endswith("-events.jsonl.jsonl")
 
-    rows = rejects(report)
+    rows = rejects(report)  # in line order, though the ledger's refusals come last
     assert [(r["line"], r["reason"]) for r in rows] == [
         (2, "each line must be one JSON object"),
         (5, "occurred_at has no UTC offset (write e.g. 2025-03-01T09:30:00+08:00)"),
         (6, "not UTF-8 text: byte 0xe9 at column 46"),
-        (9, "unknown event type 'SurveyAnswerd'; did you mean SurveyAnswered?"),
         (7, "refund 150.00 exceeds what remains refundable on order SO-1 (149.90)"),
         (
             8,
             "customer C-1 is already registered; send CustomerProfileUpdated to change the profile",
         ),
+        (9, "unknown event type 'SurveyAnswerd'; did you mean SurveyAnswered?"),
     ]
+    assert [line for _, line, _ in report.first_rejects] == [2, 5, 6, 7, 8]  # said at once
     original = path.read_bytes().split(b"\n")
     for row in rows:
         assert row["source"] == str(path)
