@@ -530,8 +530,11 @@ def query(
         )
     con = connect(path, read_only=True)
     try:
+        statements = len(con.extract_statements(sql))
+        if statements > 1:  # DuckDB would run them all and show the last one's rows only
+            _fail(f"one statement at a time, please ({statements} given)", code=2)
         result = con.execute(sql)
-    except Exception as error:  # DuckDB reports SQL errors as several exception types
+    except duckdb.Error as error:  # parser, catalog, binder, read-only ... errors
         _fail(f"query failed: {error}", code=2)
     columns = [d[0] for d in result.description or []]
     rows = result.fetchall()

@@ -493,6 +493,9 @@ def test_query_formats_and_errors(tmp_path: Path) -> None:
 
     writing = run("query", "DELETE FROM customer_profiles", data_dir=data, cwd=tmp_path)
     assert writing.code == 2, writing
+    two = run("query", "SELECT 1; SELECT 2", data_dir=data, cwd=tmp_path)
+    assert two.code == 2 and "one statement at a time, please (2 given)" in two.message, two
+    assert run("query", "SELECT 1;", data_dir=data, cwd=tmp_path).code == 0
     still = run("query", PROFILES_SQL, "--format", "json", data_dir=data, cwd=tmp_path)
     assert still.json() == EXPECTED_PROFILES
 
