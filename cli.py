@@ -933,12 +933,18 @@ def demo(
     from domain.demo_history import generate_history
 
     settings = State.settings
+    ledger = _ledger()
+    if ledger.head():
+        _fail(
+            f"the event store ({settings.event_store_label}) already holds a ledger: the "
+            "demo records a history of its own, and mixed with another it would be refused "
+            "in part; give it a new --data-dir, or remove this one",
+            code=2,
+        )
     events = generate_history(customers=customers, seed=seed)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     path = settings.data_dir / f"demo-{customers}-{seed}.jsonl"
     path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
     err.print(f"generated {len(events):,} events for {customers:,} customers in {path}")
-    ledger = _ledger()
     report = _ingest_one(ledger, str(path), None, 5000)
     if via_kafka:
         with ExitStack() as stack:

@@ -652,6 +652,9 @@ def test_demo_is_deterministic_and_rebuild_changes_nothing(tmp_path: Path) -> No
             assert title in demo.out
         assert re.search(r"ingested [\d,]+ events \(0 duplicates, 0 rejected\)", demo.out)
 
+    again = run("demo", "--customers", "30", data_dir=first, cwd=tmp_path)
+    assert again.code == 2 and "already holds a ledger" in again.message, again
+
     profiles = "SELECT * FROM customer_profiles ORDER BY ALL"
     one = run("query", profiles, "--format", "csv", data_dir=first, cwd=tmp_path)
     two = run("query", profiles, "--format", "csv", data_dir=second, cwd=tmp_path)
@@ -684,6 +687,30 @@ def kafka_env(settings: KafkaSettings) -> dict[str, str]:
         "LEDGER_KAFKA_PARTITIONS": str(settings.partitions),
         "LEDGER_KAFKA_GROUP": settings.group,
     }
+
+
+def test_the_demo_through_kafka_builds_what_the_embedded_demo_builds(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """`make demo-kafka`: the same history relayed and consumed through the broker gives
+    the same tables and summary as `make demo`, and publishes the derived events."""
+    embedded, via_kafka = tmp_path / "embedded", tmp_path / "kafka"
+    shown = run("demo", "--customers", "30", data_dir=embedded, cwd=tmp_path)
+    through = run("demo", "--customers", "30", "--via-kafka", data_dir=via_kafka,
+                  cwd=tmp_path, env=kafka_env(kafka_settings))  # fmt: skip
+    assert shown.code == through.code == 0, through
+    assert shown.out == through.out.replace(str(via_kafka), str(embedded))
+    published = re.search(r"published ([\d,]+) derived events", through.message)
+    assert published and int(published.group(1).replace(",", "")) > 0, through.message
+    compared = ("customer_profiles", "loyalty_stage_history", "complaint_sla",
+                "response_waits", "derived_events")  # fmt: skip
+    projected = " UNION ALL ".join(  # events.recorded_at differs: each demo records anew
+        f"SELECT '{table}' AS t, to_json(x)::VARCHAR AS row FROM {table} AS x" for table in compared
+    )
+    tables = [run("query", f"{projected} ORDER BY ALL", "--format", "csv", data_dir=data,
+                  cwd=tmp_path) for data in (embedded, via_kafka)]  # fmt: skip
+    assert tables[0].code == tables[1].code == 0
+    assert tables[0].out == tables[1].out and len(tables[0].out.splitlines()) > 200
 
 
 def test_long_work_shows_progress_on_a_terminal(
