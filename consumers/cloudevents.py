@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from domain.events import RECORDED, SCHEMA_VERSION
+from domain.events import RECORDED, type_schema_id
 from domain.intake import explain
 
 SPEC_VERSION = b"1.0"
@@ -44,7 +44,7 @@ def encode(fact: dict[str, Any], document: bytes, position: int | None) -> Kafka
         ("ce_type", f"{TYPE_PREFIX}{fact['type']}".encode()),
         ("ce_time", fact["occurred_at"].encode()),
         ("ce_subject", fact["customer_id"].encode()),
-        ("ce_dataschema", f"urn:customer-ledger:schema:{fact['type']}:v{SCHEMA_VERSION}".encode()),
+        ("ce_dataschema", type_schema_id(fact["type"]).encode()),
         ("content-type", b"application/json"),
     ]
     if position is not None:

@@ -629,6 +629,15 @@ RECORDED: TypeAdapter[Any] = TypeAdapter(
 
 
 SCHEMA_ID = "urn:customer-ledger:schema"
+INGEST_SCHEMA_ID = "urn:customer-ledger:schema:ingest"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def type_schema_id(name: str, *, ingest: bool = False) -> str:
+    """The `$id` of one type's schema; on Kafka its records name it in `ce_dataschema`."""
+    return f"{INGEST_SCHEMA_ID if ingest else SCHEMA_ID}:{name}:v{SCHEMA_VERSION}"
+
+
 """The `$id` of the contract's JSON Schema document (`ledger schema`)."""
 
 
@@ -652,8 +661,8 @@ def contract_schema(*, ingest: bool = False) -> dict[str, Any]:
         derived[model.__name__] = schema
     shape = "ingest" if ingest else "recorded"
     whole = {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": SCHEMA_ID,
+        "$schema": JSON_SCHEMA_DIALECT,
+        "$id": INGEST_SCHEMA_ID if ingest else SCHEMA_ID,
         "title": f"customer-ledger events, {shape} shape (schema_version {SCHEMA_VERSION})",
         **document,
         "derived": derived,
@@ -671,9 +680,11 @@ def contract_types(*, ingest: bool = False) -> dict[str, type[BaseModel]]:
 
 def type_schema(name: str, *, ingest: bool = False) -> dict[str, Any]:
     """One type's JSON Schema, whole: closed for what producers send, open to fields added
-    later for what subscribers receive (as in `contract_schema`)."""
+    later for what subscribers receive (as in `contract_schema`). Its `$id` is what the
+    type's Kafka records name in `ce_dataschema`."""
     schema = contract_types(ingest=ingest)[name].model_json_schema()
-    return schema if ingest and name in EVENT_TYPES else _open_to_added_fields(schema)
+    shaped = schema if ingest and name in EVENT_TYPES else _open_to_added_fields(schema)
+    return {"$schema": JSON_SCHEMA_DIALECT, "$id": type_schema_id(name, ingest=ingest), **shaped}
 
 
 def _open_to_added_fields(schema: Any) -> Any:

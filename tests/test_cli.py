@@ -525,6 +525,10 @@ def test_schema_prints_the_contract(tmp_path: Path) -> None:
     assert one.code == 0, one
     purchase = one.json()
     assert purchase["title"] == "PurchaseRecorded"
+    assert purchase["$id"] == "urn:customer-ledger:schema:PurchaseRecorded:v1"  # ce_dataschema
+    assert purchase["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    producers = run("schema", "--ingest", cwd=tmp_path).json()
+    assert producers["$id"] == "urn:customer-ledger:schema:ingest" != document["$id"]
     assert "oneOf" not in purchase
     assert {"customer_id", "occurred_at", "type", "data"} <= set(purchase["properties"])
     assert "ComplaintFiled" not in purchase.get("$defs", {})

@@ -104,7 +104,8 @@ def envelope(message: Message) -> tuple[str, dict[str, Any], dict[str, bytes]]:
                           headers["ce_source"].decode())  # fmt: skip
     assert source is not None, headers["ce_source"]
     assert unquote(source[1]) == (value.get("source") or "ledger")
-    assert headers["ce_dataschema"]
+    # the `$id` of the type's schema (`ledger schema TYPE`)
+    assert headers["ce_dataschema"].decode() == f"urn:customer-ledger:schema:{value['type']}:v1"
     return key, value, headers
 
 
@@ -185,6 +186,16 @@ def test_derived_topic_follows_the_same_contract(
         reference = {"$ref": f"{document['$id']}#/derived/{type_}"}
         return jsonschema.Draft202012Validator(reference, registry=registry)
 
+    # or to the schema a record names in `ce_dataschema`, as `ledger schema TYPE` prints it
+    for type_ in schemas:
+        cut_out = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "cli", "schema", type_],
+                cwd=PROJECT_ROOT, capture_output=True, check=True, text=True,
+            ).stdout
+        )  # fmt: skip
+        registry = registry.with_resource(cut_out["$id"], Resource.from_contents(cut_out))
+
     messages = read_everything(
         kafka_settings.bootstrap, kafka_settings.derived_topic, report.derived
     )
@@ -196,6 +207,8 @@ def test_derived_topic_follows_the_same_contract(
         key, value, headers = envelope(message)
         jsonschema.validate(value, schemas[value["type"]])
         by_reference(value["type"]).validate(value)
+        named = {"$ref": headers["ce_dataschema"].decode()}
+        jsonschema.Draft202012Validator(named, registry=registry).validate(value)
         assert set(value) == set(schemas[value["type"]]["properties"]), "undocumented fields"
         assert value["event_id"] not in seen, f"{value['event_id']} published twice"
         seen.add(value["event_id"])
