@@ -45,9 +45,9 @@ from rich.table import Table
 from rich.text import Text
 
 from bootstrap import ConfigError, Settings, open_ledger
+from consumers import LOG_FORMAT, LOG_TIME_FORMAT, kafka_projection, store_follower
 from consumers import ingest as ingest_files
 from consumers import kafka as kafka_tools
-from consumers import kafka_projection, store_follower
 from consumers import relay as relay_tools
 from consumers.derived_publishing import publishes_derived
 from consumers.kafka import KafkaSettings, TopicMissing, worth_retrying
@@ -108,9 +108,7 @@ def _log_to_stderr() -> None:
     """The ledger's own log lines (warnings; a follower's news too, `_log_progress`) on
     stderr, with their time and level."""
     handler = _ConsoleHandler()
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
-    )
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME_FORMAT))
     for name in OWN_LOGGERS:
         logger = logging.getLogger(name)
         logger.addHandler(handler)

@@ -462,7 +462,9 @@ def main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    from consumers import LOG_FORMAT, LOG_TIME_FORMAT
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT)
     # kafka-python logs each retry (a broker not reachable yet) and, on closing, what it
     # cancels: noise on the user's terminal from every decoder. What comes of it reaches
     # the parent as an exception, which reports it once.

@@ -784,6 +784,9 @@ def test_status_tells_where_each_stage_stands(
                 poison.send(kafka_settings.topic, key=b"c-poison", value=b"{not json").get(10)
         done = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert done.code == 0, (command, done)
+        if command == ("consume",):  # said by a decoder process, as the CLI says things
+            timed = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} WARNING dead letter "
+            assert re.search(timed + re.escape(kafka_settings.topic), done.err), done.err
 
     shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
     assert shown.code == 0, shown
