@@ -60,7 +60,12 @@ from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost
 from projections import reports
 from projections.projector import BatchResult
 from projections.rebuild import RebuildBehind
-from projections.schema import ProjectionsUnavailable, connect, stored_clock
+from projections.schema import (
+    ProjectionsOutdated,
+    ProjectionsUnavailable,
+    connect,
+    stored_clock,
+)
 
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
@@ -201,7 +206,7 @@ def _parse_as_of(value: str | None) -> datetime | None:
     return moment
 
 
-def _project_what_was_recorded(ledger: Ledger) -> str | None:
+def _project_what_was_recorded(ledger: Ledger) -> ProjectionsUnavailable | None:
     """After `ingest` or `record`: bring the projections up to date, or with a broker
     configured say who does. Returns why the projections could not be updated (the file
     is busy or outdated): the events are recorded all the same, and recording them again
@@ -212,14 +217,15 @@ def _project_what_was_recorded(ledger: Ledger) -> str | None:
     try:
         _project(ledger)
     except ProjectionsUnavailable as error:
-        return str(error)
+        return error
     return None
 
 
-def _projections_behind(why: str) -> NoReturn:
+def _projections_behind(why: ProjectionsUnavailable) -> NoReturn:
+    catch_up = "`ledger rebuild`" if isinstance(why, ProjectionsOutdated) else "`ledger project`"
     _fail(
         f"recorded, but the projections were not updated: {why}. Nothing needs recording "
-        "again: `ledger project` brings the projections up to date"
+        f"again: {catch_up} brings the projections up to date"
     )
 
 
@@ -1027,7 +1033,9 @@ def _end_with(error: BaseException) -> NoReturn:
     status 3 (outside click: sys.exit, not typer.Exit); anything else is a bug, raised as
     it is."""
     message: str | None = None
-    if isinstance(error, ProjectionsUnavailable | TopicMissing | RebuildBehind):
+    if isinstance(error, ProjectionsOutdated) and State.settings.kafka is not None:
+        message = f"{error} (with a broker configured: `ledger rebuild --from-kafka`)"
+    elif isinstance(error, ProjectionsUnavailable | TopicMissing | RebuildBehind):
         message = str(error)
     elif isinstance(error, MapperDeserialisationError):
         message = (

@@ -567,7 +567,8 @@ class ResponseWait(_Data):
 class ResponseOverdue(_Derived):
     """A customer's inbound contact (an email, by default) concerning no complaint is still
     unanswered `alarm_after_hours` after it: no outbound contact to them since. Sent once
-    per wait, at its alarm time; later inbound contacts before an answer join the wait."""
+    per wait, dated at its alarm time; later inbound contacts before an answer join the
+    wait. (An earlier contact recorded late restarts the wait under another id.)"""
 
     type: Literal["ResponseOverdue"]
     data: ResponseWait

@@ -94,7 +94,8 @@ def _count_new_types_as_published(con: duckdb.DuckDBPyConnection, clock: datetim
     counted = derived.count_history_as_published(con, int(row[0]) if row else 1, clock)
     for kind, count in counted.items():
         log.warning(
-            "%s %s events before %s (new in this version) are counted as published, not "
-            "sent: they describe the past (`--realert` sends them)",
+            "%s %s events at or before %s (new in this version) are counted as published, "
+            "not sent: they describe the past (`--realert` sends every derived event again, "
+            "these included)",
             f"{count:,}", kind, clock,
         )  # fmt: skip

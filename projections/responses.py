@@ -10,8 +10,10 @@ by tests/test_responses.py):
   neither start nor join one;
 - its alarm is due `alarm_after_hours` (of its first contact's channel) after it started;
 - status: `answered` by the alarm time (at it included), `answered_late` after it,
-  `overdue` when unanswered and the as-of clock has reached the alarm time, else
-  `waiting`.
+  `overdue` when unanswered and the as-of clock has passed the alarm time, else
+  `waiting` (as the complaint clocks: a reply at the alarm time itself is in time).
+- inbound contacts naming a complaint are left to the complaint's handling, whatever
+  state that complaint is in.
 Contacts are ordered by (business time, store position). The as-of clock is explicit
 (`projection_clock`), so a rebuild at the same clock gives the same table.
 """
@@ -77,7 +79,7 @@ SELECT w.customer_id, w.started_at, w.started_by, w.channel, w.contacts,
        CASE WHEN r.answered_at IS NOT NULL THEN
                  CASE WHEN r.answered_at <= w.started_at + to_hours(w.alarm_after_hours)
                       THEN 'answered' ELSE 'answered_late' END
-            WHEN $as_of >= w.started_at + to_hours(w.alarm_after_hours) THEN 'overdue'
+            WHEN $as_of > w.started_at + to_hours(w.alarm_after_hours) THEN 'overdue'
             ELSE 'waiting' END AS status
 FROM waits AS w
 LEFT JOIN replies AS r ON r.customer_id = w.customer_id AND r.answers = w.answers + 1

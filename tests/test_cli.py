@@ -41,6 +41,7 @@ import cli
 from bootstrap import Settings, open_ledger
 from consumers.kafka import KafkaSettings, free_port
 from domain.demo_history import generate_history
+from projections.schema import ProjectionsOutdated
 
 LEDGER = Path(sys.executable).parent / "ledger"
 
@@ -351,7 +352,7 @@ def test_recorded_events_are_said_recorded_when_the_projections_cannot_follow(
     assert second.code == 3, second
     assert re.fullmatch(r"accepted [0-9a-f-]{36}", second.out.strip()), second.out
     assert "recorded, but the projections were not updated" in second.message
-    assert "Nothing needs recording again: `ledger project`" in second.message
+    assert "Nothing needs recording again: `ledger rebuild`" in second.message  # outdated
 
     (tmp_path / "more.jsonl").write_text(
         orjson.dumps(event("CustomerRegistered", "C2", "2025-06-01T09:00:00Z")).decode()
@@ -1244,3 +1245,17 @@ def test_an_encrypted_store_read_with_another_key_is_refused_in_one_line(tmp_pat
             assert "LEDGER_CIPHER_KEY" in refused.message and "Traceback" not in refused.err
     shown = run("history", customer, data_dir=data, cwd=tmp_path, env=key)
     assert shown.code == 0, shown
+
+
+def test_an_outdated_file_beside_kafka_names_the_rebuild_from_kafka(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With a broker configured `ledger rebuild` refuses (exit 2) and names the Kafka
+    rebuild: the schema message must name that one (a review of the diff)."""
+    monkeypatch.setattr(
+        cli.State, "settings", Settings(data_dir=tmp_path, kafka=KafkaSettings("127.0.0.1:9"))
+    )
+    with pytest.raises(SystemExit) as ended:
+        cli._end_with(ProjectionsOutdated("version 3; run `ledger rebuild` to rebuild it"))
+    assert ended.value.code == 3
+    assert "`ledger rebuild --from-kafka`" in " ".join(capsys.readouterr().err.split())

@@ -465,7 +465,7 @@ def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
     )
     assert current["derived_published"] == []
     assert sorted(rebuilt["derived_published"]) == sorted((row[0],) for row in alarms)
-    assert f"{len(alarms):,} ResponseOverdue events before" in caplog.text
+    assert f"{len(alarms):,} ResponseOverdue events at or before" in caplog.text
 
 
 def test_redelivered_batch_changes_nothing(ledger: Ledger, tmp_path: Path) -> None:

@@ -133,7 +133,12 @@ def test_an_unanswered_email_is_waiting_then_overdue_by_the_as_of_clock(
     assert alarms(con) == []
     con.close()
 
-    con = project(ledger, settings, as_of=at(12))  # reached: the alarm is due
+    con = project(ledger, settings, as_of=at(12))  # reached, not passed: a reply now is in time
+    assert [w["status"] for w in waits(con)] == ["waiting"]
+    assert alarms(con) == []
+    con.close()
+
+    con = project(ledger, settings, as_of=at(12.01))  # passed: the alarm is due
     assert [(w["status"], w["answered_at"]) for w in waits(con)] == [("overdue", None)]
     assert [moment for moment, _ in alarms(con)] == [at(12)]
     con.close()
