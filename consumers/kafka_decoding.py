@@ -134,18 +134,14 @@ def decode_polled(polled: Mapping[TopicPartition, list[Any]], dead_letters: Dead
     return decoded
 
 
-ALL_SENT = sys.maxsize
-"""`sent_below` of a stream whose dead letters another group sends: they are only counted."""
-
-
 class DeadLetters:
     """The dead-letter topic: each record that cannot be decoded, with headers naming where
     it came from and why.
 
     `sent_below` holds, per stream, an offset below which the dead letters were sent
     already (by the consumer that built the live projections, when this reads the topic
-    again to rebuild them): those are counted, not sent again; `ALL_SENT` for a group that
-    only counts them (a copy: the ledger's own group sends them). With `retry` (a follower),
+    again to rebuild them): those are counted, not sent again. With `only_count` none is
+    sent (a copy's group: the ledger's own group sends them). With `retry` (a follower),
     dead letters the broker did not acknowledge (unreachable, or restarted: it no longer
     knows the idempotent producer's sequence numbers) are sent again with a new
     producer, with backoff, until it does."""
@@ -302,10 +298,15 @@ class Decoders:
         self._targets: dict[TopicPartition, int] = {}
 
     def assign(
-        self, ranges: Ranges, dead_letters_sent_below: Mapping[str, int] | None = None
+        self,
+        ranges: Ranges,
+        dead_letters_sent_below: Mapping[str, int] | None = None,
+        *,
+        only_count: bool = False,
     ) -> None:
         """Share the partitions out (round robin) and start reading. Dead letters below
-        `dead_letters_sent_below` (per stream) were sent already: see `DeadLetters`."""
+        `dead_letters_sent_below` (per stream) were sent already, and with `only_count`
+        none is sent: see `DeadLetters`."""
         shares: list[Ranges] = [{} for _ in self._connections]
         for n, tp in enumerate(sorted(ranges)):
             shares[n % len(shares)][tp] = ranges[tp]
@@ -313,7 +314,11 @@ class Decoders:
         for number, (connection, share) in enumerate(zip(self._connections, shares, strict=True)):
             try:
                 connection.send(
-                    (share, {stream(tp): sent_below.get(stream(tp), 0) for tp in share})
+                    (
+                        share,
+                        {stream(tp): sent_below.get(stream(tp), 0) for tp in share},
+                        only_count,
+                    )
                 )
             except OSError:
                 raise self._ended(number) from None
@@ -410,8 +415,8 @@ def _decode_ranges(
     dead_letters: DeadLetters | None = None
     try:
         ranges: Ranges
-        ranges, sent_below = connection.recv()
-        dead_letters = DeadLetters(settings, sent_below)
+        ranges, sent_below, only_count = connection.recv()
+        dead_letters = DeadLetters(settings, sent_below, only_count=only_count)
         reader.assign(list(ranges))
         seek(reader, ranges, {stream(tp): s for tp, (s, _) in ranges.items() if s is not None})
         sent = {tp: start or 0 for tp, (start, _) in ranges.items()}

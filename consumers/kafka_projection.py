@@ -60,7 +60,6 @@ from consumers.kafka import (
     watched,
 )
 from consumers.kafka_decoding import (
-    ALL_SENT,
     POLL_RECORDS,
     DeadLetters,
     Decoded,
@@ -746,7 +745,7 @@ def consume(
             handed.update(kept)
             feed.assign(
                 {tp: (handed.get(stream(tp)), end) for tp, end in targets.items()},
-                None if report.publishing else dict.fromkeys(map(stream, targets), ALL_SENT),
+                only_count=not report.publishing,
             )
         _project(
             feed,
@@ -954,9 +953,11 @@ def rebuild_from_kafka(
                     [], {(source, stream(tp)): 0 for tp in ends}
                 )
             )
-            if not publishes_derived(settings, group or settings.group):  # a copy's
-                dead_letters_sent_below = dict.fromkeys(map(stream, ends), ALL_SENT)
-            decoders.assign({tp: (None, end) for tp, end in ends.items()}, dead_letters_sent_below)
+            decoders.assign(
+                {tp: (None, end) for tp, end in ends.items()},
+                dead_letters_sent_below,
+                only_count=not publishes_derived(settings, group or settings.group),  # a copy
+            )
             _project(decoders, projector, report, handed={}, targets=ends, poll_ms=1000,
                      release_when_idle=False, on_batch=on_batch)  # fmt: skip
         finally:

@@ -66,7 +66,8 @@ numbered AS (
 waits AS (
     SELECT customer_id, answers, min(occurred_at) AS started_at,
            arg_min(event_id, key) AS started_by, arg_min(channel, key) AS channel,
-           arg_min(alarm_after_hours, key) AS alarm_after_hours, count(*) AS contacts
+           min(occurred_at) + to_hours(arg_min(alarm_after_hours, key)) AS alarm_at,
+           count(*) AS contacts
     FROM numbered WHERE direction = 'inbound'
     GROUP BY customer_id, answers
 ),
@@ -74,12 +75,11 @@ replies AS (
     SELECT customer_id, answers, occurred_at AS answered_at, event_id AS answered_by
     FROM numbered WHERE direction = 'outbound'
 )
-SELECT w.customer_id, w.started_at, w.started_by, w.channel, w.contacts,
-       w.started_at + to_hours(w.alarm_after_hours) AS alarm_at, r.answered_at, r.answered_by,
+SELECT w.customer_id, w.started_at, w.started_by, w.channel, w.contacts, w.alarm_at,
+       r.answered_at, r.answered_by,
        CASE WHEN r.answered_at IS NOT NULL THEN
-                 CASE WHEN r.answered_at <= w.started_at + to_hours(w.alarm_after_hours)
-                      THEN 'answered' ELSE 'answered_late' END
-            WHEN $as_of > w.started_at + to_hours(w.alarm_after_hours) THEN 'overdue'
+                 CASE WHEN r.answered_at <= w.alarm_at THEN 'answered' ELSE 'answered_late' END
+            WHEN $as_of > w.alarm_at THEN 'overdue'
             ELSE 'waiting' END AS status
 FROM waits AS w
 LEFT JOIN replies AS r ON r.customer_id = w.customer_id AND r.answers = w.answers + 1
