@@ -378,6 +378,9 @@ class Decoders:
     def shared(self) -> bool:
         return False  # a catch-up reads every partition
 
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        return not self.behind(handed)  # its ends were asked for at its start
+
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         pass  # no group to tell: the projections hold the offsets
 

@@ -93,6 +93,13 @@ CATCH_UP_HOLD_SECONDS = 5.0
 reopen, and `ledger query` waits for its turn."""
 
 
+IDLE_PUBLISH_SECONDS = 5.0
+"""How often a member sharing the topic with others checks, while its partitions stay
+quiet, whether the others' records revealed transitions of its customers that it may
+publish (see `_project`): each check reads the file's clock, which opens the file readers
+share, and asks the broker for its partitions' ends."""
+
+
 REBALANCING = (
     CommitFailedError,
     RebalanceInProgressError,
@@ -503,6 +510,11 @@ class _Feed(Protocol):
         """Whether others read some of the topic's partitions (members of its group)."""
         ...
 
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        """Whether every partition read was handed over up to its end as the broker
+        reports it when asked now (not as an earlier fetch found it)."""
+        ...
+
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         """The projections committed these next offsets."""
         ...
@@ -564,8 +576,10 @@ class _GroupMember:
         dead_letters: DeadLetters,
         projector: _ProjectorThread,
         listener: _SeekToStoredOffsets,
+        settings: KafkaSettings,
     ) -> None:
         self.consumer = kafka_consumer
+        self._settings = settings
         self._dead_letters = dead_letters
         self._projector = projector
         self._listener = listener
@@ -628,6 +642,19 @@ class _GroupMember:
         """Unknown partitions (metadata missing for a moment) count as shared."""
         topic_partitions = self.consumer.partitions_for_topic(self._listener.topic)
         return not topic_partitions or len(self.consumer.assignment()) < len(topic_partitions)
+
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        """Asks the broker (a probe of its own: the member's fetches answer for their own
+        moment); not when the member has no connection, where it would wait."""
+        assigned = self.consumer.assignment()
+        if not assigned or self._listener.unpositioned or _disconnected(self.consumer):
+            return False
+        try:
+            ends = high_watermarks(self._settings, self._listener.topic, **watched())
+        except (KafkaError, TopicMissing) as error:
+            log.info("the partitions' ends are not known now: %s", error)
+            return False
+        return all(tp in ends and handed.get(stream(tp), -1) >= ends[tp] for tp in assigned)
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         """The assigned partitions where the broker had more when it last answered a fetch
@@ -723,6 +750,7 @@ def consume(
                 ),
                 projector,
                 listener,
+                settings,
             )
             if publisher is not None:
                 publisher.own((), 0)  # nobody's derived events until partitions are assigned
@@ -849,13 +877,24 @@ def _project(
     release_when_idle: bool,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
+    idle_publish_seconds: float = IDLE_PUBLISH_SECONDS,
 ) -> None:
     """Hand what the feed decodes to the projector thread and report the batches it
     committed, until `should_stop` or (with `targets`) every partition was read to its
     target; returns when everything read is applied. `handed` holds, per stream, the next
     offset to hand over (kept up to date here, and by the listener on assignments);
     `latest` the business time handed over per partition (the listener drops revoked
-    partitions' times)."""
+    partitions' times).
+
+    A member sharing the topic publishes no further than its own partitions were read
+    (`publish_until`). While they stay quiet, the transitions of its customers that the
+    others' records reveal (a deadline the file's clock has passed) would wait for its
+    next record, for as long as that takes. So every `idle_publish_seconds` while it is
+    idle it reads the file's clock, then asks the broker whether its partitions hold
+    anything it has not read. If not, every record recorded before the event that set the
+    clock was read (the relay appends in the order events were recorded, and that event
+    was on the topic before the clock was read), and what comes later happened later: its
+    customers' transitions before that clock go out."""
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
     latest = {} if latest is None else latest
@@ -866,6 +905,8 @@ def _project(
     # a reader, and a group member that stopped polling meanwhile would be dropped.
     publishing: Future[int] | None = None
     releasing: Future[None] | None = None
+    clock_read: Future[datetime | None] | None = None  # a quiet member's check
+    next_check = time.monotonic() + idle_publish_seconds
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
 
@@ -901,6 +942,16 @@ def _project(
             if withheld and idle and publishing is None and not feed.behind(handed):
                 publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))
                 withheld = idle = False
+            quiet = idle and publishing is None and feed.shared()
+            if quiet and clock_read is None and time.monotonic() >= next_check:
+                clock_read = projector.submit(ProjectionWriter.clock)
+                idle = False
+            elif clock_read is not None and clock_read.done():
+                clock, clock_read = clock_read.result(), None
+                next_check = time.monotonic() + idle_publish_seconds
+                if quiet and clock is not None and feed.caught_up(handed):
+                    publishing = projector.publish_all(clock)
+                    idle = False
             if release_when_idle and idle and releasing is None:
                 releasing = projector.submit(ProjectionWriter.release)
             continue

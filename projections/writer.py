@@ -13,12 +13,13 @@ of after every few batches.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
 
 from projections.projector import Projector
-from projections.schema import connect
+from projections.schema import connect, stored_clock
 
 #: In bulk, the WAL is checkpointed at this size (and on close) rather than DuckDB's 16 MB.
 BULK_CHECKPOINT_THRESHOLD = "64MB"
@@ -61,6 +62,18 @@ class ProjectionWriter:
             self._projector = Projector(self._con)
             self._opened_at = time.monotonic()
         return self._projector
+
+    def clock(self) -> datetime | None:
+        """The file's as-of clock. A released file is opened just to read it, without
+        setting up the projector (a group member idle on quiet partitions asks every few
+        seconds), and left released."""
+        if self._con is not None:
+            return stored_clock(self._con)
+        con = connect(self.path, wait_seconds=self.wait_seconds)
+        try:
+            return stored_clock(con)
+        finally:
+            con.close()
 
     def release_due(self) -> bool:
         """Whether `after_batch` will release the file: held longer than `hold_seconds`."""

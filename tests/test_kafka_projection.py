@@ -670,15 +670,27 @@ class _ScriptedFeed:
     dead_letters = 0
 
     def __init__(
-        self, script: list[Decoded], targets: dict[TopicPartition, int], sharing: bool = False
+        self,
+        script: list[Decoded],
+        targets: dict[TopicPartition, int],
+        sharing: bool = False,
+        ends: dict[TopicPartition, int] | None = None,
     ) -> None:
+        """`targets`: each partition's end as its fetches reported it; `ends`: as the broker
+        reports it when asked (by default the same)."""
         self.script, self.targets, self.sharing = script, targets, sharing
+        self.ends = targets if ends is None else ends
+        self.asked = 0  # how often the broker's ends were asked for
 
     def read(self, timeout_ms: int) -> list[Decoded]:
         return [self.script.pop(0)] if self.script else []
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
+
+    def caught_up(self, handed: dict[str, int]) -> bool:
+        self.asked += 1
+        return all(handed.get(stream(tp), 0) >= end for tp, end in self.ends.items())
 
     def shared(self) -> bool:
         return self.sharing
@@ -798,11 +810,20 @@ def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_ba
 
 
 def sharing_member(
-    path: Path, kafka: KafkaSettings, owns: TopicPartition, end: int, script: list[Decoded]
-) -> None:
+    path: Path,
+    kafka: KafkaSettings,
+    owns: TopicPartition,
+    end: int,
+    script: list[Decoded],
+    *,
+    broker_end: int | None = None,
+    idle_for: float = 0.0,
+) -> _ScriptedFeed:
     """A member of a group of several, owning partition `owns` (whose end its fetches
-    report at `end`), projecting into the group's file at `path` what `script` decodes,
-    then stopping."""
+    report at `end`, and the broker, when asked, at `broker_end`: by default the same),
+    projecting into the group's file at `path` what `script` decodes, then staying idle
+    for `idle_for` seconds (checking for what it may publish every 0.1 s), then stopping.
+    Its feed, afterwards."""
     publisher = DerivedPublisher(kafka)
     projector = kafka_projection._ProjectorThread(
         ProjectionWriter(path), "kafka:test", max_waiting=1, publisher=publisher
@@ -812,29 +833,40 @@ def sharing_member(
     listener = kafka_projection._SeekToStoredOffsets(
         _NoSeeking({owns}), projector, "kafka:test", handed, latest, publisher, "t"
     )
-    feed = _ScriptedFeed(script, {owns: end}, sharing=True)
+    feed = _ScriptedFeed(
+        script, {owns: end}, sharing=True, ends=None if broker_end is None else {owns: broker_end}
+    )
+    idle_until: list[float] = []
+
+    def done() -> bool:
+        if feed.script:
+            return False
+        idle_until[:] = idle_until or [time.monotonic() + idle_for]
+        return time.monotonic() >= idle_until[0]
+
     projector.start()
     try:
         listener.on_partitions_assigned({owns})
         wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
         kafka_projection._project(
             feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
-            targets=None, poll_ms=100, release_when_idle=True,
-            should_stop=lambda: not feed.script,
+            targets=None, poll_ms=100, release_when_idle=True, should_stop=done,
+            idle_publish_seconds=0.1,
         )  # fmt: skip
     finally:
         projector.stop()
         publisher.close()
+    return feed
 
 
 def urgent_complaint_story(
-    ledger: Ledger, topic: str, contacts_after: list[tuple[str, str]]
+    ledger: Ledger, topic: str, contacts_after: list[tuple[str, str]], acknowledged: bool = True
 ) -> tuple[dict[str, tuple[int, bytes]], TopicPartition, TopicPartition]:
     """Customer X files an urgent complaint at 09:00 and has it acknowledged at 09:30 (it
-    never warns nor breaches); Y, in another of 3 partitions, is registered at 08:00;
-    then inbound contacts `contacts_after` ("x" or "y", ISO time), in that order. The
-    stored documents by name (registered_x, registered_y, filed, acknowledged,
-    x_later, y_later), X's partition and Y's."""
+    never warns nor breaches; unless not `acknowledged`); Y, in another of 3 partitions,
+    is registered at 08:00; then inbound contacts `contacts_after` ("x" or "y", ISO time),
+    in that order. The stored documents by name (registered_x, registered_y, filed,
+    acknowledged, x_later, y_later), X's partition and Y's."""
     x, y = "X-0", next(f"Y-{n}" for n in range(100)
                        if partition_of(f"Y-{n}", 3) != partition_of("X-0", 3))  # fmt: skip
     accept(ledger, [
@@ -842,12 +874,13 @@ def urgent_complaint_story(
         event("CustomerRegistered", y, "2025-01-06T08:00:00Z"),
         event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
               "channel": "phone", "category": "billing", "priority": "urgent"}),
-        event("ComplaintAcknowledged", x, "2025-01-06T09:30:00Z", {"complaint_id": "c1"}),
+        *([event("ComplaintAcknowledged", x, "2025-01-06T09:30:00Z", {"complaint_id": "c1"})]
+          if acknowledged else []),
         *(event("ContactLogged", {"x": x, "y": y}[who], when,
                 {"channel": "phone", "direction": "inbound"}) for who, when in contacts_after),
     ])  # fmt: skip
     _, documents = ledger.documents_after(0, 100)
-    names = ["registered_x", "registered_y", "filed", "acknowledged",
+    names = ["registered_x", "registered_y", "filed", *(["acknowledged"] if acknowledged else []),
              *(f"{who}_later" for who, _ in contacts_after)]  # fmt: skip
     p, q = (TopicPartition(topic, partition_of(c, 3)) for c in (x, y))
     return dict(zip(names, documents, strict=True)), p, q
@@ -917,6 +950,56 @@ def test_a_member_read_to_its_end_publishes_no_further_than_its_own_partitions_r
         assert con.execute(published).fetchall() == con.execute(stages).fetchall()
     finally:
         con.close()
+
+
+def sla_transitions_sent(kafka: KafkaSettings) -> list[tuple[str, str]]:
+    sent = [orjson.loads(r.value) for r in read_topic(kafka, kafka.derived_topic)]
+    return [(f["type"], f["customer_id"]) for f in sent if f["type"].startswith("Sla")]
+
+
+def test_a_quiet_member_publishes_its_customers_transitions_the_others_records_reveal(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """Member B reads X's partition to its end: X's urgent complaint, filed at 09:00, not
+    answered. Member A reads Y's to 11:00, moving the file's clock past the complaint's
+    first-response deadlines. X's warning and breach are B's to publish, but B's own
+    partition stays quiet: no record of its own will move it on. While idle, B asks the
+    broker whether its partition holds more; it does not, so B publishes them."""
+    d, p, q = urgent_complaint_story(
+        ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z")], acknowledged=False
+    )
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+
+    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
+    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    assert sla_transitions_sent(kafka_settings) == []
+    quiet = member(p, 2, [], idle_for=2.0)  # restarted: nothing of its own read since
+    x = orjson.loads(d["filed"][1])["customer_id"]
+    assert sla_transitions_sent(kafka_settings) == [("SlaWarning", x), ("SlaBreached", x)]
+    assert quiet.asked >= 1
+
+
+def test_a_quiet_member_does_not_publish_while_the_broker_holds_more_of_its_partition(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """As above, but the relay has appended X's acknowledgement (09:30) since B's last fetch
+    found its partition read to the end: the broker, asked, reports more. B must not
+    publish the warning and breach that record takes back."""
+    d, p, q = urgent_complaint_story(ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z")])
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+
+    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
+    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    con = connect(settings.projections_path, read_only=True)
+    try:  # what A's batch derived for X, against its clock
+        assert con.execute(SLA_DERIVED).fetchall()[0][0] == 2, "the test proves nothing"
+    finally:
+        con.close()
+    quiet = member(p, 2, [], broker_end=3, idle_for=1.5)
+    assert quiet.asked >= 3, "B did not ask the broker"
+    assert sla_transitions_sent(kafka_settings) == []
 
 
 def test_derived_events_wait_for_the_partitions_behind() -> None:
@@ -1156,6 +1239,55 @@ def test_two_members_share_the_partitions_and_together_project_everything(
     ids = published_ids(kafka_settings)
     assert ids and len(ids) == len(set(ids)), "each derived event is published once"
     assert event_ids(path, "derived_published") <= set(ids)
+
+
+def test_a_member_whose_partitions_stay_quiet_publishes_what_the_others_reveal(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Two members, real broker. X files an urgent complaint at 09:00 and nothing more
+    happens in X's partition; a contact of Y at 11:00, in a partition the other member
+    reads, moves the file's clock past the complaint's first-response deadlines. X's
+    member publishes the warning and the breach without waiting for a record of its own."""
+    group, path = kafka_settings.group, settings.projections_path
+    members: list[Member] = []
+    x = "X-quiet"
+    try:
+        with following_relay(settings, kafka_settings, tmp_path / "relay.json") as relayed:
+            members.append(Member(settings, kafka_settings, group))
+            wait_until(lambda: members[0].assignments == ["0,1,2"], 60, "the first did not join")
+            members.append(Member(settings, kafka_settings, group))
+
+            def owner_of(partition: int) -> Member | None:
+                return next((m for m in members if m.assignments and str(partition)
+                             in m.assignments[-1].split(",")), None)  # fmt: skip
+
+            def shared() -> bool:
+                return all(m.assignments and m.assignments[-1] for m in members)
+
+            wait_until(shared, 90, "the members did not share the partitions")
+            partitions = kafka_settings.partitions
+            x_owner = owner_of(partition_of(x, partitions))
+            y = next(
+                f"Y-{n}" for n in range(1000)
+                if owner_of(partition_of(f"Y-{n}", partitions)) not in (x_owner, None)
+            )  # fmt: skip
+            relay_and_wait(ledger, [
+                event("CustomerRegistered", x, "2025-01-06T08:00:00Z"),
+                event("CustomerRegistered", y, "2025-01-06T08:00:00Z"),
+                event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
+                      "channel": "phone", "category": "billing", "priority": "urgent"}),
+            ], relayed, path, group)  # fmt: skip
+            relay_and_wait(ledger, [event("ContactLogged", y, "2025-01-06T11:00:00Z",
+                           {"channel": "phone", "direction": "inbound"})],
+                           relayed, path, group)  # fmt: skip
+            wait_until(
+                lambda: ("SlaBreached", x) in sla_transitions_sent(kafka_settings),
+                kafka_projection.IDLE_PUBLISH_SECONDS + 30, "X's breach was not published",
+            )  # fmt: skip
+    finally:
+        failures = [member.stop() for member in members]
+    assert not any(failures), failures
+    assert sla_transitions_sent(kafka_settings) == [("SlaWarning", x), ("SlaBreached", x)]
 
 
 def test_members_stay_in_the_group_while_a_reader_holds_the_file(
