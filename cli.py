@@ -53,6 +53,7 @@ from consumers.derived_publishing import publishes_derived
 from consumers.kafka import KafkaSettings, TopicMissing, worth_retrying
 from consumers.kafka_decoding import DecoderFailed, list_dead_letters
 from consumers.status import PipelineStatus, pipeline_status
+from domain import audit
 from domain.customer import AHEAD_OF_RECORDING
 from domain.events import EVENT_MODELS, contract_schema, contract_types, type_schema
 from domain.intake import Rejected, exact_json, parse_record
@@ -590,6 +591,75 @@ def history(
             for f in facts
         ],
     )
+
+
+@app.command()
+def verify(
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            metavar="POSITION:DIGEST",
+            help="A digest kept from an earlier run: check that the events up to its "
+            "position are still the ones it covered (exit 1 if not).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Prove the recorded history unaltered: print the hash-chain digest of every event
+    recorded so far, or check one kept earlier.
+
+    Keep the digest it prints (outside the ledger's machine); `--expect` later recomputes it
+    from the store: any event up to that position altered, removed or inserted since gives
+    another digest."""
+    try:
+        expected = None if expect is None else audit.parse_point(expect)
+    except audit.MalformedChainPoint as error:
+        _fail(str(error), code=2)
+    ledger = _ledger(create=False)
+    with _progress() as progress:
+        task = progress.add_task("hashing", total=None)
+
+        def on_progress(position: int, end: int) -> None:
+            progress.update(task, completed=position, total=end)
+
+        if expected is None:
+            point = audit.chain(ledger, on_progress=on_progress)
+        else:
+            verdict = audit.verify(ledger, expected, on_progress=on_progress)
+            point = verdict.found
+    document = {"position": point.position, "events": point.events, "digest": point.digest}
+    if expected is None:
+        if as_json:
+            _print_json_lines([document])
+            return
+        out.print(f"{point.events:,} events up to position {point.position:,}: digest")
+        out.print(str(point), soft_wrap=True)
+        out.print(
+            "Keep it outside this machine: `ledger verify --expect` with it shows later "
+            "whether any of these events was altered, removed or inserted since."
+        )
+        return
+    position, digest = expected
+    if as_json:
+        _print_json_lines([{**document, "expected": digest, "unaltered": verdict.unaltered}])
+    elif verdict.unaltered:
+        out.print(
+            f"unaltered: the {point.events:,} events up to position {position:,} give the "
+            "digest kept"
+        )
+    elif verdict.store_ends_before:
+        _say_error(
+            f"the store ends at position {verdict.head:,}, before {position:,}: events were "
+            "removed, or the digest is of another store"
+        )
+    else:
+        _say_error(
+            f"ALTERED: the {point.events:,} events up to position {position:,} give digest "
+            f"{point.digest}, not the one kept: an event up to there was altered, removed or "
+            "inserted since (or the digest is of another store)"
+        )
+    if not verdict.unaltered:
+        raise typer.Exit(EXIT_REJECTED)
 
 
 @app.command()

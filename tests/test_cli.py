@@ -62,7 +62,9 @@ EVENT_TYPES = {
     "ComplaintClosed",
     "SurveyAnswered",
 }
-COMMANDS = ("ingest", "record", "project", "rebuild", "query", "history", "schema", "demo")
+COMMANDS = (
+    "ingest", "record", "project", "rebuild", "query", "history", "verify", "schema", "demo",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

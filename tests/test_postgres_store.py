@@ -27,6 +27,7 @@ from conftest import PG_DSN, event, fact_count, project, record
 from bootstrap import Settings, open_ledger
 from consumers import relay
 from consumers.kafka import KafkaSettings
+from domain import audit
 from domain.demo_history import generate_history
 from domain.ledger import Ledger, Outcome, StoreLockLost
 
@@ -596,3 +597,26 @@ def test_a_following_relay_stops_when_its_store_lock_goes_with_its_session(
     following.join(timeout=30)
     assert not following.is_alive(), "the relay went on without its lock"
     assert len(ended) == 1 and isinstance(ended[0], StoreLockLost), ended
+
+
+def test_verify_finds_an_event_altered_in_postgres(
+    open_pg: OpenLedger, postgres_settings: Settings
+) -> None:
+    """`ledger verify`'s chain on PostgreSQL: positions are the notification ids; an amount
+    changed in one stored row, behind the ledger's back, gives another digest."""
+    ledger = open_pg()
+    assert all(o.status == "accepted" for o in record(ledger, generate_history(customers=6)))
+    kept = audit.chain(ledger)
+    assert kept.position == ledger.head() and kept.events == fact_count(ledger)
+    assert audit.verify(open_pg(), (kept.position, kept.digest)).unaltered
+
+    table = f'"{schema_of(postgres_settings)}".{EVENTS_TABLE}'
+    text = "convert_from(state, 'UTF8')"
+    with psycopg.connect(PG_DSN, autocommit=True) as con:
+        changed = con.execute(
+            f"UPDATE {table} SET state = convert_to(replace({text}, "
+            f"'\"amount\":\"', '\"amount\":\"1'), 'UTF8') WHERE notification_id = "
+            f'(SELECT min(notification_id) FROM {table} WHERE {text} LIKE \'%"amount":"%\')'
+        ).rowcount
+    assert changed == 1
+    assert not audit.verify(open_pg(), (kept.position, kept.digest)).unaltered
