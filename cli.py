@@ -57,8 +57,8 @@ from domain import audit
 from domain.customer import AHEAD_OF_RECORDING
 from domain.events import EVENT_MODELS, contract_schema, contract_types, type_schema
 from domain.intake import Rejected, exact_json, parse_record
-from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost
-from projections import reports
+from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost, in_business_order
+from projections import reports, snapshot
 from projections.projector import BatchResult
 from projections.rebuild import RebuildBehind
 from projections.schema import (
@@ -185,18 +185,25 @@ def _wait_for_the_ledger(poll_seconds: float = 1.0) -> None:
         time.sleep(poll_seconds)
 
 
-def _parse_as_of(value: str | None) -> datetime | None:
-    if value is None:
-        return None
+def _parse_moment(value: str, option: str) -> datetime:
+    """'now' or an ISO-8601 date-time with a UTC offset (a usage error otherwise)."""
     if value == "now":
         return datetime.now(UTC)
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        _fail(f"--as-of {value!r} is not 'now' or an ISO-8601 date-time", code=2)
+        _fail(f"{option} {value!r} is not 'now' or an ISO-8601 date-time", code=2)
     if moment.tzinfo is None:
         example = value if "T" in value or " " in value else f"{value}T00:00:00"
-        _fail(f"--as-of {value!r} has no UTC offset (write e.g. {example}+00:00)", code=2)
+        _fail(f"{option} {value!r} has no UTC offset (write e.g. {example}+00:00)", code=2)
+    return moment
+
+
+def _parse_as_of(value: str | None) -> datetime | None:
+    """`project --as-of`: a moment, not in the future."""
+    if value is None:
+        return None
+    moment = _parse_moment(value, "--as-of")
     if moment > datetime.now(UTC) + AHEAD_OF_RECORDING:
         _fail(
             f"--as-of {value} lies more than {AHEAD_OF_RECORDING} after now: the as-of "
@@ -569,12 +576,53 @@ def query(
 @app.command()
 def history(
     customer_id: Annotated[str, typer.Argument(help="The customer whose timeline to print.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (a line per event).")] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TIME",
+            help="Only what had happened by then (business time): 'now' or ISO-8601 "
+            "with a UTC offset.",
+        ),
+    ] = None,
+    known_at: Annotated[
+        str | None,
+        typer.Option(metavar="TIME", help="Only what the ledger had recorded by then."),
+    ] = None,
+    state: Annotated[
+        bool,
+        typer.Option(
+            "--state",
+            help="Instead of the timeline, the customer's projections as they stood then "
+            "(profile, stages, complaints and their SLA, response waits, derived events), "
+            "computed from those events with the clock at --as-of (else --known-at).",
+        ),
+    ] = False,
 ) -> None:
-    """Print a customer's full timeline from the event store, in business-time order."""
-    facts = _ledger(create=False).timeline(customer_id)
-    if not facts:
+    """Print a customer's timeline from the event store, in business-time order, or with
+    --state their projections; as the history stood at a moment (--as-of, --known-at)."""
+    happened_by = None if as_of is None else _parse_moment(as_of, "--as-of")
+    known_by = None if known_at is None else _parse_moment(known_at, "--known-at")
+    recorded = _ledger(create=False).recorded(customer_id)
+    if not recorded:
         _fail(f"no events for customer {customer_id!r}", code=EXIT_REJECTED)
+    kept = audit.as_it_stood(recorded, happened_by=happened_by, known_by=known_by)
+    if not kept:
+        bounds = " and ".join(
+            f"{what} {moment.isoformat()}"
+            for what, moment in (
+                ("had happened by", happened_by),
+                ("had been recorded by", known_by),
+            )
+            if moment is not None
+        )
+        _fail(f"customer {customer_id!r} has no events that {bounds}", code=EXIT_REJECTED)
+    if state:
+        _print_customer_state(
+            customer_id, snapshot.customer_state(kept, happened_by or known_by), as_json
+        )
+        return
+    facts = in_business_order(kept)
     if as_json:
         _print_json_lines(facts)
         return
@@ -591,6 +639,30 @@ def history(
             for f in facts
         ],
     )
+
+
+STATE_COLUMNS = {
+    "loyalty_stages": ("stage", "entered_at", "exited_at", "reason"),
+    "complaints": ("complaint_id", "priority", "status", "filed_at", "first_response_status",
+                   "resolution_due", "resolution_status"),
+    "response_waits": ("started_at", "channel", "alarm_at", "answered_at", "status"),
+    "derived_events": ("occurred_at", "type", "data"),
+}  # fmt: skip
+"""The columns `history --state` shows of each table (--json: every column)."""
+
+
+def _print_customer_state(customer_id: str, state: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps({"customer_id": customer_id, **state}, default=str))
+        sys.stdout.buffer.write(b"\n")
+        return
+    out.print(f"{customer_id} as of {state['as_of'].isoformat()}", markup=False)
+    profile = state["profile"][0] if state["profile"] else {}
+    _print_table(["field", "value"], [(k, v) for k, v in profile.items() if v is not None])
+    for name, columns in STATE_COLUMNS.items():
+        if state[name]:
+            rows = [[row[column] for column in columns] for row in state[name]]
+            _print_table(columns, rows, title=name)
 
 
 @app.command()

@@ -1,10 +1,17 @@
-"""Proof for auditors that the recorded history was not altered: a hash chain over it.
+"""For auditors: what a customer's history held at a past moment, and proof that the
+recorded history was not altered since a digest of it was kept.
 
-The digest at a store position is SHA-256 chained over every event recorded up to there,
-in store order: each link hashes the previous digest, the event's position and the event
-in the contract's recorded JSON (what the projections mirror).
-Changing, removing, inserting or reordering any of those events changes the digest at
-every position from there on, and no one can make other events give the same digest.
+Events carry two times: when they happened (`occurred_at`) and when the ledger recorded
+them (`recorded_at`). `as_it_stood` keeps the events that had happened by a moment, or
+that the ledger knew of by then, or both: a late event (recorded after it happened) is in
+the first view and not in the second.
+
+The proof is a hash chain over the recorded history. The digest at a store position is
+SHA-256 chained over every event recorded up to there, in store order: each link hashes
+the previous digest, the event's position and the event in the contract's recorded JSON
+(what the projections mirror). Changing, removing, inserting or reordering any of those
+events changes the digest at every position from there on, and no one can make other
+events give the same digest.
 
 A digest proves nothing alone: an auditor keeps one (`ledger verify` prints it, with its
 position), and later `ledger verify --expect POSITION:DIGEST` recomputes it from the store.
@@ -17,10 +24,28 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from domain.ledger import Ledger
+from domain.ledger import Fact, Ledger
+
+
+def as_it_stood(
+    recorded: Sequence[tuple[int, Fact]],
+    *,
+    happened_by: datetime | None = None,
+    known_by: datetime | None = None,
+) -> list[tuple[int, Fact]]:
+    """The facts (with their order of recording) that had happened by `happened_by` and
+    that the ledger had recorded by `known_by` (either bound may be left out)."""
+    return [
+        (order, fact)
+        for order, fact in recorded
+        if (happened_by is None or datetime.fromisoformat(fact["occurred_at"]) <= happened_by)
+        and (known_by is None or datetime.fromisoformat(fact["recorded_at"]) <= known_by)
+    ]
+
 
 CHAIN_START = hashlib.sha256(b"customer-ledger event chain v1").digest()
 """The digest before the first event (so an empty store has one too)."""

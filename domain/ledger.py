@@ -182,6 +182,14 @@ class OrjsonTranscoder(JSONTranscoder):
         return value
 
 
+def in_business_order(recorded: Iterable[tuple[int, Fact]]) -> list[Fact]:
+    """Facts in business-time order, those at the same time in their order of recording."""
+    ordered = sorted(recorded, key=lambda item: item[0])
+    return sorted(
+        (fact for _, fact in ordered), key=lambda f: datetime.fromisoformat(f["occurred_at"])
+    )
+
+
 def _replay(customer: Customer | None, events: Iterable[Customer.Event]) -> Customer | None:
     """A customer from its stored events: the library's `project_aggregate` without its
     typing.Protocol isinstance check per event, which takes as long as all the rest of
@@ -311,10 +319,13 @@ class Ledger(Application[UUID]):
 
     def timeline(self, customer_id: str) -> list[Fact]:
         """Every fact about a customer in business-time order (then recording order)."""
+        return in_business_order(self.recorded(customer_id))
+
+    def recorded(self, customer_id: str) -> list[tuple[int, Fact]]:
+        """Every fact about a customer in recording order, with its version in the
+        customer's stream (which orders them as their store positions do)."""
         stream = self.repository.event_store.get(customer_stream_id(customer_id))
-        facts = [e.fact for e in stream if isinstance(e, Customer.Recorded)]
-        facts.sort(key=lambda f: datetime.fromisoformat(f["occurred_at"]))  # stable
-        return facts
+        return [(e.originator_version, e.fact) for e in stream if isinstance(e, Customer.Recorded)]
 
     @contextmanager
     def held_alone(self, name: str) -> Iterator[StoreLock]:

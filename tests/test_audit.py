@@ -1,16 +1,21 @@
-"""The hash chain that proves the recorded history unaltered (`domain.audit`, `ledger
-verify`): its definition as the README gives it, and what tampering with a real SQLite
-store does to it."""
+"""For auditors (`domain.audit`): a customer's history and projections as they stood at a
+past moment (`ledger history --as-of/--known-at/--state`), and the hash chain that
+proves the recorded history unaltered (`ledger verify`): its definition as the README
+gives it, and what tampering with a real SQLite or PostgreSQL store does to it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sqlite3
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import pytest
-from conftest import accept, event
+from conftest import accept, event, project
 from eventsourcing.cryptography import AESCipher
 from test_cli import run
 
@@ -18,6 +23,8 @@ from bootstrap import Settings, open_ledger
 from domain import audit
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
+from projections import snapshot
+from projections.schema import stored_clock
 
 
 def readme_digest(ledger: Ledger) -> str:
@@ -186,3 +193,115 @@ def test_verify_on_the_command_line(tmp_path: Path) -> None:
     assert malformed.code == 2 and "POSITION:DIGEST" in malformed.message, malformed
     missing = run("verify", data_dir=tmp_path / "nowhere", cwd=tmp_path)
     assert missing.code == 3 and "no ledger" in missing.message, missing
+
+
+# --- the history as it stood ------------------------------------------------------------------
+
+
+def live_rows(con: duckdb.DuckDBPyConnection, customer_id: str) -> dict[str, list[Any]]:
+    """The live projections' rows about one customer, as `snapshot.CUSTOMER_TABLES` selects
+    them."""
+    found = {}
+    for name, sql in snapshot.CUSTOMER_TABLES.items():
+        table = sql.split("FROM")[1].split()[0]
+        columns = sql.split("SELECT")[1].split("FROM")[0]
+        order = sql.split("ORDER BY")[1] if "ORDER BY" in sql else "1"
+        found[name] = con.execute(
+            f"SELECT {columns} FROM {table} WHERE customer_id = ? ORDER BY {order}",
+            [customer_id],
+        ).fetchall()
+    return found
+
+
+def test_a_customers_state_is_what_the_live_projections_hold_at_their_clock(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """Run over one customer's events alone, with the clock of the live projections, the
+    projector gives that customer's rows of the live tables, every one (the ABC class
+    aside: it ranks all customers)."""
+    accept(ledger, generate_history(customers=40))
+    con = project(ledger, settings)
+    try:
+        clock = stored_clock(con)
+        customers = [row[0] for row in con.execute(
+            "SELECT customer_id FROM customer_profiles ORDER BY complaint_count DESC, "
+            "customer_id LIMIT 12"
+        ).fetchall()]  # fmt: skip
+        assert customers
+        compared = 0
+        for customer in customers:
+            state = snapshot.customer_state(ledger.recorded(customer), clock)
+            assert state["as_of"] == clock
+            live = live_rows(con, customer)
+            for name in snapshot.CUSTOMER_TABLES:
+                mine = [tuple(row.values()) for row in state[name]]
+                assert mine == live[name], (customer, name)
+                compared += len(mine)
+    finally:
+        con.close()
+    assert compared > 100
+
+
+def test_what_had_happened_and_what_was_known_by_a_moment(ledger: Ledger) -> None:
+    """An urgent complaint filed at 09:00 and acknowledged at 09:30, the acknowledgement
+    recorded only later. As of 10:30 the first response was met; as of 10:30 with only what
+    the ledger knew before the acknowledgement was recorded, it was breached."""
+    accept(ledger, [
+        event("CustomerRegistered", "A1", "2025-01-06T08:00:00Z"),
+        event("ComplaintFiled", "A1", "2025-01-06T09:00:00Z", {"complaint_id": "k1",
+              "channel": "phone", "category": "billing", "priority": "urgent"}),
+    ])  # fmt: skip
+    before_the_acknowledgement = datetime.now(UTC)
+    time.sleep(0.01)
+    accept(ledger, [event("ComplaintAcknowledged", "A1", "2025-01-06T09:30:00Z",
+                          {"complaint_id": "k1"})])  # fmt: skip
+    recorded = ledger.recorded("A1")
+    half_past_ten = datetime(2025, 1, 6, 10, 30, tzinfo=UTC)
+
+    def first_response(**bounds: datetime) -> str:
+        kept = audit.as_it_stood(recorded, **bounds)
+        status: str = snapshot.customer_state(kept, half_past_ten)["complaints"][0][
+            "first_response_status"
+        ]
+        return status
+
+    assert first_response(happened_by=half_past_ten) == "met"
+    assert first_response(happened_by=half_past_ten, known_by=before_the_acknowledgement) == (
+        "breached"
+    )
+    assert [f["type"] for _, f in audit.as_it_stood(recorded, happened_by=half_past_ten.replace(
+        hour=9, minute=0))] == ["CustomerRegistered", "ComplaintFiled"]  # fmt: skip
+
+
+def test_history_as_of_on_the_command_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    accept(open_ledger(Settings(data_dir=data)), [
+        event("CustomerRegistered", "A1", "2025-01-06T08:00:00Z"),
+        event("PurchaseRecorded", "A1", "2025-01-06T09:00:00Z",
+              {"order_id": "o1", "amount": "20.00", "currency": "EUR"}),
+        event("PurchaseRecorded", "A1", "2025-01-20T09:00:00Z",
+              {"order_id": "o2", "amount": "30.00", "currency": "EUR"}),
+    ])  # fmt: skip
+
+    timeline = run("history", "A1", "--as-of", "2025-01-10T00:00:00+00:00", "--json",
+                   data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert timeline.code == 0, timeline
+    assert [json.loads(line)["type"] for line in timeline.out.splitlines()] == [
+        "CustomerRegistered", "PurchaseRecorded"
+    ]  # fmt: skip
+    state = run("history", "A1", "--state", "--as-of", "2025-01-10T00:00:00+00:00", "--json",
+                data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert state.code == 0, state
+    found = state.json()
+    assert found["profile"][0]["purchase_count"] == 1
+    assert found["profile"][0]["total_spend"] == "20.0000"
+    assert found["profile"][0]["loyalty_stage"] == "new"
+    assert "abc_class" not in found["profile"][0]
+    now = run("history", "A1", "--state", data_dir=data, cwd=tmp_path)
+    assert now.code == 0 and "retained" in now.out, now
+
+    early = run("history", "A1", "--as-of", "2024-12-31T00:00:00+00:00",
+                data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert early.code == 1 and "no events that had happened by" in early.message, early
+    no_offset = run("history", "A1", "--known-at", "2025-01-10", data_dir=data, cwd=tmp_path)
+    assert no_offset.code == 2 and "UTC offset" in no_offset.message, no_offset
