@@ -4,7 +4,12 @@
 - value: the event as JSON, the recorded shape of `domain.events` (`ledger schema`);
 - headers: `ce_specversion`, `ce_id` (the event id), `ce_source`, `ce_type`, `ce_time`
   (business time), `ce_subject` (customer id), `ce_dataschema`, `content-type`, and the
-  extension `ce_ledgerposition` (the event store's position).
+  extension `ce_ledgerposition` (the event store's position); the first record of each
+  batch the relay sends also carries the extension `ce_ledgerrelayed`: every event at or
+  below that store position was on the topic, in whatever partition, before this record
+  was sent (the relay sends a batch only once the broker has acknowledged the one
+  before). Partitions are read at their own pace, and a record does not say by itself
+  what the others hold.
 
 Any Kafka client can read the topic with these rules alone; `decode` is the inverse used
 by this project's consumer groups, and rejects what a subscriber could not trust.
@@ -35,8 +40,11 @@ class KafkaRecord:
     headers: Headers
 
 
-def encode(fact: dict[str, Any], document: bytes, position: int | None) -> KafkaRecord:
-    """The record for one recorded (or derived) event; `document` is its JSON."""
+def encode(
+    fact: dict[str, Any], document: bytes, position: int | None, relayed: int | None = None
+) -> KafkaRecord:
+    """The record for one recorded (or derived) event; `document` is its JSON; `relayed`:
+    the store position up to which every event is on the topic already, if known."""
     headers: Headers = [
         ("ce_specversion", SPEC_VERSION),
         ("ce_id", fact["event_id"].encode()),
@@ -49,6 +57,8 @@ def encode(fact: dict[str, Any], document: bytes, position: int | None) -> Kafka
     ]
     if position is not None:
         headers.append(("ce_ledgerposition", str(position).encode()))
+    if relayed is not None:
+        headers.append(("ce_ledgerrelayed", str(relayed).encode()))
     return KafkaRecord(fact["customer_id"].encode(), document, headers)
 
 
@@ -66,9 +76,16 @@ class UndecodableRecord(ValueError):
     """A record a subscriber cannot trust; the message says why (for the dead letters)."""
 
 
-def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes, datetime]:
-    """(store position, event JSON, business time) of a record on the events topic,
-    validated."""
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    position: int  # in the event store
+    value: bytes  # the event's JSON
+    occurred_at: datetime
+    relayed: int | None  # `ce_ledgerrelayed`, when the record carries it
+
+
+def decode(headers: Headers, value: bytes | None) -> DecodedRecord:
+    """A record of the events topic, validated."""
     found = dict(headers)
     if found.get("ce_specversion") != SPEC_VERSION:
         raise UndecodableRecord("not a CloudEvents 1.0 record (ce_specversion header)")
@@ -84,4 +101,9 @@ def decode(headers: Headers, value: bytes | None) -> tuple[int, bytes, datetime]
         raise UndecodableRecord(explain(error)) from None
     if found.get("ce_id", b"").decode(errors="replace") != str(event.event_id):
         raise UndecodableRecord("ce_id does not match the event's event_id")
-    return position, value, event.occurred_at
+    relayed = found.get("ce_ledgerrelayed")
+    try:
+        relayed_up_to = None if relayed is None else int(relayed)
+    except ValueError:
+        raise UndecodableRecord("ce_ledgerrelayed header not a number") from None
+    return DecodedRecord(position, value, event.occurred_at, relayed_up_to)

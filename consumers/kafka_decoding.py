@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -79,12 +80,13 @@ def keep_latest(
 class Decoded:
     """Decoded records on their way to the projector: per partition, the facts in offset
     order, the next offset to read (past its dead letters too) and the latest business
-    time among them."""
+    time among them; and the highest `ce_ledgerrelayed` among them (0: none)."""
 
     facts: dict[TopicPartition, list[tuple[int, bytes]]] = field(default_factory=dict)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     latest: dict[TopicPartition, datetime] = field(default_factory=dict)
     records: int = 0  # polled records, dead letters included
+    relayed: int = 0  # every event up to this store position was on the topic (see below)
 
     def merge(self, later: Decoded) -> None:
         for tp, facts in later.facts.items():
@@ -92,9 +94,10 @@ class Decoded:
         self.offsets.update(later.offsets)
         keep_latest(self.latest, later.latest)
         self.records += later.records
+        self.relayed = max(self.relayed, later.relayed)
 
     def without(self, partitions: Collection[TopicPartition]) -> Decoded:
-        kept = Decoded()
+        kept = Decoded(relayed=self.relayed)  # true whoever reads those records next
         for tp, offset in self.offsets.items():
             if tp not in partitions:
                 kept.facts[tp] = self.facts.get(tp, [])
@@ -118,13 +121,15 @@ def decode_polled(polled: Mapping[TopicPartition, list[Any]], dead_letters: Dead
         latest: datetime | None = None
         for record in records:
             try:
-                position, value, occurred_at = decode(record.headers, record.value)
+                fact = decode(record.headers, record.value)
             except cloudevents.UndecodableRecord as error:
                 dead_letters.send(record, error)
                 continue
-            facts.append((position, value))
-            if latest is None or occurred_at > latest:
-                latest = occurred_at
+            facts.append((fact.position, fact.value))
+            if latest is None or fact.occurred_at > latest:
+                latest = fact.occurred_at
+            if fact.relayed is not None and fact.relayed > decoded.relayed:
+                decoded.relayed = fact.relayed
         decoded.facts[tp] = facts
         if latest is not None:
             decoded.latest[tp] = latest
@@ -296,6 +301,7 @@ class Decoders:
         self._open: list[Connection] = []
         self._letters = dict.fromkeys(range(count), 0)
         self._targets: dict[TopicPartition, int] = {}
+        self._topic = settings.topic
 
     def assign(
         self,
@@ -378,8 +384,17 @@ class Decoders:
     def shared(self) -> bool:
         return False  # a catch-up reads every partition
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
-        return not self.behind(handed)  # its ends were asked for at its start
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    def ends(self) -> Future[dict[TopicPartition, int] | None]:
+        done: Future[dict[TopicPartition, int] | None] = Future()
+        done.set_result(dict(self._targets))  # asked for at its start: a catch-up's ends
+        return done
+
+    def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
+        return all(handed.get(stream(tp)) == end for tp, end in ends.items())
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
         pass  # no group to tell: the projections hold the offsets

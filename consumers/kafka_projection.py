@@ -35,6 +35,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -74,7 +75,7 @@ from consumers.kafka_decoding import (
 from projections import derived
 from projections.projector import BatchResult
 from projections.rebuild import rebuilding
-from projections.schema import connect, stored_checkpoints
+from projections.schema import RELAYED, connect, stored_checkpoints
 from projections.writer import ProjectionWriter
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,9 @@ class _ProjectorThread:
             if self._busy and not self._writing:
                 self._dropped.update(partitions)
 
+    def publishes(self) -> bool:
+        return self._publisher is not None
+
     def newly_owned(self) -> bool:
         """Whether this member was given partitions to publish for since the last call."""
         return self._publisher is not None and self._publisher.newly_owned()
@@ -376,7 +380,10 @@ class _ProjectorThread:
             decoded = decoded.without(dropped)
         batch = decoded.batch()
         checkpoints = {(self._source, stream(tp)): o for tp, o in decoded.offsets.items()}
-        result = projector.apply(batch, checkpoints)
+        relayed = {(RELAYED, tp.topic): decoded.relayed for tp in decoded.offsets}
+        result = projector.apply(
+            batch, checkpoints, high_marks=relayed if decoded.relayed else None
+        )
         published = 0
         if self._publisher is not None:
             published = self._publisher.publish(projector, publish_until)
@@ -510,9 +517,16 @@ class _Feed(Protocol):
         """Whether others read some of the topic's partitions (members of its group)."""
         ...
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
-        """Whether every partition read was handed over up to its end as the broker
-        reports it when asked now (not as an earlier fetch found it)."""
+    @property
+    def topic(self) -> str: ...
+
+    def ends(self) -> Future[dict[TopicPartition, int] | None]:
+        """Each partition's end as the broker reports it when asked now (not as an earlier
+        fetch found it), without waiting for the answer (None: the broker cannot say)."""
+        ...
+
+    def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
+        """Whether every partition it reads was handed over up to exactly `ends`."""
         ...
 
     def applied(self, offsets: dict[TopicPartition, int]) -> None:
@@ -559,6 +573,20 @@ def _disconnected(kafka_consumer: KafkaConsumer) -> bool:
     to read)."""
     metrics = kafka_consumer.metrics().get("consumer-metrics", {})
     return bool(metrics.get("connection-count", 1) == 0)
+
+
+def _in_background(function: Callable[[], T]) -> Future[T]:
+    """`function` on a daemon thread of its own (one that hangs does not hold the exit)."""
+    done: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(function())
+        except BaseException as error:  # handed to whoever looks at the future
+            done.set_exception(error)
+
+    threading.Thread(target=run, name="ask", daemon=True).start()
+    return done
 
 
 class _GroupMember:
@@ -643,18 +671,37 @@ class _GroupMember:
         topic_partitions = self.consumer.partitions_for_topic(self._listener.topic)
         return not topic_partitions or len(self.consumer.assignment()) < len(topic_partitions)
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
-        """Asks the broker (a probe of its own: the member's fetches answer for their own
-        moment); not when the member has no connection, where it would wait."""
-        assigned = self.consumer.assignment()
-        if not assigned or self._listener.unpositioned or _disconnected(self.consumer):
-            return False
-        try:
-            ends = high_watermarks(self._settings, self._listener.topic, **watched())
+    @property
+    def topic(self) -> str:
+        return self._listener.topic
+
+    def ends(self) -> Future[dict[TopicPartition, int] | None]:
+        """Asked by a probe of its own, on a thread of its own: the poll loop goes on
+        meanwhile (a broker slow to answer would hold the group's rebalances). Not asked
+        when the member has no connection, where the probe would wait for one."""
+        if _disconnected(self.consumer):
+            done: Future[dict[TopicPartition, int] | None] = Future()
+            done.set_result(None)
+            return done
+        return _in_background(self._ask_ends)
+
+    def _ask_ends(self) -> dict[TopicPartition, int] | None:
+        try:  # the broker need not hold the probe's fetch for records to come
+            return high_watermarks(
+                self._settings, self.topic, wait_seconds=5.0, fetch_max_wait_ms=50, **watched()
+            )
         except (KafkaError, TopicMissing) as error:
             log.info("the partitions' ends are not known now: %s", error)
-            return False
-        return all(tp in ends and handed.get(stream(tp), -1) >= ends[tp] for tp in assigned)
+            return None
+
+    def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
+        """Exactly to the ends: beyond one, the topic lost data (`_read_again_where_lost`)."""
+        assigned = self.consumer.assignment()
+        return (
+            bool(assigned)
+            and not self._listener.unpositioned
+            and all(tp in ends and handed.get(stream(tp)) == ends[tp] for tp in assigned)
+        )
 
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         """The assigned partitions where the broker had more when it last answered a fetch
@@ -890,11 +937,13 @@ def _project(
     (`publish_until`). While they stay quiet, the transitions of its customers that the
     others' records reveal (a deadline the file's clock has passed) would wait for its
     next record, for as long as that takes. So every `idle_publish_seconds` while it is
-    idle it reads the file's clock, then asks the broker whether its partitions hold
-    anything it has not read. If not, every record recorded before the event that set the
-    clock was read (the relay appends in the order events were recorded, and that event
-    was on the topic before the clock was read), and what comes later happened later: its
-    customers' transitions before that clock go out."""
+    idle, a publishing member reads from the file how far the topic is known to be
+    complete (`relayed_until`: the latest business time among the events up to the
+    highest `ce_ledgerrelayed` applied), then asks the broker for its partitions' ends.
+    Read exactly to them, it has read every event of its customers up to that position,
+    and events recorded later happened later: its customers' transitions before that time
+    go out. (The file's own clock will not do: a record of another partition can reach
+    the broker before an earlier one of this member's, sent in the same batch.)"""
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
     latest = {} if latest is None else latest
@@ -905,7 +954,11 @@ def _project(
     # a reader, and a group member that stopped polling meanwhile would be dropped.
     publishing: Future[int] | None = None
     releasing: Future[None] | None = None
-    clock_read: Future[datetime | None] | None = None  # a quiet member's check
+    # A quiet member's check: how far the topic is known complete, then the broker's ends.
+    bound_read: Future[datetime | None] | None = None
+    ends_read: Future[dict[TopicPartition, int] | None] | None = None
+    bound: datetime | None = None
+    published_bound: datetime | None = None
     next_check = time.monotonic() + idle_publish_seconds
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
@@ -942,16 +995,25 @@ def _project(
             if withheld and idle and publishing is None and not feed.behind(handed):
                 publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))
                 withheld = idle = False
-            quiet = idle and publishing is None and feed.shared()
-            if quiet and clock_read is None and time.monotonic() >= next_check:
-                clock_read = projector.submit(ProjectionWriter.clock)
-                idle = False
-            elif clock_read is not None and clock_read.done():
-                clock, clock_read = clock_read.result(), None
-                next_check = time.monotonic() + idle_publish_seconds
-                if quiet and clock is not None and feed.caught_up(handed):
-                    publishing = projector.publish_all(clock)
+            quiet = idle and publishing is None and projector.publishes() and feed.shared()
+            if bound_read is None and ends_read is None:
+                if quiet and time.monotonic() >= next_check:
+                    bound_read = projector.submit(
+                        partial(ProjectionWriter.relayed_until, topic=feed.topic)
+                    )
                     idle = False
+            elif bound_read is not None and bound_read.done():
+                bound, bound_read = bound_read.result(), None
+                if bound is not None and (published_bound is None or bound > published_bound):
+                    ends_read = feed.ends()  # asked only now, after the bound was read
+                else:  # nothing new to publish
+                    next_check = time.monotonic() + idle_publish_seconds
+            elif ends_read is not None and ends_read.done():
+                ends, ends_read = ends_read.result(), None
+                next_check = time.monotonic() + idle_publish_seconds
+                if quiet and ends is not None and bound is not None and feed.read_to(ends, handed):
+                    publishing = projector.publish_all(bound)
+                    published_bound, idle = bound, False
             if release_when_idle and idle and releasing is None:
                 releasing = projector.submit(ProjectionWriter.release)
             continue

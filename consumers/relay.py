@@ -309,7 +309,7 @@ def run(
                         break
                     time.sleep(poll_seconds)
                     continue
-                ends = _publish(kafka_producer, settings, documents)
+                ends = _publish(kafka_producer, settings, documents, state.position)
                 state = RelayState(
                     last,
                     state.published + len(documents),
@@ -345,18 +345,23 @@ def run(
 
 
 def _publish(
-    kafka_producer: KafkaProducer, settings: KafkaSettings, documents: list[tuple[int, bytes]]
+    kafka_producer: KafkaProducer,
+    settings: KafkaSettings,
+    documents: list[tuple[int, bytes]],
+    relayed: int,
 ) -> dict[int, int]:
     """Send a batch and wait until the broker has acknowledged every record; returns, per
     partition, the offset after the last record acknowledged. Personal fields are left out
-    unless the settings include them (`PERSONAL_DATA_CHOICES`)."""
+    unless the settings include them (`PERSONAL_DATA_CHOICES`). The first record says that
+    every event up to `relayed` is on the topic (`ce_ledgerrelayed`): the batch before was
+    acknowledged."""
     futures = []
-    for position, document in documents:
+    for n, (position, document) in enumerate(documents):
         fact = orjson.loads(document)
         withheld = None if settings.personal_data else without_personal_data(fact)
         if withheld is not None:
             fact, document = withheld, orjson.dumps(withheld)
-        record = cloudevents.encode(fact, document, position)
+        record = cloudevents.encode(fact, document, position, relayed if n == 0 else None)
         futures.append(
             kafka_producer.send(
                 settings.topic, key=record.key, value=record.value, headers=record.headers

@@ -107,7 +107,7 @@ def pipeline_status(
             for source, stream, position in stored_checkpoints(con):
                 if source == kafka_projection.source_name(status.group or ""):
                     stored[stream] = position
-                elif not source.startswith("kafka:"):
+                elif not source.startswith("kafka"):  # 'kafka:<group>', RELAYED
                     status.projections[source] = position
             status.clock = stored_clock(con)
             if kafka is not None:

@@ -31,6 +31,12 @@ EVENT_STORE: Checkpoint = ("event-store", "")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+RAISE_CHECKPOINT = """
+INSERT INTO projection_checkpoints VALUES (?, ?, ?)
+ON CONFLICT (source, stream) DO UPDATE SET position = greatest(position, excluded.position)
+"""
+
+
 @dataclass(frozen=True)
 class BatchResult:
     events: int
@@ -72,8 +78,10 @@ class Projector:
         batch: Sequence[tuple[int, bytes]],
         checkpoints: Mapping[Checkpoint, int],
         as_of: datetime | None = None,
+        high_marks: Mapping[Checkpoint, int] | None = None,
     ) -> BatchResult:
-        """Project `batch` ((position, fact JSON) pairs) and store `checkpoints`, atomically.
+        """Project `batch` ((position, fact JSON) pairs) and store `checkpoints`, atomically;
+        `high_marks` are stored too, each only where higher than the one stored.
 
         `as_of` may only move the clock forward; by default the clock is the latest
         business time seen (the event-time watermark).
@@ -95,6 +103,8 @@ class Projector:
                     "INSERT OR REPLACE INTO projection_checkpoints VALUES (?, ?, ?)",
                     [source, stream, position],
                 )
+            for (source, stream), position in (high_marks or {}).items():
+                run(con, RAISE_CHECKPOINT, [source, stream, position])
             con.commit()
         except BaseException:
             con.rollback()

@@ -185,8 +185,9 @@ CREATE TABLE IF NOT EXISTS projection_meta (
 );
 
 CREATE TABLE IF NOT EXISTS projection_checkpoints (
-    source     VARCHAR NOT NULL,                -- 'event-store' or 'kafka:<group>'
-    stream     VARCHAR NOT NULL,                -- '' or '<topic>:<partition>'
+    source     VARCHAR NOT NULL,                -- 'event-store', 'kafka:<group>', or
+                                                -- 'kafka-relayed' (see RELAYED)
+    stream     VARCHAR NOT NULL,                -- '', '<topic>:<partition>', or '<topic>'
     position   BIGINT NOT NULL,                 -- last store position / next Kafka offset
     PRIMARY KEY (source, stream)
 );
@@ -421,6 +422,31 @@ def stored_clock(con: duckdb.DuckDBPyConnection) -> datetime | None:
     try:
         row = one(con, "SELECT as_of FROM projection_clock")
     except duckdb.CatalogException:
+        return None
+    return row[0] if row else None
+
+
+RELAYED = "kafka-relayed"
+"""The checkpoint source (stream: the events topic) holding the highest `ce_ledgerrelayed`
+among the records applied: every event up to that store position was on the topic."""
+
+
+def relayed_until(con: duckdb.DuckDBPyConnection, topic: str) -> datetime | None:
+    """The latest business time among the events applied at or below the `RELAYED` position
+    of `topic` (None: none known). Every event up to there was on the topic: a consumer
+    that has read its partitions to their ends since has read all of its customers' ones,
+    and events recorded later happened later (a backfill aside)."""
+    try:
+        row = one(
+            con,
+            """
+            SELECT max(occurred_at) FROM events
+            WHERE position <= (SELECT position FROM projection_checkpoints
+                               WHERE source = ? AND stream = ?)
+            """,
+            [RELAYED, topic],
+        )
+    except duckdb.CatalogException:  # a new file
         return None
     return row[0] if row else None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 
 from projections.projector import Projector
-from projections.schema import connect, stored_clock
+from projections.schema import connect, relayed_until
 
 #: In bulk, the WAL is checkpointed at this size (and on close) rather than DuckDB's 16 MB.
 BULK_CHECKPOINT_THRESHOLD = "64MB"
@@ -63,15 +63,15 @@ class ProjectionWriter:
             self._opened_at = time.monotonic()
         return self._projector
 
-    def clock(self) -> datetime | None:
-        """The file's as-of clock. A released file is opened just to read it, without
+    def relayed_until(self, topic: str) -> datetime | None:
+        """`schema.relayed_until`. A released file is opened just to read it, without
         setting up the projector (a group member idle on quiet partitions asks every few
         seconds), and left released."""
         if self._con is not None:
-            return stored_clock(self._con)
+            return relayed_until(self._con, topic)
         con = connect(self.path, wait_seconds=self.wait_seconds)
         try:
-            return stored_clock(con)
+            return relayed_until(con, topic)
         finally:
             con.close()
 

@@ -161,6 +161,38 @@ def test_topic_follows_the_cloudevents_contract(
     assert len({p for ps in partitions_of.values() for p in ps}) > 1, "keys should spread"
 
 
+def test_the_first_record_of_each_relay_batch_says_how_far_the_topic_is_complete(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """`ce_ledgerrelayed` on the first record of each batch the relay sends: the store
+    position of the batch before's end, up to which every event is on the topic (in
+    whatever partition) before this record was sent."""
+    outcomes = record(ledger, generate_history(customers=15))
+    assert all(o.status == "accepted" for o in outcomes)
+    batches: list[tuple[int, int]] = []  # (first position, last position) of each batch
+    relay.run(
+        ledger, kafka_settings, tmp_path / "relay.json", batch_size=100,
+        on_batch=lambda state, _sent, _head: batches.append(
+            ((batches[-1][1] if batches else 0) + 1, state.position)
+        ),
+    )  # fmt: skip
+    facts = sum(1 for _ in ledger.all_facts())
+    messages = read_everything(kafka_settings.bootstrap, kafka_settings.topic, facts)
+    stamped: dict[int, int] = {}  # the record's position: its ce_ledgerrelayed
+    for message in messages:
+        headers = dict(cast(list[tuple[str, bytes]], message.headers() or []))
+        if "ce_ledgerrelayed" in headers:
+            stamped[int(headers["ce_ledgerposition"])] = int(headers["ce_ledgerrelayed"])
+    assert len(batches) > 3
+    # per batch, its first record, saying: everything up to the batch before's end
+    first_records = {}
+    for first, last in batches:
+        in_batch = [position for position in stamped if first <= position <= last]
+        assert len(in_batch) == 1, (first, last, in_batch)
+        first_records[in_batch[0]] = first - 1
+    assert stamped == first_records
+
+
 def test_derived_topic_follows_the_same_contract(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -654,9 +655,10 @@ def test_a_member_settles_its_derived_events_before_leaving_the_file_to_others(
     assert sent and marked == sent
 
 
-def scripted(*parts: Any) -> Decoded:
-    """What a feed decoded: per partition (tp, facts, next offset, latest business time)."""
-    found = Decoded()
+def scripted(*parts: Any, relayed: int = 0) -> Decoded:
+    """What a feed decoded: per partition (tp, facts, next offset, latest business time);
+    `relayed`: the highest `ce_ledgerrelayed` among the records."""
+    found = Decoded(relayed=relayed)
     for tp, facts, offset, latest in zip(*(iter(parts),) * 4, strict=True):
         found.facts[tp], found.offsets[tp], found.latest[tp] = facts, offset, latest
         found.records += len(facts)
@@ -679,8 +681,9 @@ class _ScriptedFeed:
         """`targets`: each partition's end as its fetches reported it; `ends`: as the broker
         reports it when asked (by default the same)."""
         self.script, self.targets, self.sharing = script, targets, sharing
-        self.ends = targets if ends is None else ends
+        self.broker_ends = targets if ends is None else ends
         self.asked = 0  # how often the broker's ends were asked for
+        self.topic = next(iter(targets)).topic
 
     def read(self, timeout_ms: int) -> list[Decoded]:
         return [self.script.pop(0)] if self.script else []
@@ -688,9 +691,14 @@ class _ScriptedFeed:
     def behind(self, handed: dict[str, int]) -> list[TopicPartition]:
         return [tp for tp, end in self.targets.items() if handed.get(stream(tp), 0) < end]
 
-    def caught_up(self, handed: dict[str, int]) -> bool:
+    def ends(self) -> Future[dict[TopicPartition, int] | None]:
         self.asked += 1
-        return all(handed.get(stream(tp), 0) >= end for tp, end in self.ends.items())
+        done: Future[dict[TopicPartition, int] | None] = Future()
+        done.set_result(dict(self.broker_ends))
+        return done
+
+    def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
+        return all(handed.get(stream(tp)) == end for tp, end in ends.items())
 
     def shared(self) -> bool:
         return self.sharing
@@ -866,7 +874,7 @@ def urgent_complaint_story(
     never warns nor breaches; unless not `acknowledged`); Y, in another of 3 partitions,
     is registered at 08:00; then inbound contacts `contacts_after` ("x" or "y", ISO time),
     in that order. The stored documents by name (registered_x, registered_y, filed,
-    acknowledged, x_later, y_later), X's partition and Y's."""
+    acknowledged, x_later, y_later, y_later_2, ...), X's partition and Y's."""
     x, y = "X-0", next(f"Y-{n}" for n in range(100)
                        if partition_of(f"Y-{n}", 3) != partition_of("X-0", 3))  # fmt: skip
     accept(ledger, [
@@ -880,8 +888,11 @@ def urgent_complaint_story(
                 {"channel": "phone", "direction": "inbound"}) for who, when in contacts_after),
     ])  # fmt: skip
     _, documents = ledger.documents_after(0, 100)
-    names = ["registered_x", "registered_y", "filed", *(["acknowledged"] if acknowledged else []),
-             *(f"{who}_later" for who, _ in contacts_after)]  # fmt: skip
+    names = ["registered_x", "registered_y", "filed", *(["acknowledged"] if acknowledged else [])]
+    seen: Counter[str] = Counter()
+    for who, _ in contacts_after:  # x_later, y_later, y_later_2, ...
+        seen[who] += 1
+        names.append(f"{who}_later" if seen[who] == 1 else f"{who}_later_{seen[who]}")
     p, q = (TopicPartition(topic, partition_of(c, 3)) for c in (x, y))
     return dict(zip(names, documents, strict=True)), p, q
 
@@ -957,22 +968,30 @@ def sla_transitions_sent(kafka: KafkaSettings) -> list[tuple[str, str]]:
     return [(f["type"], f["customer_id"]) for f in sent if f["type"].startswith("Sla")]
 
 
+def position_of(document: tuple[int, bytes]) -> int:
+    return document[0]
+
+
 def test_a_quiet_member_publishes_its_customers_transitions_the_others_records_reveal(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
 ) -> None:
     """Member B reads X's partition to its end: X's urgent complaint, filed at 09:00, not
-    answered. Member A reads Y's to 11:00, moving the file's clock past the complaint's
-    first-response deadlines. X's warning and breach are B's to publish, but B's own
-    partition stays quiet: no record of its own will move it on. While idle, B asks the
-    broker whether its partition holds more; it does not, so B publishes them."""
+    answered. Member A reads Y's contacts at 11:00 and 11:05, the later one sent in the
+    relay's next batch (`ce_ledgerrelayed`: everything up to the 11:00 contact is on the
+    topic). X's warning and breach are B's to publish, but B's own partition stays quiet.
+    While idle, B finds the topic complete up to 11:00 and its partition read to its end
+    as the broker reports it now: it publishes them."""
     d, p, q = urgent_complaint_story(
-        ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z")], acknowledged=False
-    )
+        ledger, kafka_settings.topic,
+        [("y", "2025-01-06T11:00:00Z"), ("y", "2025-01-06T11:05:00Z")], acknowledged=False,
+    )  # fmt: skip
     at = datetime.fromisoformat
     member = partial(sharing_member, settings.projections_path, kafka_settings)
 
     member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
-    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    y_facts = [d["registered_y"], d["y_later"], d["y_later_2"]]
+    last_batch = position_of(d["y_later"])  # the 11:05 contact's batch: all before it is out
+    member(q, 3, [scripted(q, y_facts, 3, at("2025-01-06T11:05Z"), relayed=last_batch)])
     assert sla_transitions_sent(kafka_settings) == []
     quiet = member(p, 2, [], idle_for=2.0)  # restarted: nothing of its own read since
     x = orjson.loads(d["filed"][1])["customer_id"]
@@ -983,22 +1002,51 @@ def test_a_quiet_member_publishes_its_customers_transitions_the_others_records_r
 def test_a_quiet_member_does_not_publish_while_the_broker_holds_more_of_its_partition(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
 ) -> None:
-    """As above, but the relay has appended X's acknowledgement (09:30) since B's last fetch
-    found its partition read to the end: the broker, asked, reports more. B must not
-    publish the warning and breach that record takes back."""
-    d, p, q = urgent_complaint_story(ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z")])
+    """As above, but X's acknowledgement (09:30) is on the topic too, appended since B's
+    last fetch found its partition read to the end: the broker, asked, reports more. B
+    must not publish the warning and breach that record takes back."""
+    d, p, q = urgent_complaint_story(
+        ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z"), ("y", "2025-01-06T11:05:00Z")]
+    )
     at = datetime.fromisoformat
     member = partial(sharing_member, settings.projections_path, kafka_settings)
 
     member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
-    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    y_facts = [d["registered_y"], d["y_later"], d["y_later_2"]]
+    last_batch = position_of(d["y_later"])  # the 11:05 contact's batch: all before it is out
+    member(q, 3, [scripted(q, y_facts, 3, at("2025-01-06T11:05Z"), relayed=last_batch)])
     con = connect(settings.projections_path, read_only=True)
     try:  # what A's batch derived for X, against its clock
         assert con.execute(SLA_DERIVED).fetchall()[0][0] == 2, "the test proves nothing"
     finally:
         con.close()
     quiet = member(p, 2, [], broker_end=3, idle_for=1.5)
-    assert quiet.asked >= 3, "B did not ask the broker"
+    assert quiet.asked >= 1, "B did not ask the broker"
+    assert sla_transitions_sent(kafka_settings) == []
+
+
+def test_a_quiet_member_does_not_trust_the_order_records_of_one_batch_arrive_in(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """X's acknowledgement (09:30) and Y's contact at 11:00 go out in the same relay batch;
+    the broker shows Y's first, and member A applies it, moving the file's clock past X's
+    deadlines. B, quiet, finds its partition read to its end as the broker reports it now:
+    the acknowledgement is still on its way. The topic is known complete only up to the
+    batch before (09:00), so B publishes nothing (publishing up to the file's clock, it
+    sent a warning and a breach the acknowledgement took back: a review's finding)."""
+    d, p, q = urgent_complaint_story(ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z")])
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+
+    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
+    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"),
+                           relayed=position_of(d["filed"]))])  # fmt: skip
+    con = connect(settings.projections_path, read_only=True)
+    try:  # what A's batch derived for X, against its clock
+        assert con.execute(SLA_DERIVED).fetchall()[0][0] == 2, "the test proves nothing"
+    finally:
+        con.close()
+    member(p, 2, [], idle_for=1.5)
     assert sla_transitions_sent(kafka_settings) == []
 
 
@@ -1246,8 +1294,10 @@ def test_a_member_whose_partitions_stay_quiet_publishes_what_the_others_reveal(
 ) -> None:
     """Two members, real broker. X files an urgent complaint at 09:00 and nothing more
     happens in X's partition; a contact of Y at 11:00, in a partition the other member
-    reads, moves the file's clock past the complaint's first-response deadlines. X's
-    member publishes the warning and the breach without waiting for a record of its own."""
+    reads, moves the file's clock past the complaint's first-response deadlines. Once the
+    relay's next batch (Y again, at 11:05) says the topic holds everything up to that
+    contact, X's member publishes the warning and the breach without waiting for a record
+    of its own."""
     group, path = kafka_settings.group, settings.projections_path
     members: list[Member] = []
     x = "X-quiet"
@@ -1277,9 +1327,11 @@ def test_a_member_whose_partitions_stay_quiet_publishes_what_the_others_reveal(
                 event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "c1",
                       "channel": "phone", "category": "billing", "priority": "urgent"}),
             ], relayed, path, group)  # fmt: skip
-            relay_and_wait(ledger, [event("ContactLogged", y, "2025-01-06T11:00:00Z",
-                           {"channel": "phone", "direction": "inbound"})],
-                           relayed, path, group)  # fmt: skip
+            for at in ("2025-01-06T11:00:00Z", "2025-01-06T11:05:00Z"):  # two relay batches
+                contact = {"channel": "phone", "direction": "inbound"}
+                relay_and_wait(
+                    ledger, [event("ContactLogged", y, at, contact)], relayed, path, group
+                )
             wait_until(
                 lambda: ("SlaBreached", x) in sla_transitions_sent(kafka_settings),
                 kafka_projection.IDLE_PUBLISH_SECONDS + 30, "X's breach was not published",
