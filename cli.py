@@ -713,7 +713,13 @@ def verify(
         return
     position, digest = expected
     if as_json:
-        _print_json_lines([{**document, "expected": digest, "unaltered": verdict.unaltered}])
+        _print_json_lines([{
+            **document,
+            "expected_position": position,
+            "expected_digest": digest,
+            "head": verdict.head,
+            "outcome": verdict.outcome,
+        }])  # fmt: skip
     elif verdict.unaltered:
         out.print(
             f"unaltered: the {point.events:,} events up to position {position:,} give the "

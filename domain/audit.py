@@ -8,10 +8,11 @@ the first view and not in the second.
 
 The proof is a hash chain over the recorded history. The digest at a store position is
 SHA-256 chained over every event recorded up to there, in store order: each link hashes
-the previous digest, the event's position and the event in the contract's recorded JSON
-(what the projections mirror). Changing, removing, inserting or reordering any of those
-events changes the digest at every position from there on, and no one can make other
-events give the same digest.
+the previous digest, the event's position, the stream it is stored in (the customer's
+aggregate) and its version there, and the event in the contract's recorded JSON (what
+the projections mirror). Changing, removing, inserting, reordering or moving any of those
+events to another stream changes the digest at every position from there on, and no one
+can make other events give the same digest.
 
 A digest proves nothing alone: an auditor keeps one (`ledger verify` prints it, with its
 position), and later `ledger verify --expect POSITION:DIGEST` recomputes it from the store.
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from domain.ledger import Fact, Ledger
+from domain.ledger import Fact, Ledger, StoredFact
 
 
 def as_it_stood(
@@ -87,10 +88,17 @@ def parse_point(text: str) -> tuple[int, str]:
     return int(match[1]), match[2]
 
 
-def link(previous: bytes, position: int, document: bytes) -> bytes:
-    """The next digest of the chain: the previous one (32 bytes) and the position (8 bytes)
-    have fixed sizes, so no two different events hash the same input."""
-    return hashlib.sha256(previous + position.to_bytes(8, "big") + document).digest()
+def link(previous: bytes, fact: StoredFact) -> bytes:
+    """The next digest of the chain. All but the JSON, last, have fixed sizes (the previous
+    digest 32 bytes, the position 8, the stream's id 16, the version 8), so no two
+    different events hash the same input."""
+    return hashlib.sha256(
+        previous
+        + fact.position.to_bytes(8, "big")
+        + fact.stream.bytes
+        + fact.version.to_bytes(8, "big")
+        + fact.document
+    ).digest()
 
 
 def chain(
@@ -103,13 +111,13 @@ def chain(
     end = head if until is None else until
     digest, events, position = CHAIN_START, 0, 0
     while position < end:
-        last, documents = ledger.documents_after(position, min(READ_BATCH, end - position))
+        last, facts = ledger.stored_after(position, min(READ_BATCH, end - position))
         if last == position:
             break  # the store ends before `end`
-        for at, document in documents:
-            if at > end:  # past a gap in the positions (PostgreSQL's sequence)
+        for fact in facts:
+            if fact.position > end:  # past a gap in the positions (PostgreSQL's sequence)
                 break
-            digest = link(digest, at, document)
+            digest = link(digest, fact)
             events += 1
         position = min(last, end)
         if on_progress is not None:
@@ -134,6 +142,13 @@ class Verdict:
     @property
     def unaltered(self) -> bool:
         return not self.store_ends_before and self.found.digest == self.expected[1]
+
+    @property
+    def outcome(self) -> str:
+        """'unaltered', 'altered' or 'store_ends_before' (for scripts)."""
+        if self.store_ends_before:
+            return "store_ends_before"
+        return "unaltered" if self.unaltered else "altered"
 
 
 def verify(

@@ -25,6 +25,7 @@ from eventsourcing.persistence import (
     IntegrityError,
     JSONTranscoder,
     MapperDeserialisationError,
+    Notification,
     Transcoder,
 )
 
@@ -197,6 +198,16 @@ def _replay(customer: Customer | None, events: Iterable[Customer.Event]) -> Cust
     for stored in events:
         customer = stored.mutate(customer)
     return customer
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFact:
+    """A fact as the store holds it: its position, its stream and version there, its JSON."""
+
+    position: int
+    stream: UUID
+    version: int
+    document: bytes
 
 
 class Ledger(Application[UUID]):
@@ -377,22 +388,47 @@ class Ledger(Application[UUID]):
         """
         documents: list[tuple[int, bytes]] = []
         last = position
+        for page in self._pages_after(position, limit):
+            documents.extend(
+                (n.id, self._document(n.state)) for n in page if n.topic.endswith(_FACT_TOPIC)
+            )
+            last = page[-1].id
+        return last, documents
+
+    def stored_after(self, position: int, limit: int) -> tuple[int, list[StoredFact]]:
+        """Like `documents_after`, each fact with the stream it is stored in and its version
+        there (for audits: a fact moved to another stream is an alteration too)."""
+        stored: list[StoredFact] = []
+        last = position
+        for page in self._pages_after(position, limit):
+            stored.extend(
+                StoredFact(
+                    n.id, UUID(str(n.originator_id)), n.originator_version, self._document(n.state)
+                )
+                for n in page
+                if n.topic.endswith(_FACT_TOPIC)
+            )
+            last = page[-1].id
+        return last, stored
+
+    def _pages_after(self, position: int, limit: int) -> Iterator[Sequence[Notification]]:
+        """The store's log after `position`, up to `limit` records, in pages: the store's
+        rows and notification objects take ~4 kB per event while they live, the documents
+        a tenth of that."""
+        last = position
         while limit > 0:
-            # in pages: the store's rows and notification objects take ~4 kB per event
-            # while they live, the documents a tenth of that
             notifications = self.recorder.select_notifications(
                 start=last, limit=min(limit, _READ_PAGE), inclusive_of_start=False
             )
             if not notifications:
-                break
-            documents.extend(
-                (n.id, _compact(orjson.dumps(self._state(n.state)["fact"])))
-                for n in notifications
-                if n.topic.endswith(_FACT_TOPIC)
-            )
+                return
+            yield notifications
             last = notifications[-1].id
             limit -= len(notifications)
-        return last, documents
+
+    def _document(self, stored: bytes) -> bytes:
+        """A stored fact's JSON, as the contract's recorded shape."""
+        return _compact(orjson.dumps(self._state(stored)["fact"]))
 
     def _state(self, stored: bytes) -> dict[str, Any]:
         """A Recorded event's state. Its `fact` holds JSON-native values only, so plain JSON

@@ -9,6 +9,7 @@ import hashlib
 import json
 import sqlite3
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,34 +28,53 @@ from projections import snapshot
 from projections.schema import stored_clock
 
 
-def readme_digest(ledger: Ledger) -> str:
-    """The chain as the README defines it, from the events the ledger reads back: start
-    from SHA-256("customer-ledger event chain v1"); for each event in store order,
-    SHA-256(previous digest + position as 8 bytes big-endian + the event's JSON)."""
+def chained(rows: list[tuple[int, str, int, bytes]]) -> str:
+    """The chain as the README defines it: start from SHA-256("customer-ledger event chain
+    v1"); for each event in store order, SHA-256 of the previous digest, the position (8
+    bytes, big-endian), the stream's id (16 bytes), the version (8 bytes) and the event's
+    JSON. `rows`: (position, stream id, version, JSON)."""
     digest = CHAIN_START
-    _, documents = ledger.documents_after(0, 1_000_000)
-    for position, document in documents:
-        digest = hashlib.sha256(digest + position.to_bytes(8, "big") + document).digest()
+    for position, stream, version, document in rows:
+        digest = hashlib.sha256(
+            digest + position.to_bytes(8, "big") + uuid.UUID(stream).bytes
+            + version.to_bytes(8, "big") + document
+        ).digest()  # fmt: skip
     return digest.hex()
 
 
 def digest_of_the_file(store: Path) -> str:
     """The chain recomputed as the README tells an auditor to, from the SQLite file alone
     with Python's standard library: no code of this project involved."""
-    digest = CHAIN_START
     con = sqlite3.connect(store)
     try:
-        for position, state in con.execute(FACT_STATES):
-            fact = json.loads(state)["fact"]
-            document = json.dumps(fact, separators=(",", ":"), ensure_ascii=False).encode()
-            digest = hashlib.sha256(digest + position.to_bytes(8, "big") + document).digest()
+        rows = [
+            (position, stream, version,
+             json.dumps(json.loads(state)["fact"], separators=(",", ":"), ensure_ascii=False)
+             .encode())
+            for position, stream, version, state in con.execute(FACT_ROWS_IN_FULL)
+        ]  # fmt: skip
     finally:
         con.close()
-    return digest.hex()
+    return chained(rows)
 
 
+def readme_digest(ledger: Ledger, store: Path) -> str:
+    """The chain from the events the ledger reads back (decrypted), each in the stream and
+    at the version the file says."""
+    con = sqlite3.connect(store)
+    try:
+        placed = {row[0]: row[1:3] for row in con.execute(FACT_ROWS_IN_FULL)}
+    finally:
+        con.close()
+    _, documents = ledger.documents_after(0, 1_000_000)
+    return chained([(p, *placed[p], document) for p, document in documents])
+
+
+FACT_ROWS_IN_FULL = (
+    "SELECT rowid, originator_id, originator_version, state FROM stored_events "
+    "WHERE topic LIKE '%.Recorded' ORDER BY rowid"
+)
 CHAIN_START = hashlib.sha256(b"customer-ledger event chain v1").digest()
-FACT_STATES = "SELECT rowid, state FROM stored_events WHERE topic LIKE '%.Recorded' ORDER BY rowid"
 
 
 def tamper(settings: Settings, sql: str, *params: object) -> int:
@@ -90,13 +110,14 @@ def test_the_digest_is_the_readme_chain_and_stays_while_events_are_added(
 
 
 def test_an_empty_store_has_a_digest_too(ledger: Ledger) -> None:
-    assert audit.chain(ledger) == audit.ChainPoint(0, 0, readme_digest(ledger))
+    assert audit.chain(ledger) == audit.ChainPoint(0, 0, chained([]))
 
 
 @pytest.mark.parametrize(
     "change",
-    ["altered amount", "removed event", "swapped events", "removed last events"],
-)
+    ["altered amount", "removed event", "swapped events", "moved to another stream",
+     "removed last events"],
+)  # fmt: skip
 def test_any_change_to_the_events_covered_is_found(
     ledger: Ledger, settings: Settings, change: str
 ) -> None:
@@ -124,6 +145,9 @@ def test_any_change_to_the_events_covered_is_found(
         put = "UPDATE stored_events SET state = ? WHERE rowid = ?"
         assert tamper(settings, put, states[second], first) == 1
         assert tamper(settings, put, states[first], second) == 1
+    elif change == "moved to another stream":  # the event leaves its customer's history
+        moved = "UPDATE stored_events SET originator_id = ? WHERE rowid = ?"
+        assert tamper(settings, moved, uuid.uuid4().hex, middle) == 1
     else:
         assert tamper(settings, "DELETE FROM stored_events WHERE rowid >= ?", facts[-3]) >= 3
 
@@ -145,7 +169,8 @@ def test_an_encrypted_store_is_chained_over_its_events(tmp_path: Path) -> None:
     )
     stored.close()
     kept = audit.chain(ledger)
-    assert kept.events > 0 and kept.digest == readme_digest(ledger)
+    assert kept.events > 0
+    assert kept.digest == readme_digest(ledger, encrypted.data_dir / "events.sqlite3")
     assert audit.verify(open_ledger(encrypted), (kept.position, kept.digest)).unaltered
 
 
@@ -188,6 +213,11 @@ def test_verify_on_the_command_line(tmp_path: Path) -> None:
     assert tamper(Settings(data_dir=data), lowered) == 1
     altered = run("verify", "--expect", kept, data_dir=data, cwd=tmp_path)
     assert altered.code == 1 and "ALTERED" in altered.message, altered
+    scripted = run("verify", "--expect", kept, "--json", data_dir=data, cwd=tmp_path)
+    assert scripted.code == 1, scripted
+    found = scripted.json()
+    assert found["outcome"] == "altered" and found["expected_digest"] != found["digest"]
+    assert found["expected_position"] == found["position"] == point["position"]
 
     malformed = run("verify", "--expect", "12:beef", data_dir=data, cwd=tmp_path)
     assert malformed.code == 2 and "POSITION:DIGEST" in malformed.message, malformed
