@@ -576,7 +576,9 @@ def query(
 @app.command()
 def history(
     customer_id: Annotated[str, typer.Argument(help="The customer whose timeline to print.")],
-    as_json: Annotated[bool, typer.Option("--json", help="JSON (a line per event).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON: a line per event (--state: one object).")
+    ] = False,
     as_of: Annotated[
         str | None,
         typer.Option(
@@ -587,22 +589,28 @@ def history(
     ] = None,
     known_at: Annotated[
         str | None,
-        typer.Option(metavar="TIME", help="Only what the ledger had recorded by then."),
+        typer.Option(
+            metavar="TIME",
+            help="Only what the ledger had recorded by then: 'now' or ISO-8601 with a UTC offset.",
+        ),
     ] = None,
     state: Annotated[
         bool,
         typer.Option(
             "--state",
-            help="Instead of the timeline, the customer's projections as they stood then "
+            help="Instead of the timeline, the customer's projections as they stood "
             "(profile, stages, complaints and their SLA, response waits, derived events), "
-            "computed from those events with the clock at --as-of (else --known-at).",
+            "computed from those events with the clock at --as-of; else as the live "
+            "projections' clock was when --known-at, or is now.",
         ),
     ] = False,
 ) -> None:
     """Print a customer's timeline from the event store, in business-time order, or with
-    --state their projections; as the history stood at a moment (--as-of, --known-at)."""
+    --state their projections, as the history stood at a moment (--as-of, --known-at)."""
     happened_by = None if as_of is None else _parse_moment(as_of, "--as-of")
     known_by = None if known_at is None else _parse_moment(known_at, "--known-at")
+    if happened_by is not None and happened_by > datetime.now(UTC) + AHEAD_OF_RECORDING:
+        _fail(f"--as-of {as_of} lies after now: check the year and the UTC offset", code=2)
     recorded = _ledger(create=False).recorded(customer_id)
     if not recorded:
         _fail(f"no events for customer {customer_id!r}", code=EXIT_REJECTED)
@@ -618,9 +626,8 @@ def history(
         )
         _fail(f"customer {customer_id!r} has no events that {bounds}", code=EXIT_REJECTED)
     if state:
-        _print_customer_state(
-            customer_id, snapshot.customer_state(kept, happened_by or known_by), as_json
-        )
+        clock = happened_by or snapshot.live_clock(State.settings.projections_path, known_by)
+        _print_customer_state(customer_id, snapshot.customer_state(kept, clock), as_json)
         return
     facts = in_business_order(kept)
     if as_json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -19,6 +20,7 @@ import orjson
 
 from domain.ledger import Fact
 from projections.projector import Projector
+from projections.schema import connect, one, stored_clock
 
 CUSTOMER_TABLES = {
     "profile": "SELECT * EXCLUDE (abc_class) FROM customer_profiles",
@@ -46,6 +48,26 @@ def customer_state(facts: Sequence[tuple[int, Fact]], as_of: datetime | None) ->
             cursor = con.execute(sql)
             columns = [column[0] for column in cursor.description or ()]
             state[name] = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        for derived in state["derived_events"]:
+            derived["data"] = orjson.loads(derived["data"])  # an object, as published
         return state
+    finally:
+        con.close()
+
+
+def live_clock(projections: Path, known_by: datetime | None = None) -> datetime | None:
+    """The clock of the live projections (None without a file): now, or, `known_by` a
+    moment, what it was then as the events recorded by then set it (the latest business
+    time among them; a clock moved by `project --as-of` is not remembered)."""
+    if not projections.exists():
+        return None
+    con = connect(projections, read_only=True)
+    try:
+        if known_by is None:
+            return stored_clock(con)
+        row = one(con, "SELECT max(occurred_at) FROM events WHERE recorded_at <= ?", [known_by])
+        return row[0] if row else None
+    except duckdb.CatalogException:  # not projected yet
+        return None
     finally:
         con.close()

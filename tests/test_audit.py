@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pytest
 from conftest import accept, event, project
 from eventsourcing.cryptography import AESCipher
@@ -240,6 +241,8 @@ def live_rows(con: duckdb.DuckDBPyConnection, customer_id: str) -> dict[str, lis
             f"SELECT {columns} FROM {table} WHERE customer_id = ? ORDER BY {order}",
             [customer_id],
         ).fetchall()
+    # a derived event's data as published: an object, not JSON text
+    found["derived_events"] = [(*row[:3], orjson.loads(row[3])) for row in found["derived_events"]]
     return found
 
 
@@ -301,6 +304,48 @@ def test_what_had_happened_and_what_was_known_by_a_moment(ledger: Ledger) -> Non
     )
     assert [f["type"] for _, f in audit.as_it_stood(recorded, happened_by=half_past_ten.replace(
         hour=9, minute=0))] == ["CustomerRegistered", "ComplaintFiled"]  # fmt: skip
+
+
+def test_the_state_known_at_a_moment_is_what_the_live_projections_held_then(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """An urgent complaint filed at 09:00 (first response due 10:00, warned at 09:45); another
+    customer's contact at 09:50 moves the projections' clock. What the live projections
+    held then, the warning included, is what `--state --known-at` shows of that moment
+    after more was recorded: the clock is the live one as the events recorded by then set
+    it, not the customer's own latest event (09:00, no warning)."""
+    accept(ledger, [
+        event("CustomerRegistered", "A1", "2025-01-06T08:00:00Z"),
+        event("ComplaintFiled", "A1", "2025-01-06T09:00:00Z", {"complaint_id": "k1",
+              "channel": "phone", "category": "billing", "priority": "urgent"}),
+        event("ContactLogged", "B2", "2025-01-06T09:50:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+    ])  # fmt: skip
+    con = project(ledger, settings)
+    try:
+        then = live_rows(con, "A1")
+    finally:
+        con.close()
+    assert [row[1] for row in then["derived_events"]] == [
+        "LoyaltyStageChanged", "SlaWarning"
+    ], "the test proves nothing"  # fmt: skip
+    known = datetime.now(UTC)
+    time.sleep(0.01)
+    accept(ledger, [
+        event("ComplaintAcknowledged", "A1", "2025-01-06T09:55:00Z", {"complaint_id": "k1"}),
+        event("ContactLogged", "B2", "2025-01-06T11:00:00Z",
+              {"channel": "phone", "direction": "inbound"}),
+    ])  # fmt: skip
+    project(ledger, settings).close()
+
+    clock = snapshot.live_clock(settings.projections_path, known)
+    assert clock == datetime(2025, 1, 6, 9, 50, tzinfo=UTC)
+    kept = audit.as_it_stood(ledger.recorded("A1"), known_by=known)
+    state = snapshot.customer_state(kept, clock)
+    for name, rows in then.items():
+        assert [tuple(row.values()) for row in state[name]] == rows, name
+    now = snapshot.live_clock(settings.projections_path)
+    assert now == datetime(2025, 1, 6, 11, tzinfo=UTC)
 
 
 def test_history_as_of_on_the_command_line(tmp_path: Path) -> None:
