@@ -605,8 +605,9 @@ def history(
         ),
     ] = False,
 ) -> None:
-    """Print a customer's timeline from the event store, in business-time order, or with
-    --state their projections, as the history stood at a moment (--as-of, --known-at)."""
+    """Print a customer's timeline from the event store, or their projections (--state).
+
+    --as-of: what had happened by then; --known-at: what the ledger knew then."""
     happened_by = None if as_of is None else _parse_moment(as_of, "--as-of")
     known_by = None if known_at is None else _parse_moment(known_at, "--known-at")
     if happened_by is not None and happened_by > datetime.now(UTC) + AHEAD_OF_RECORDING:
@@ -684,12 +685,9 @@ def verify(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Prove the recorded history unaltered: print the hash-chain digest of every event
-    recorded so far, or check one kept earlier.
+    """Prove the recorded history unaltered: print its hash-chain digest, or check one.
 
-    Keep the digest it prints (outside the ledger's machine); `--expect` later recomputes it
-    from the store: any event up to that position altered, removed or inserted since gives
-    another digest."""
+    Keep the digest outside this machine; --expect checks it later (exit 1 if altered)."""
     try:
         expected = None if expect is None else audit.parse_point(expect)
     except audit.MalformedChainPoint as error:
