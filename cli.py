@@ -831,7 +831,11 @@ def relay(
     ] = False,
     from_position: Annotated[
         int | None,
-        typer.Option("--from", min=0, help="With --republish: the store position (default 0)."),
+        typer.Option(
+            "--from",
+            min=0,
+            help="With --republish: the first store position to publish again (default 0).",
+        ),
     ] = None,
 ) -> None:
     """Publish every stored event, in order, to the events topic (CloudEvents on Kafka)."""
@@ -1005,6 +1009,11 @@ def _print_status(found: PipelineStatus) -> None:
         table.add_row("projections", source, f"{position:,}")
     if found.clock is not None:
         table.add_row("projection as-of clock", "", str(found.clock))
+    if found.topic_complete_until is not None:
+        table.add_row(
+            "topic known complete (business time)", found.relay_topic or "",
+            str(found.topic_complete_until),
+        )  # fmt: skip
     if found.relay_topic is not None:
         behind = f" ({found.relay_behind:,} behind the store head)" if found.relay_behind else ""
         table.add_row(

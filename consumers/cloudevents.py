@@ -101,9 +101,14 @@ def decode(headers: Headers, value: bytes | None) -> DecodedRecord:
         raise UndecodableRecord(explain(error)) from None
     if found.get("ce_id", b"").decode(errors="replace") != str(event.event_id):
         raise UndecodableRecord("ce_id does not match the event's event_id")
-    relayed = found.get("ce_ledgerrelayed")
+    return DecodedRecord(position, value, event.occurred_at, _relayed(found, position))
+
+
+def _relayed(headers: dict[str, bytes], position: int) -> int | None:
+    """`ce_ledgerrelayed`, when the record can be saying it: the relay's claim is always
+    below the record's own position (a foreign producer's header is not believed)."""
     try:
-        relayed_up_to = None if relayed is None else int(relayed)
-    except ValueError:
-        raise UndecodableRecord("ce_ledgerrelayed header not a number") from None
-    return DecodedRecord(position, value, event.occurred_at, relayed_up_to)
+        relayed = int(headers["ce_ledgerrelayed"])
+    except (KeyError, ValueError):
+        return None
+    return relayed if 0 <= relayed < position else None

@@ -990,7 +990,8 @@ def _project(
             releasing = None
         if not found:
             projector.nothing_more_to_come()
-            withheld = projector.newly_owned() or withheld
+            if projector.newly_owned():  # new customers: what was published is not theirs
+                withheld, published_bound = True, None
             idle = projector.idle()
             if withheld and idle and publishing is None and not feed.behind(handed):
                 publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))

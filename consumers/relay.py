@@ -125,6 +125,7 @@ REPUBLISH_HINT = (
     "republish with `ledger relay --republish --from 0` (or from the first position it "
     "lacks); the projections built from the topic then need `ledger rebuild --from-kafka`"
 )
+"""`--from` includes its position: the relay rewinds to the one before."""
 
 
 def check_topic(settings: KafkaSettings, state: RelayState) -> None:
@@ -201,8 +202,9 @@ def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -
 def republish_from(
     ledger: Ledger, settings: KafkaSettings, path: Path, position: int
 ) -> RelayState:
-    """Rewind the relay to `position` (at most the store's head); the topic's current
-    ends become the baseline."""
+    """Rewind the relay so that it publishes again from `position` on (at most the store's
+    head), as if everything before it were on the topic; the topic's current ends become
+    the baseline."""
     head = ledger.head()
     if position > head:
         raise InvalidRepublish(
@@ -210,9 +212,10 @@ def republish_from(
             "nothing after it would ever be published"
         )
     ends = topic_ends(settings)
-    event_id = _event_at(ledger, position) if position > 0 else None
-    last_event = (position, event_id) if event_id else None
-    state = RelayState(position, sum(ends.values()), settings.topic, last_event, ends)
+    before = max(position - 1, 0)
+    event_id = _event_at(ledger, before) if before > 0 else None
+    last_event = (before, event_id) if event_id else None
+    state = RelayState(before, sum(ends.values()), settings.topic, last_event, ends)
     state.save(path)
     return state
 

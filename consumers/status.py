@@ -18,7 +18,7 @@ from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, watche
 from consumers.relay import RelayState, RelayStateMismatch, check_position
 from domain.ledger import Ledger
 from projections import derived
-from projections.schema import connect, stored_checkpoints, stored_clock
+from projections.schema import connect, relayed_until, stored_checkpoints, stored_clock
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class PipelineStatus:
     # positions of the sources fed from the event store (the embedded path)
     projections: dict[str, int] = field(default_factory=dict)
     clock: datetime | None = None
+    # how far the events topic is known complete, as the projections learned it: a group
+    # member idle on quiet partitions publishes its customers' derived events up to there
+    topic_complete_until: datetime | None = None
     relay_topic: str | None = None
     relay_position: int | None = None
     relay_behind: int | None = None  # store positions not published yet (events: at most)
@@ -111,6 +114,7 @@ def pipeline_status(
                     status.projections[source] = position
             status.clock = stored_clock(con)
             if kafka is not None:
+                status.topic_complete_until = relayed_until(con, kafka.topic)
                 status.derived = DerivedPublication(
                     kafka.derived_topic,
                     *derived.publication(con),

@@ -43,7 +43,7 @@ from conftest import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
-from consumers import kafka_projection, relay
+from consumers import cloudevents, kafka_projection, relay
 from consumers.derived_publishing import NOTHING_YET, DerivedPublisher, publish_until
 from consumers.kafka import KafkaSettings, high_watermarks, partition_of
 from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, stream
@@ -1048,6 +1048,124 @@ def test_a_quiet_member_does_not_trust_the_order_records_of_one_batch_arrive_in(
         con.close()
     member(p, 2, [], idle_for=1.5)
     assert sla_transitions_sent(kafka_settings) == []
+
+
+class _GivenAnotherPartition(_ScriptedFeed):
+    """A quiet member owning P that, once it has asked the broker and published, is given
+    R as well (its member left: R's records were all read, its customers' transitions
+    were never published)."""
+
+    def __init__(self, listener: Any, consumer: _NoSeeking, p: TopicPartition,
+                 r: TopicPartition) -> None:  # fmt: skip
+        super().__init__([], {p: 2}, sharing=True)
+        self.listener, self.consumer, self.p, self.r = listener, consumer, p, r
+        self.given_at: float | None = None
+        self.polls_since_asked = 0
+
+    def read(self, timeout_ms: int) -> list[Decoded]:
+        time.sleep(timeout_ms / 1000)
+        self.polls_since_asked += self.asked >= 1
+        if self.given_at is None and self.polls_since_asked >= 15:  # it has published
+            self.listener.on_partitions_revoked({self.p})
+            self.consumer.assigned = {self.p, self.r}
+            self.targets = self.broker_ends = {self.p: 2, self.r: 2}
+            self.listener.on_partitions_assigned({self.p, self.r})
+            wait_until(self.listener.seek_assigned, 10, "the stored offsets were not read")
+            self.given_at = time.monotonic()
+        return []
+
+
+def test_a_quiet_member_given_a_partition_publishes_its_customers_transitions_too(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """Urgent complaints of X (partition P) and Z (R) at 09:00, Y's contacts at 11:00 and
+    11:05 (Q, the later in the relay's next batch). Member B, quiet on P, publishes X's
+    warning and breach; then the group gives it R, whose member left before publishing
+    Z's. Nothing new is known complete, yet Z's are as safe to publish as X's were: B
+    publishes them too (it went on skipping the check: a review's finding)."""
+    x = "X-0"
+    z = next(f"Z-{n}" for n in range(100) if partition_of(f"Z-{n}", 3) != partition_of(x, 3))
+    taken = {partition_of(x, 3), partition_of(z, 3)}
+    y = next(f"Y-{n}" for n in range(100) if partition_of(f"Y-{n}", 3) not in taken)
+    urgent = {"channel": "phone", "category": "billing", "priority": "urgent"}
+    inbound = {"channel": "phone", "direction": "inbound"}
+    accept(ledger, [
+        *(event("CustomerRegistered", c, "2025-01-06T08:00:00Z") for c in (x, z, y)),
+        event("ComplaintFiled", x, "2025-01-06T09:00:00Z", {"complaint_id": "cx", **urgent}),
+        event("ComplaintFiled", z, "2025-01-06T09:00:00Z", {"complaint_id": "cz", **urgent}),
+        event("ContactLogged", y, "2025-01-06T11:00:00Z", inbound),
+        event("ContactLogged", y, "2025-01-06T11:05:00Z", inbound),
+    ])  # fmt: skip
+    _, d = ledger.documents_after(0, 100)
+    p, r, q = (TopicPartition(kafka_settings.topic, partition_of(c, 3)) for c in (x, z, y))
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+    member(p, 2, [scripted(p, [d[0], d[3]], 2, at("2025-01-06T09:00Z"))])
+    member(r, 2, [scripted(r, [d[1], d[4]], 2, at("2025-01-06T09:00Z"))])  # then leaves
+    member(q, 3, [scripted(q, [d[2], d[5], d[6]], 3, at("2025-01-06T11:05Z"), relayed=d[5][0])])
+    assert sla_transitions_sent(kafka_settings) == []
+
+    publisher = DerivedPublisher(kafka_settings)
+    projector = kafka_projection._ProjectorThread(
+        ProjectionWriter(settings.projections_path), "kafka:test", max_waiting=1,
+        publisher=publisher,
+    )  # fmt: skip
+    handed: dict[str, int] = {}
+    latest: dict[TopicPartition, datetime] = {}
+    consumer = _NoSeeking({p})
+    listener = kafka_projection._SeekToStoredOffsets(
+        consumer, projector, "kafka:test", handed, latest, publisher, "t"
+    )
+    feed = _GivenAnotherPartition(listener, consumer, p, r)
+    projector.start()
+    try:
+        listener.on_partitions_assigned({p})
+        wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
+        kafka_projection._project(
+            feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
+            targets=None, poll_ms=100, release_when_idle=True, idle_publish_seconds=0.1,
+            should_stop=lambda: feed.given_at is not None and time.monotonic() > feed.given_at + 3,
+        )  # fmt: skip
+    finally:
+        projector.stop()
+        publisher.close()
+    assert sorted(sla_transitions_sent(kafka_settings)) == sorted(
+        [("SlaWarning", x), ("SlaBreached", x), ("SlaWarning", z), ("SlaBreached", z)]
+    )
+
+
+def test_a_relayed_mark_is_believed_only_below_its_records_position() -> None:
+    """`ce_ledgerrelayed` is the relay's claim that everything before its batch is on the
+    topic: always below the record's own position. A foreign producer's otherwise is
+    ignored (it would hold for good: the mark only rises)."""
+    fact = {"event_id": str(uuid.uuid4()), "type": "CustomerRegistered", "schema_version": 1,
+            "customer_id": "A1", "occurred_at": "2025-01-06T08:00:00+00:00",
+            "recorded_at": "2025-01-06T08:00:01+00:00", "data": {}}  # fmt: skip
+    for claim, believed in [(None, None), (0, 0), (6, 6), (7, None), (99, None), (-1, None)]:
+        record = cloudevents.encode(fact, orjson.dumps(fact), 7, claim)
+        assert cloudevents.decode(record.headers, record.value).relayed == believed, claim
+    garbled = [*cloudevents.encode(fact, orjson.dumps(fact), 7).headers,
+               ("ce_ledgerrelayed", b"x")]  # fmt: skip
+    assert cloudevents.decode(garbled, orjson.dumps(fact)).relayed is None
+
+
+def test_a_republish_from_a_position_publishes_that_position_again(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """`relay --republish --from POSITION` publishes from POSITION on, that one included (as
+    the relay's hint to republish "from the first position it lacks" means); its first
+    record says everything before POSITION is on the topic (it skipped the position, and
+    claimed it was there: a review's finding)."""
+    accept(ledger, [event("CustomerRegistered", f"C-{n}", "2025-01-06T08:00:00Z")
+                    for n in range(4)])  # fmt: skip
+    _, documents = ledger.documents_after(0, 100)
+    lacking = documents[2][0]
+    relay.run(ledger, kafka_settings, tmp_path / "relay.json", republish_from_position=lacking)
+    headers = [dict(r.headers) for r in read_topic(kafka_settings, kafka_settings.topic)]
+    assert sorted(int(h["ce_ledgerposition"]) for h in headers) == [
+        position for position, _ in documents[2:]
+    ]
+    assert [int(h["ce_ledgerrelayed"]) for h in headers if "ce_ledgerrelayed" in h] == [lacking - 1]
 
 
 def test_derived_events_wait_for_the_partitions_behind() -> None:
