@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import orjson
@@ -817,6 +817,46 @@ def test_a_rebalance_does_not_let_out_transitions_the_records_read_again_take_ba
         con.close()
 
 
+F = TypeVar("F", bound=_ScriptedFeed)
+
+
+def run_member(
+    path: Path,
+    kafka: KafkaSettings,
+    owns: TopicPartition,
+    feed_for: Callable[[Any, _NoSeeking], F],
+    done: Callable[[F], bool],
+) -> F:
+    """A member of a group of several, first owning partition `owns`, projecting into the
+    group's file at `path` what its feed (`feed_for(listener, consumer)`) decodes and
+    checking every 0.1 s while idle for what it may publish, until `done(feed)`. Its feed,
+    afterwards."""
+    publisher = DerivedPublisher(kafka)
+    projector = kafka_projection._ProjectorThread(
+        ProjectionWriter(path), "kafka:test", max_waiting=1, publisher=publisher
+    )
+    handed: dict[str, int] = {}
+    latest: dict[TopicPartition, datetime] = {}
+    consumer = _NoSeeking({owns})
+    listener = kafka_projection._SeekToStoredOffsets(
+        consumer, projector, "kafka:test", handed, latest, publisher, "t"
+    )
+    feed = feed_for(listener, consumer)
+    projector.start()
+    try:
+        listener.on_partitions_assigned({owns})
+        wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
+        kafka_projection._project(
+            feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
+            targets=None, poll_ms=100, release_when_idle=True, should_stop=lambda: done(feed),
+            idle_publish_seconds=0.1,
+        )  # fmt: skip
+    finally:
+        projector.stop()
+        publisher.close()
+    return feed
+
+
 def sharing_member(
     path: Path,
     kafka: KafkaSettings,
@@ -827,44 +867,23 @@ def sharing_member(
     broker_end: int | None = None,
     idle_for: float = 0.0,
 ) -> _ScriptedFeed:
-    """A member of a group of several, owning partition `owns` (whose end its fetches
-    report at `end`, and the broker, when asked, at `broker_end`: by default the same),
-    projecting into the group's file at `path` what `script` decodes, then staying idle
-    for `idle_for` seconds (checking for what it may publish every 0.1 s), then stopping.
-    Its feed, afterwards."""
-    publisher = DerivedPublisher(kafka)
-    projector = kafka_projection._ProjectorThread(
-        ProjectionWriter(path), "kafka:test", max_waiting=1, publisher=publisher
-    )
-    handed: dict[str, int] = {}
-    latest: dict[TopicPartition, datetime] = {}
-    listener = kafka_projection._SeekToStoredOffsets(
-        _NoSeeking({owns}), projector, "kafka:test", handed, latest, publisher, "t"
-    )
-    feed = _ScriptedFeed(
-        script, {owns: end}, sharing=True, ends=None if broker_end is None else {owns: broker_end}
-    )
+    """`run_member` owning `owns` (whose end its fetches report at `end`, and the broker,
+    when asked, at `broker_end`: by default the same): projects what `script` decodes,
+    stays idle for `idle_for` seconds, then stops."""
     idle_until: list[float] = []
 
-    def done() -> bool:
+    def done(feed: _ScriptedFeed) -> bool:
         if feed.script:
             return False
         idle_until[:] = idle_until or [time.monotonic() + idle_for]
         return time.monotonic() >= idle_until[0]
 
-    projector.start()
-    try:
-        listener.on_partitions_assigned({owns})
-        wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
-        kafka_projection._project(
-            feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
-            targets=None, poll_ms=100, release_when_idle=True, should_stop=done,
-            idle_publish_seconds=0.1,
-        )  # fmt: skip
-    finally:
-        projector.stop()
-        publisher.close()
-    return feed
+    ends = None if broker_end is None else {owns: broker_end}
+    return run_member(
+        path, kafka, owns,
+        lambda _listener, _consumer: _ScriptedFeed(script, {owns: end}, sharing=True, ends=ends),
+        done,
+    )  # fmt: skip
 
 
 def urgent_complaint_story(
@@ -972,28 +991,44 @@ def position_of(document: tuple[int, bytes]) -> int:
     return document[0]
 
 
+def quiet_member_story(
+    ledger: Ledger, settings: Settings, kafka: KafkaSettings, *, acknowledged: bool
+) -> tuple[dict[str, tuple[int, bytes]], TopicPartition]:
+    """X's urgent complaint at 09:00 (acknowledged at 09:30, or not), Y's contacts at 11:00
+    and 11:05, the later one sent in the relay's next batch (`ce_ledgerrelayed`: everything
+    up to the 11:00 contact is on the topic). Member B reads X's partition up to the
+    complaint, member A reads Y's three records. The documents by name, X's partition."""
+    d, p, q = urgent_complaint_story(
+        ledger, kafka.topic, [("y", "2025-01-06T11:00:00Z"), ("y", "2025-01-06T11:05:00Z")],
+        acknowledged=acknowledged,
+    )  # fmt: skip
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka)
+    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
+    y_facts = [d["registered_y"], d["y_later"], d["y_later_2"]]
+    last_batch = position_of(d["y_later"])
+    member(q, 3, [scripted(q, y_facts, 3, at("2025-01-06T11:05Z"), relayed=last_batch)])
+    return d, p
+
+
+def sla_transitions_derived(path: Path) -> int:
+    con = connect(path, read_only=True)
+    try:
+        return int(con.execute(SLA_DERIVED).fetchall()[0][0])
+    finally:
+        con.close()
+
+
 def test_a_quiet_member_publishes_its_customers_transitions_the_others_records_reveal(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
 ) -> None:
-    """Member B reads X's partition to its end: X's urgent complaint, filed at 09:00, not
-    answered. Member A reads Y's contacts at 11:00 and 11:05, the later one sent in the
-    relay's next batch (`ce_ledgerrelayed`: everything up to the 11:00 contact is on the
-    topic). X's warning and breach are B's to publish, but B's own partition stays quiet.
-    While idle, B finds the topic complete up to 11:00 and its partition read to its end
-    as the broker reports it now: it publishes them."""
-    d, p, q = urgent_complaint_story(
-        ledger, kafka_settings.topic,
-        [("y", "2025-01-06T11:00:00Z"), ("y", "2025-01-06T11:05:00Z")], acknowledged=False,
-    )  # fmt: skip
-    at = datetime.fromisoformat
-    member = partial(sharing_member, settings.projections_path, kafka_settings)
-
-    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
-    y_facts = [d["registered_y"], d["y_later"], d["y_later_2"]]
-    last_batch = position_of(d["y_later"])  # the 11:05 contact's batch: all before it is out
-    member(q, 3, [scripted(q, y_facts, 3, at("2025-01-06T11:05Z"), relayed=last_batch)])
+    """X's complaint not answered: its warning and breach, against Y's 11:00, are member
+    B's to publish, but B's own partition stays quiet. While idle, B finds the topic
+    complete up to 11:00 and its partition read to its end as the broker reports it now:
+    it publishes them."""
+    d, p = quiet_member_story(ledger, settings, kafka_settings, acknowledged=False)
     assert sla_transitions_sent(kafka_settings) == []
-    quiet = member(p, 2, [], idle_for=2.0)  # restarted: nothing of its own read since
+    quiet = sharing_member(settings.projections_path, kafka_settings, p, 2, [], idle_for=2.0)
     x = orjson.loads(d["filed"][1])["customer_id"]
     assert sla_transitions_sent(kafka_settings) == [("SlaWarning", x), ("SlaBreached", x)]
     assert quiet.asked >= 1
@@ -1005,22 +1040,12 @@ def test_a_quiet_member_does_not_publish_while_the_broker_holds_more_of_its_part
     """As above, but X's acknowledgement (09:30) is on the topic too, appended since B's
     last fetch found its partition read to the end: the broker, asked, reports more. B
     must not publish the warning and breach that record takes back."""
-    d, p, q = urgent_complaint_story(
-        ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z"), ("y", "2025-01-06T11:05:00Z")]
+    _, p = quiet_member_story(ledger, settings, kafka_settings, acknowledged=True)
+    # what A's batch derived for X, against its clock
+    assert sla_transitions_derived(settings.projections_path) == 2, "the test proves nothing"
+    quiet = sharing_member(
+        settings.projections_path, kafka_settings, p, 2, [], broker_end=3, idle_for=1.5
     )
-    at = datetime.fromisoformat
-    member = partial(sharing_member, settings.projections_path, kafka_settings)
-
-    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
-    y_facts = [d["registered_y"], d["y_later"], d["y_later_2"]]
-    last_batch = position_of(d["y_later"])  # the 11:05 contact's batch: all before it is out
-    member(q, 3, [scripted(q, y_facts, 3, at("2025-01-06T11:05Z"), relayed=last_batch)])
-    con = connect(settings.projections_path, read_only=True)
-    try:  # what A's batch derived for X, against its clock
-        assert con.execute(SLA_DERIVED).fetchall()[0][0] == 2, "the test proves nothing"
-    finally:
-        con.close()
-    quiet = member(p, 2, [], broker_end=3, idle_for=1.5)
     assert quiet.asked >= 1, "B did not ask the broker"
     assert sla_transitions_sent(kafka_settings) == []
 
@@ -1041,11 +1066,7 @@ def test_a_quiet_member_does_not_trust_the_order_records_of_one_batch_arrive_in(
     member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
     member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"),
                            relayed=position_of(d["filed"]))])  # fmt: skip
-    con = connect(settings.projections_path, read_only=True)
-    try:  # what A's batch derived for X, against its clock
-        assert con.execute(SLA_DERIVED).fetchall()[0][0] == 2, "the test proves nothing"
-    finally:
-        con.close()
+    assert sla_transitions_derived(settings.projections_path) == 2, "the test proves nothing"
     member(p, 2, [], idle_for=1.5)
     assert sla_transitions_sent(kafka_settings) == []
 
@@ -1105,30 +1126,11 @@ def test_a_quiet_member_given_a_partition_publishes_its_customers_transitions_to
     member(q, 3, [scripted(q, [d[2], d[5], d[6]], 3, at("2025-01-06T11:05Z"), relayed=d[5][0])])
     assert sla_transitions_sent(kafka_settings) == []
 
-    publisher = DerivedPublisher(kafka_settings)
-    projector = kafka_projection._ProjectorThread(
-        ProjectionWriter(settings.projections_path), "kafka:test", max_waiting=1,
-        publisher=publisher,
+    run_member(
+        settings.projections_path, kafka_settings, p,
+        lambda listener, consumer: _GivenAnotherPartition(listener, consumer, p, r),
+        lambda feed: feed.given_at is not None and time.monotonic() > feed.given_at + 3,
     )  # fmt: skip
-    handed: dict[str, int] = {}
-    latest: dict[TopicPartition, datetime] = {}
-    consumer = _NoSeeking({p})
-    listener = kafka_projection._SeekToStoredOffsets(
-        consumer, projector, "kafka:test", handed, latest, publisher, "t"
-    )
-    feed = _GivenAnotherPartition(listener, consumer, p, r)
-    projector.start()
-    try:
-        listener.on_partitions_assigned({p})
-        wait_until(listener.seek_assigned, 10, "the stored offsets were not read")
-        kafka_projection._project(
-            feed, projector, kafka_projection.ConsumeReport(), handed=handed, latest=latest,
-            targets=None, poll_ms=100, release_when_idle=True, idle_publish_seconds=0.1,
-            should_stop=lambda: feed.given_at is not None and time.monotonic() > feed.given_at + 3,
-        )  # fmt: skip
-    finally:
-        projector.stop()
-        publisher.close()
     assert sorted(sla_transitions_sent(kafka_settings)) == sorted(
         [("SlaWarning", x), ("SlaBreached", x), ("SlaWarning", z), ("SlaBreached", z)]
     )
