@@ -709,9 +709,10 @@ def verify(
         if as_json:
             _print_json_lines([document])
             return
-        out.print(f"{point.events:,} events up to position {point.position:,}: digest")
-        out.print(str(point), soft_wrap=True)
-        out.print(
+        # the digest alone on stdout (`ledger verify > kept.txt`); the rest is for the reader
+        err.print(f"{point.events:,} events up to position {point.position:,}: digest")
+        print(point)
+        err.print(
             "Keep it outside this machine: `ledger verify --expect` with it shows later "
             "whether any of these events was altered, removed or inserted since."
         )
@@ -1011,7 +1012,7 @@ def _print_status(found: PipelineStatus) -> None:
         table.add_row("projection as-of clock", "", str(found.clock))
     if found.topic_complete_until is not None:
         table.add_row(
-            "topic known complete (business time)", found.relay_topic or "",
+            "topic known complete (to the relay's previous batch)", found.relay_topic or "",
             str(found.topic_complete_until),
         )  # fmt: skip
     if found.relay_topic is not None:

@@ -198,7 +198,8 @@ def test_verify_on_the_command_line(tmp_path: Path) -> None:
     assert point["events"] == 2
     kept = f"{point['position']}:{point['digest']}"
     shown = run("verify", data_dir=data, cwd=tmp_path)
-    assert shown.code == 0 and kept in shown.out, shown
+    assert shown.code == 0 and shown.out == kept + "\n", shown  # stdout: the line to keep
+    assert "Keep it" in shown.message
 
     accept(open_ledger(Settings(data_dir=data)), [
         event("ContactLogged", "A1", "2025-01-07T09:00:00Z",
