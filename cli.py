@@ -71,6 +71,7 @@ from projections.schema import (
 EXIT_REJECTED = 1
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it (SIGTERM: 143)
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # 141: whoever read the output stopped reading
 
 app = typer.Typer(
     name="ledger",
@@ -1180,7 +1181,12 @@ def main() -> None:
     _log_to_stderr()
     try:
         app()
-    except SystemExit:
+    except SystemExit as ending:
+        if ending.code == EXIT_REJECTED and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            # click (vendored in typer) ends a command whose reader went away (`ledger
+            # query … | head`) with 1, which here means rejected input, after wrapping
+            # stdout so; a Unix tool ends as killed by SIGPIPE
+            sys.exit(EXIT_OUTPUT_CLOSED)
         raise  # the command's own ending (a follower that stopped on Ctrl-C included)
     except BaseException as error:
         # After a Ctrl-C, whatever came out is its doing: libraries report it their own

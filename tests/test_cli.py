@@ -989,6 +989,26 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
         assert re.search(rf"^\W*{command}\s", helped.out, re.MULTILINE), command
 
 
+def test_a_reader_that_stops_reading_ends_the_command_as_sigpipe_would(tmp_path: Path) -> None:
+    """`ledger query … | head`: the command ends with 141 (128 + SIGPIPE, as a Unix tool
+    killed by it), not 1, which means rejected input here, and says nothing."""
+    data = tmp_path / "d"
+    made = run("record", "CustomerRegistered", "--customer", "A1", data_dir=data, cwd=tmp_path)
+    assert made.code == 0, made
+    command, environment = ledger_command(
+        ("query", "--format", "csv", "SELECT range AS n FROM range(2000000)"), data, None
+    )
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline() == b"n\n"
+    process.stdout.close()  # as `head -1` does once it has its line
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141, error
+    assert error == ""
+
+
 def test_data_is_printed_as_it_is_and_tables_keep_their_width(tmp_path: Path) -> None:
     """Square brackets in data are text, not rich markup (a note holding "[/code]" crashed
     `history`; "[red]hi" lost its brackets); piped, a table is not cut to 80 columns."""
