@@ -35,7 +35,6 @@ from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -97,8 +96,9 @@ reopen, and `ledger query` waits for its turn."""
 IDLE_PUBLISH_SECONDS = 5.0
 """How often a member sharing the topic with others checks, while its partitions stay
 quiet, whether the others' records revealed transitions of its customers that it may
-publish (see `_project`): each check reads the file's clock, which opens the file readers
-share, and asks the broker for its partitions' ends."""
+publish (`_QuietCheck`): each check reads from the file how far the topic is known
+complete, which opens the file readers share, and asks the broker for its partitions'
+ends."""
 
 
 REBALANCING = (
@@ -912,6 +912,56 @@ def _projector_threads(decoders: int) -> int:
     return max(1, (os.cpu_count() or 1) - decoders)
 
 
+class _QuietCheck:
+    """A group member's check, while its partitions stay quiet, for its customers'
+    transitions that it may publish (see `_project`). It reads how far the topic is known
+    complete (on the projector thread), then asks the broker for the partitions' ends (on
+    a thread of its own): each step starts once the one before is done, so the poll loop
+    never waits for either."""
+
+    def __init__(self, every_seconds: float) -> None:
+        self.every_seconds = every_seconds
+        self._bound_read: Future[datetime | None] | None = None
+        self._ends_read: Future[dict[TopicPartition, int] | None] | None = None
+        self._bound: datetime | None = None
+        self._published: datetime | None = None  # the bound last published up to
+        self._due = time.monotonic() + every_seconds
+
+    def newly_owned(self) -> None:
+        """New partitions: what was published up to the last bound was not their
+        customers', so the same bound is worth publishing up to again."""
+        self._published = None
+
+    def step(
+        self, quiet: bool, projector: _ProjectorThread, feed: _Feed, handed: dict[str, int]
+    ) -> datetime | None:
+        """Move the check on; the business time to publish up to now, if it may."""
+        if self._bound_read is None and self._ends_read is None:
+            if quiet and time.monotonic() >= self._due:
+                topic = feed.topic
+                self._bound_read = projector.submit(lambda writer: writer.relayed_until(topic))
+        elif self._bound_read is not None and self._bound_read.done():
+            self._bound, self._bound_read = self._bound_read.result(), None
+            if self._bound is not None and (
+                self._published is None or self._bound > self._published
+            ):
+                self._ends_read = feed.ends()  # asked only now, after the bound was read
+            else:  # nothing new to publish
+                self._due = time.monotonic() + self.every_seconds
+        elif self._ends_read is not None and self._ends_read.done():
+            ends, self._ends_read = self._ends_read.result(), None
+            self._due = time.monotonic() + self.every_seconds
+            if (
+                quiet
+                and ends is not None
+                and self._bound is not None
+                and feed.read_to(ends, handed)
+            ):
+                self._published = self._bound
+                return self._bound
+        return None
+
+
 def _project(
     feed: _Feed,
     projector: _ProjectorThread,
@@ -954,12 +1004,7 @@ def _project(
     # a reader, and a group member that stopped polling meanwhile would be dropped.
     publishing: Future[int] | None = None
     releasing: Future[None] | None = None
-    # A quiet member's check: how far the topic is known complete, then the broker's ends.
-    bound_read: Future[datetime | None] | None = None
-    ends_read: Future[dict[TopicPartition, int] | None] | None = None
-    bound: datetime | None = None
-    published_bound: datetime | None = None
-    next_check = time.monotonic() + idle_publish_seconds
+    quiet_check = _QuietCheck(idle_publish_seconds)
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
 
@@ -990,31 +1035,18 @@ def _project(
             releasing = None
         if not found:
             projector.nothing_more_to_come()
-            if projector.newly_owned():  # new customers: what was published is not theirs
-                withheld, published_bound = True, None
+            if projector.newly_owned():
+                withheld = True
+                quiet_check.newly_owned()
             idle = projector.idle()
             if withheld and idle and publishing is None and not feed.behind(handed):
                 publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))
                 withheld = idle = False
             quiet = idle and publishing is None and projector.publishes() and feed.shared()
-            if bound_read is None and ends_read is None:
-                if quiet and time.monotonic() >= next_check:
-                    bound_read = projector.submit(
-                        partial(ProjectionWriter.relayed_until, topic=feed.topic)
-                    )
-                    idle = False
-            elif bound_read is not None and bound_read.done():
-                bound, bound_read = bound_read.result(), None
-                if bound is not None and (published_bound is None or bound > published_bound):
-                    ends_read = feed.ends()  # asked only now, after the bound was read
-                else:  # nothing new to publish
-                    next_check = time.monotonic() + idle_publish_seconds
-            elif ends_read is not None and ends_read.done():
-                ends, ends_read = ends_read.result(), None
-                next_check = time.monotonic() + idle_publish_seconds
-                if quiet and ends is not None and bound is not None and feed.read_to(ends, handed):
-                    publishing = projector.publish_all(bound)
-                    published_bound, idle = bound, False
+            bound = quiet_check.step(quiet, projector, feed, handed)
+            if bound is not None:
+                publishing = projector.publish_all(bound)
+                idle = False
             if release_when_idle and idle and releasing is None:
                 releasing = projector.submit(ProjectionWriter.release)
             continue
