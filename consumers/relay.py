@@ -178,7 +178,9 @@ def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -
     if state.topic is not None and state.topic != settings.topic:
         raise RelayStateMismatch(
             f"the relay's position ({state.position:,}) is for topic {state.topic}, not "
-            f"{settings.topic} (LEDGER_KAFKA_TOPIC changed?): {fresh_start}"
+            f"{settings.topic}: if LEDGER_KAFKA_TOPIC is mistyped, set it back to "
+            f"{state.topic}; if the events are to go to {settings.topic} from now on, "
+            f"{fresh_start}"
         )
     head = ledger.head()
     if state.position > head:

@@ -881,9 +881,9 @@ def test_kafka_commands_refuse_what_would_lose_data(
     # the relay's position is the other topic's: it says so before it looks for the topic
     refused = run("relay", data_dir=data, cwd=tmp_path, env=typo)
     assert refused.code == 3, refused
-    assert f"is for topic {kafka_settings.topic}, not {kafka_settings.topic}-typo" in " ".join(
-        refused.err.split()
-    )
+    said = " ".join(refused.err.split())
+    assert f"is for topic {kafka_settings.topic}, not {kafka_settings.topic}-typo" in said
+    assert f"set it back to {kafka_settings.topic};" in said, said  # before any republish
     assert projected() == len(events), "a rebuild from a missing topic emptied the projections"
     fresh = tmp_path / "fresh"
     for command in [("consume",), ("consume", "--follow"), ("rebuild", "--from-kafka")]:
