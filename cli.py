@@ -361,7 +361,8 @@ def _ingest_one(
             on_batch=show,
         )
     err.print(
-        f"{name}: {report.lines:,} lines, {report.accepted:,} accepted, "
+        f"{name}: {report.lines:,} line{'' if report.lines == 1 else 's'}, "
+        f"{report.accepted:,} accepted, "
         f"{report.duplicates:,} duplicates, {report.rejected:,} rejected"
     )
     return report
