@@ -186,8 +186,9 @@ def _wait_for_the_ledger(poll_seconds: float = 1.0) -> None:
         time.sleep(poll_seconds)
 
 
-def _parse_moment(value: str, option: str) -> datetime:
-    """'now' or an ISO-8601 date-time with a UTC offset (a usage error otherwise)."""
+def _parse_moment(value: str, option: str, *, not_ahead_because: str | None = None) -> datetime:
+    """'now' or an ISO-8601 date-time with a UTC offset (a usage error otherwise); with
+    `not_ahead_because`, not more than `AHEAD_OF_RECORDING` after now, for that reason."""
     if value == "now":
         return datetime.now(UTC)
     try:
@@ -197,6 +198,12 @@ def _parse_moment(value: str, option: str) -> datetime:
     if moment.tzinfo is None:
         example = value if "T" in value or " " in value else f"{value}T00:00:00"
         _fail(f"{option} {value!r} has no UTC offset (write e.g. {example}+00:00)", code=2)
+    if not_ahead_because is not None and moment > datetime.now(UTC) + AHEAD_OF_RECORDING:
+        _fail(
+            f"{option} {value} lies more than {AHEAD_OF_RECORDING} after now: "
+            f"{not_ahead_because} (check the year and the UTC offset)",
+            code=2,
+        )
     return moment
 
 
@@ -204,15 +211,12 @@ def _parse_as_of(value: str | None) -> datetime | None:
     """`project --as-of`: a moment, not in the future."""
     if value is None:
         return None
-    moment = _parse_moment(value, "--as-of")
-    if moment > datetime.now(UTC) + AHEAD_OF_RECORDING:
-        _fail(
-            f"--as-of {value} lies more than {AHEAD_OF_RECORDING} after now: the as-of "
-            "clock never goes back, so a future time would leave every running SLA clock "
-            "breached for good (check the year and the UTC offset)",
-            code=2,
-        )
-    return moment
+    return _parse_moment(
+        value,
+        "--as-of",
+        not_ahead_because="the as-of clock never goes back, so a future time would leave "
+        "every running SLA clock breached for good",
+    )
 
 
 def _project_what_was_recorded(ledger: Ledger) -> ProjectionsUnavailable | None:
@@ -610,10 +614,12 @@ def history(
     """Print a customer's timeline from the event store, or their projections (--state).
 
     --as-of: what had happened by then; --known-at: what the ledger knew then."""
-    happened_by = None if as_of is None else _parse_moment(as_of, "--as-of")
+    happened_by = (
+        None
+        if as_of is None
+        else _parse_moment(as_of, "--as-of", not_ahead_because="nothing has happened by then yet")
+    )
     known_by = None if known_at is None else _parse_moment(known_at, "--known-at")
-    if happened_by is not None and happened_by > datetime.now(UTC) + AHEAD_OF_RECORDING:
-        _fail(f"--as-of {as_of} lies after now: check the year and the UTC offset", code=2)
     recorded = _ledger(create=False).recorded(customer_id)
     if not recorded:
         _fail(f"no events for customer {customer_id!r}", code=EXIT_REJECTED)
@@ -663,8 +669,7 @@ STATE_COLUMNS = {
 
 def _print_customer_state(customer_id: str, state: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps({"customer_id": customer_id, **state}, default=str))
-        sys.stdout.buffer.write(b"\n")
+        _print_json_lines([{"customer_id": customer_id, **state}])
         return
     out.print(f"{customer_id} as of {state['as_of'].isoformat()}", markup=False)
     profile = state["profile"][0] if state["profile"] else {}

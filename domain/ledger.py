@@ -184,10 +184,10 @@ class OrjsonTranscoder(JSONTranscoder):
 
 
 def in_business_order(recorded: Iterable[tuple[int, Fact]]) -> list[Fact]:
-    """Facts in business-time order, those at the same time in their order of recording."""
-    ordered = sorted(recorded, key=lambda item: item[0])
+    """Facts given in their order of recording (as `Ledger.recorded`), in business-time
+    order; those at the same time keep their order of recording (the sort is stable)."""
     return sorted(
-        (fact for _, fact in ordered), key=lambda f: datetime.fromisoformat(f["occurred_at"])
+        (fact for _, fact in recorded), key=lambda f: datetime.fromisoformat(f["occurred_at"])
     )
 
 
