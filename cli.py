@@ -1029,8 +1029,11 @@ def _print_status(found: PipelineStatus) -> None:
         )
     if found.derived is not None:
         published = f"{found.derived.published:,} of {found.derived.derived:,}"
-        if found.derived.withdrawn:
-            published += f" ({found.derived.withdrawn:,} more withdrawn since by late events)"
+        if found.derived.withdrawn or found.derived.withdrawals_waiting:
+            published += (
+                f" ({found.derived.withdrawn:,} withdrawn since by late events, "
+                f"{found.derived.withdrawals_waiting:,} withdrawals waiting)"
+            )
         table.add_row("derived events acknowledged", found.derived.topic, published)
     if found.dead_letters is not None:
         table.add_row("dead letters", found.dead_letters.topic, f"{found.dead_letters.records:,}")

@@ -1,5 +1,6 @@
-"""Publishing the derived events (stage changes, SLA warnings and breaches) to the derived
-topic: once per transition, in business-time order, by the ledger's own consumer group.
+"""Publishing the derived events (stage changes, SLA warnings and breaches, response alarms,
+and the withdrawals of those a late event took back) to the derived topic: once per
+transition, in business-time order, by the ledger's own consumer group.
 
 The projector thread decides what may go out (`publish_until`: nothing a partition still
 behind could take back); `DerivedPublisher` sends it on a thread of its own and marks in
@@ -109,7 +110,8 @@ class DerivedPublisher:
         self._closing = False
         self._finishing = False  # retries end: what fails now goes out with the next run
         self._abandoned = False  # a send failed while finishing: the rest is not tried
-        self._in_flight: set[str] = set()  # sent, not marked yet (the projector thread's)
+        # sent, not marked yet, by id (the projector thread's)
+        self._in_flight: dict[str, dict[str, Any]] = {}
         self._thread: threading.Thread | None = None
         self._owned: tuple[frozenset[int], int] | None = None  # None: every customer
         self._newly_owned = False
@@ -133,7 +135,8 @@ class DerivedPublisher:
 
     def publish(self, projector: Projector, until: datetime | None) -> int:
         """Mark what was acknowledged, send what is new up to business time `until` (None:
-        all); returns how many were marked."""
+        all) and the withdrawals of what a late event took back; returns how many were
+        marked."""
         marked = self._mark_acknowledged(projector)
         pending = [
             fact
@@ -141,7 +144,7 @@ class DerivedPublisher:
             if fact["event_id"] not in self._in_flight and self._owns(fact["customer_id"])
         ]
         if pending:
-            self._in_flight.update(fact["event_id"] for fact in pending)
+            self._in_flight.update((fact["event_id"], fact) for fact in pending)
             with self._changed:
                 self._to_send.append(pending)
                 self._changed.notify_all()
@@ -170,8 +173,9 @@ class DerivedPublisher:
                 raise self._failure
             acknowledged, self._acknowledged = self._acknowledged, []
         if acknowledged:
-            derived.mark_published(projector.con, acknowledged)
-            self._in_flight.difference_update(acknowledged)
+            derived.mark_published(projector.con, [self._in_flight[i] for i in acknowledged])
+            for event_id in acknowledged:
+                del self._in_flight[event_id]
         return len(acknowledged)
 
     def finishing(self) -> None:

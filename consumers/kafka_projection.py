@@ -1113,15 +1113,15 @@ def rebuild_from_kafka(
 
 
 def derived_waiting(projections_path: Path) -> int:
-    """How many derived events the projections hold that the broker has not acknowledged:
-    a rebuild leaves them to the group's next `consume` (or its running follower), which
-    publishes as part of its batches."""
+    """How many derived events (withdrawals included) the projections hold that the broker
+    has not acknowledged: a rebuild leaves them to the group's next `consume` (or its
+    running follower), which publishes as part of its batches."""
     con = connect(projections_path, read_only=True)
     try:
-        held, published = derived.publication(con)
+        held, published, _, withdrawals = derived.publication(con)
     finally:
         con.close()
-    return held - published
+    return held - published + withdrawals
 
 
 def _stored_offsets(projections_path: Path, source: str) -> dict[str, int]:

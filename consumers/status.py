@@ -51,7 +51,8 @@ class DerivedPublication:
     topic: str
     derived: int  # in the projections file
     published: int  # of those, acknowledged by the broker
-    withdrawn: int = 0  # acknowledged, and taken back since by an event recorded late
+    withdrawn: int = 0  # withdrawals acknowledged (of published ones a late event took back)
+    withdrawals_waiting: int = 0  # published, taken back since, withdrawal not acknowledged
 
     @property
     def waiting(self) -> int:
@@ -115,11 +116,7 @@ def pipeline_status(
             status.clock = stored_clock(con)
             if kafka is not None:
                 status.topic_complete_until = relayed_until(con, kafka.topic)
-                status.derived = DerivedPublication(
-                    kafka.derived_topic,
-                    *derived.publication(con),
-                    derived.withdrawn_after_publication(con),
-                )
+                status.derived = DerivedPublication(kafka.derived_topic, *derived.publication(con))
         finally:
             con.close()
     if kafka is not None:

@@ -511,13 +511,17 @@ class StageChange(_Data):
     trigger_event_id: str
 
 
+EVENT_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+"""A derived event's id: a 128-bit hash written as a UUID is."""
+
+
 class _Derived(BaseModel):
     """What every derived event carries: a conclusion of the ledger's, not a recorded fact."""
 
     model_config = ConfigDict(extra="forbid")
 
     event_id: str = Field(
-        pattern="^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        pattern=EVENT_ID_PATTERN,
         description="stable: a 128-bit hash of the transition written as a UUID is (not an "
         "RFC 4122 UUID: no version bits), the same on rebuild",
     )
@@ -574,11 +578,30 @@ class ResponseOverdue(_Derived):
     data: ResponseWait
 
 
+class Withdrawal(_Data):
+    withdrawn_event_id: str = Field(
+        pattern=EVENT_ID_PATTERN, description="the `event_id` of the derived event withdrawn"
+    )
+    withdrawn_type: Literal["LoyaltyStageChanged", "SlaWarning", "SlaBreached", "ResponseOverdue"]
+
+
+class DerivedEventWithdrawn(_Derived):
+    """A derived event published earlier no longer holds: an event recorded late (a
+    backfill, its business time before events already recorded) took it back, such as a
+    resolution in time for a breach. `occurred_at` is the withdrawn event's. Should the
+    transition hold again later, it is published again under its own id (a subscriber
+    that deduplicates by id forgets a withdrawn id)."""
+
+    type: Literal["DerivedEventWithdrawn"]
+    data: Withdrawal
+
+
 DERIVED_MODELS: tuple[type[BaseModel], ...] = (
     LoyaltyStageChanged,
     SlaWarning,
     SlaBreached,
     ResponseOverdue,
+    DerivedEventWithdrawn,
 )
 
 

@@ -18,8 +18,9 @@ does not alert again unless asked. The Kafka consumer publishes a transition onl
 every partition with records still to read has reached its time (`unpublished(until=)`,
 see consumers.derived_publishing.publish_until), so how partitions interleave changes
 nothing that goes out. An event recorded late (a backfill) can still reveal a transition
-earlier than ones already published, or retract one: a published id that no longer
-appears in `derived_events`.
+earlier than ones already published, or take one back: a published id that no longer
+appears in `derived_events` goes out again as a `DerivedEventWithdrawn` naming it (and
+should the transition hold again later, it goes out again under its own id).
 """
 
 from __future__ import annotations
@@ -121,14 +122,19 @@ def count_history_as_published(
     if not new_types:
         return {}
     history = """
-        SELECT event_id, type FROM derived_events
+        SELECT event_id, type, customer_id, occurred_at FROM derived_events
         WHERE list_contains($types, type) AND occurred_at <= $until
           AND event_id NOT IN (SELECT event_id FROM derived_published)
     """
     params = {"types": new_types, "until": until}
     counted = con.execute(f"SELECT type, count(*) FROM ({history}) GROUP BY type", params)
     by_type = {str(kind): int(n) for kind, n in counted.fetchall()}
-    run(con, f"INSERT INTO derived_published SELECT event_id FROM ({history})", params)
+    run(
+        con,
+        "INSERT INTO derived_published (event_id, type, customer_id, occurred_at) "
+        f"SELECT * FROM ({history})",
+        params,
+    )
     return by_type
 
 
@@ -140,20 +146,35 @@ def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
 
 
 UNPUBLISHED = """
-SELECT d.event_id::VARCHAR, d.type, d.customer_id, iso(d.occurred_at), d.data
-FROM derived_events AS d
-WHERE d.event_id NOT IN (SELECT event_id FROM derived_published)
-  AND ($until IS NULL OR d.occurred_at < $until)
-ORDER BY d.occurred_at, d.event_id
+WITH due AS (
+    SELECT d.event_id, d.type, d.customer_id, d.occurred_at, d.data
+    FROM derived_events AS d
+    WHERE d.event_id NOT IN (SELECT event_id FROM derived_published WHERE NOT withdrawn)
+      AND ($until IS NULL OR d.occurred_at < $until)
+    UNION ALL
+    -- published, and no longer derived: an event recorded late took it back. Named by what
+    -- it withdraws and how often that was withdrawn before (it may hold again, then not).
+    SELECT md5('derived|withdrawn|' || p.event_id::VARCHAR || '|' || (p.withdrawals + 1))::UUID,
+           'DerivedEventWithdrawn', p.customer_id, p.occurred_at,
+           json_object('withdrawn_event_id', p.event_id::VARCHAR, 'withdrawn_type', p.type)
+    FROM derived_published AS p
+    WHERE NOT p.withdrawn AND p.type IS NOT NULL
+      AND p.event_id NOT IN (SELECT event_id FROM derived_events)
+)
+SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), data
+FROM due
+ORDER BY occurred_at, event_id
 """
 
 
 def unpublished(
     con: duckdb.DuckDBPyConnection, until: datetime | None = None
 ) -> list[dict[str, Any]]:
-    """Derived events the broker has not acknowledged yet (those before business time
-    `until`, when given), oldest first, in the contract's recorded shape (see
-    domain.events: the derived catalogue)."""
+    """What the derived topic still lacks, oldest first, in the contract's recorded shape
+    (see domain.events: the derived catalogue): the derived events the broker has not
+    acknowledged (those before business time `until`, when given), and a withdrawal of
+    each published one that no longer holds (whatever `until`: only an event recorded late
+    takes a published transition back, and it is read by then)."""
     return [
         {
             "event_id": event_id,
@@ -170,34 +191,98 @@ def unpublished(
     ]
 
 
-def mark_published(con: duckdb.DuckDBPyConnection, event_ids: list[str]) -> None:
-    con.register("acknowledged", pa.table({"event_id": pa.array(event_ids, pa.string())}))
+ANNOUNCED = """
+INSERT INTO derived_published (event_id, type, customer_id, occurred_at)
+SELECT DISTINCT event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ
+FROM acknowledged WHERE type <> 'DerivedEventWithdrawn'
+ON CONFLICT (event_id) DO UPDATE SET
+    withdrawn = FALSE, type = excluded.type, customer_id = excluded.customer_id,
+    occurred_at = excluded.occurred_at
+"""
+
+WITHDRAWN = """
+UPDATE derived_published AS p
+SET withdrawn = TRUE, withdrawals = p.withdrawals + 1
+FROM (SELECT DISTINCT withdrawn_event_id::UUID AS event_id FROM acknowledged
+      WHERE type = 'DerivedEventWithdrawn') AS w
+WHERE p.event_id = w.event_id AND NOT p.withdrawn
+"""
+
+
+def mark_published(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]]) -> None:
+    """Record what the broker acknowledged (facts as `unpublished` gives them): a derived
+    event stands published, a withdrawal withdraws its event (once: a withdrawal sent
+    again after a crash counts once, as its id says)."""
+    acknowledged = pa.table(
+        {
+            "event_id": [fact["event_id"] for fact in facts],
+            "type": [fact["type"] for fact in facts],
+            "customer_id": [fact["customer_id"] for fact in facts],
+            "occurred_at": [fact["occurred_at"] for fact in facts],
+            "withdrawn_event_id": [
+                fact["data"].get("withdrawn_event_id") if fact["type"] == WITHDRAWAL else None
+                for fact in facts
+            ],
+        },
+        schema=pa.schema([(name, pa.string()) for name in ACKNOWLEDGED_COLUMNS]),
+    )
+    con.register("acknowledged", acknowledged)
     try:
-        run(con, "INSERT OR IGNORE INTO derived_published SELECT event_id::UUID FROM acknowledged")
+        run(con, ANNOUNCED)
+        run(con, WITHDRAWN)
     finally:
         con.unregister("acknowledged")
 
 
-def publication(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
-    """(derived, published): how many derived events the projections hold, and how many of
-    them the broker acknowledged."""
+WITHDRAWAL = "DerivedEventWithdrawn"
+ACKNOWLEDGED_COLUMNS = ("event_id", "type", "customer_id", "occurred_at", "withdrawn_event_id")
+
+
+def carry_over_published(con: duckdb.DuckDBPyConnection, previous_version: int) -> int:
+    """Copy what the file attached as `previous` published into this one (a rebuild must
+    not alert again); returns how many of those a late event had taken back in a file
+    older than schema version 5, which kept no customer to address a withdrawal to (they
+    count as withdrawn, unannounced)."""
+    if previous_version >= 5:
+        run(
+            con,
+            """
+            INSERT OR IGNORE INTO derived_published
+                (event_id, type, customer_id, occurred_at, withdrawn, withdrawals)
+            SELECT event_id, type, customer_id, occurred_at, withdrawn, withdrawals
+            FROM previous.derived_published
+            """,
+        )
+        return 0
+    run(
+        con,
+        """
+        INSERT OR IGNORE INTO derived_published
+            (event_id, type, customer_id, occurred_at, withdrawn)
+        SELECT p.event_id, d.type, d.customer_id, d.occurred_at, d.event_id IS NULL
+        FROM previous.derived_published AS p
+        LEFT JOIN previous.derived_events AS d USING (event_id)
+        """,
+    )
+    row = one(con, "SELECT count(*) FROM derived_published WHERE type IS NULL")
+    return int(row[0]) if row else 0
+
+
+def publication(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, int]:
+    """(derived, published, withdrawn, withdrawals_waiting): how many derived events the
+    projections hold, how many of them stand published (acknowledged by the broker), how
+    many withdrawals of published ones a late event took back the broker acknowledged,
+    and how many such withdrawals are not acknowledged yet."""
     row = one(
         con,
         """
-        SELECT count(*), count(p.event_id)
-        FROM derived_events AS d LEFT JOIN derived_published AS p USING (event_id)
+        SELECT (SELECT count(*) FROM derived_events),
+               (SELECT count(*) FROM derived_events
+                JOIN derived_published AS p USING (event_id) WHERE NOT p.withdrawn),
+               (SELECT coalesce(sum(withdrawals), 0) FROM derived_published),
+               (SELECT count(*) FROM derived_published AS p
+                ANTI JOIN derived_events USING (event_id)
+                WHERE NOT p.withdrawn AND p.type IS NOT NULL)
         """,
     )
-    return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
-def withdrawn_after_publication(con: duckdb.DuckDBPyConnection) -> int:
-    """How many derived events the broker acknowledged that the projections no longer
-    derive: an event recorded late (a backfill) took them back, and subscribers still
-    hold them (no withdrawal goes out yet: README, Known limits)."""
-    row = one(
-        con,
-        "SELECT count(*) FROM derived_published AS p "
-        "ANTI JOIN derived_events AS d USING (event_id)",
-    )
-    return int(row[0]) if row else 0
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row else (0, 0, 0, 0)

@@ -70,13 +70,7 @@ def rebuilding(path: Path, *, realert: bool = False) -> Iterator[Path]:
             if clock and clock[0] is not None:
                 projector.apply([], {}, clock[0])
             if not realert:
-                run(
-                    con,
-                    "INSERT OR IGNORE INTO derived_published "
-                    "SELECT event_id FROM previous.derived_published",
-                )
-                if clock and clock[0] is not None:
-                    _count_new_types_as_published(con, clock[0])
+                _carry_over_published(con, clock[0] if clock else None)
             run(con, "DETACH previous")
     finally:
         con.close()
@@ -84,14 +78,26 @@ def rebuilding(path: Path, *, realert: bool = False) -> Iterator[Path]:
     Path(f"{path}.wal").unlink(missing_ok=True)
 
 
-def _count_new_types_as_published(con: duckdb.DuckDBPyConnection, clock: datetime) -> None:
-    """An upgrade (a file of an older schema version) must not send the history of a
-    derived type new in this version (`derived.INTRODUCED_IN`) as if it just happened."""
+def _carry_over_published(con: duckdb.DuckDBPyConnection, clock: datetime | None) -> None:
+    """What the old file published stays published, so nobody is alerted twice. An upgrade
+    (a file of an older schema version) must not send the history of a derived type new
+    in this version (`derived.INTRODUCED_IN`) as if it just happened either."""
     try:
         row = one(con, "SELECT schema_version FROM previous.projection_meta")
     except duckdb.CatalogException:  # before projection_meta existed
         row = (1,)
-    counted = derived.count_history_as_published(con, int(row[0]) if row else 1, clock)
+    previous_version = int(row[0]) if row else 1
+    unaddressed = derived.carry_over_published(con, previous_version)
+    if unaddressed:
+        log.warning(
+            "%s published derived events were taken back by late events before this "
+            "version: no withdrawal can be sent for them (the old projections kept no "
+            "customer to address it to)",
+            f"{unaddressed:,}",
+        )
+    if clock is None:
+        return
+    counted = derived.count_history_as_published(con, previous_version, clock)
     for kind, count in counted.items():
         log.warning(
             "%s %s events at or before %s (new in this version) are counted as published, "

@@ -145,8 +145,15 @@ CREATE TABLE IF NOT EXISTS derived_events (
     data         JSON NOT NULL
 );
 
+-- What went out on the derived topic (acknowledged by the broker), with what a withdrawal
+-- needs once a late event takes it back (NULL: published before schema version 5).
 CREATE TABLE IF NOT EXISTS derived_published (
-    event_id     UUID PRIMARY KEY                 -- acknowledged by the broker
+    event_id     UUID PRIMARY KEY,
+    type         VARCHAR,
+    customer_id  VARCHAR,
+    occurred_at  TIMESTAMPTZ,
+    withdrawn    BOOLEAN NOT NULL DEFAULT FALSE,  -- its last word out was a withdrawal
+    withdrawals  INTEGER NOT NULL DEFAULT 0       -- DerivedEventWithdrawn acknowledged for it
 );
 
 CREATE TABLE IF NOT EXISTS projection_clock (
@@ -295,7 +302,7 @@ CREATE TABLE IF NOT EXISTS internal.contact_turns (
 
 #: Bumped whenever the DDL, a table's meaning or the carried state changes: a file built by another
 #: version must be rebuilt (`ledger rebuild`), not updated in place.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _reference_rows(

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +24,7 @@ from urllib.parse import unquote
 import jsonschema
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message
-from conftest import PROJECT_ROOT, differences, embedded, record, tables
+from conftest import PROJECT_ROOT, differences, embedded, event, record, tables
 from referencing import Registry, Resource
 
 from bootstrap import Settings
@@ -196,21 +196,43 @@ def test_the_first_record_of_each_relay_batch_says_how_far_the_topic_is_complete
 def test_derived_topic_follows_the_same_contract(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
-    """Stage changes, SLA warnings and breaches, and response alarms reach downstream
-    systems in the events' envelope: values valid against their schemas in `ledger
-    schema`, headers naming them, the customer as key, and each customer's derived events
-    in one partition, in business-time order."""
-    outcomes = record(ledger, generate_history(customers=40))
+    """Stage changes, SLA warnings and breaches, response alarms and the withdrawals of
+    those a late event took back reach downstream systems in the events' envelope: values
+    valid against their schemas in `ledger schema`, headers naming them, the customer as
+    key, and each customer's derived events in one partition, in business-time order (a
+    withdrawal, dated as what it withdraws, after it)."""
+    history = generate_history(customers=40)
+    filed_at = max(datetime.fromisoformat(e["occurred_at"]) for e in history) - timedelta(hours=48)
+
+    def complaint(type_: str, hours: float, **data: Any) -> dict[str, Any]:
+        at = (filed_at + timedelta(hours=hours)).isoformat()
+        return event(type_, "C-LATE", at, {"complaint_id": "K-1", **data})
+
+    urgent = complaint("ComplaintFiled", 0, channel="phone", category="delivery", priority="urgent")
+    outcomes = record(ledger, [*history, urgent, complaint("ComplaintAcknowledged", 0.25)])
     assert all(o.status == "accepted" for o in outcomes)
-    relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    state = tmp_path / "relay.json"
+    relay.run(ledger, kafka_settings, state)
     report = kafka_projection.consume(settings.projections_path, kafka_settings)
+    # resolved in time after all, as recorded late: the breach published is taken back
+    late = record(ledger, [complaint("ComplaintResolved", 20, resolution="refund")])
+    assert [o.status for o in late] == ["accepted"]
+    relay.run(ledger, kafka_settings, state)
+    withdrawals = kafka_projection.consume(settings.projections_path, kafka_settings)
+    assert withdrawals.derived == 1
     printed = subprocess.run(
         [sys.executable, "-m", "cli", "schema"],
         cwd=PROJECT_ROOT, capture_output=True, check=True, text=True,
     )  # fmt: skip
     document = json.loads(printed.stdout)
     schemas = document["derived"]
-    assert set(schemas) == {"LoyaltyStageChanged", "SlaWarning", "SlaBreached", "ResponseOverdue"}
+    assert set(schemas) == {
+        "LoyaltyStageChanged",
+        "SlaWarning",
+        "SlaBreached",
+        "ResponseOverdue",
+        "DerivedEventWithdrawn",
+    }
     # a subscriber may also refer into the whole document: its references must resolve
     registry = Registry().with_resource(document["$id"], Resource.from_contents(document))
 
@@ -229,12 +251,13 @@ def test_derived_topic_follows_the_same_contract(
         registry = registry.with_resource(cut_out["$id"], Resource.from_contents(cut_out))
 
     messages = read_everything(
-        kafka_settings.bootstrap, kafka_settings.derived_topic, report.derived
+        kafka_settings.bootstrap, kafka_settings.derived_topic, report.derived + 1
     )
 
     seen: set[str] = set()
     partitions_of: dict[str, set[int]] = defaultdict(set)
-    in_topic: dict[str, list[tuple[int, int, datetime]]] = defaultdict(list)
+    in_topic: dict[str, list[tuple[int, int, datetime, dict[str, Any]]]] = defaultdict(list)
+    withdrawn: list[tuple[str, int, int, dict[str, Any]]] = []
     for message in messages:
         key, value, headers = envelope(message)
         jsonschema.validate(value, schemas[value["type"]])
@@ -249,13 +272,31 @@ def test_derived_topic_follows_the_same_contract(
         partition, offset = message.partition(), message.offset()
         assert partition is not None and offset is not None
         partitions_of[key].add(partition)
-        in_topic[key].append((partition, offset, datetime.fromisoformat(value["occurred_at"])))
+        if value["type"] == "DerivedEventWithdrawn":
+            withdrawn.append((key, partition, offset, value))
+        else:
+            at = datetime.fromisoformat(value["occurred_at"])
+            in_topic[key].append((partition, offset, at, value))
 
     assert {t for t in (json.loads(m.value() or b"")["type"] for m in messages)} == set(schemas)
     for customer, records in in_topic.items():
         assert len(partitions_of[customer]) == 1, (customer, partitions_of[customer])
-        times = [at for *_, at in sorted(records)]  # in the topic's order
+        times = [at for _, _, at, _ in sorted(records, key=lambda r: r[:2])]  # the topic's order
         assert times == sorted(times), f"{customer}'s derived events are not in time order"
+    ((customer, partition, offset, withdrawal),) = withdrawn
+    ((breach_partition, breach_offset, _, breach),) = [
+        record
+        for record in in_topic[customer]
+        if record[3]["event_id"] == withdrawal["data"]["withdrawn_event_id"]
+    ]
+    assert partition == breach_partition and offset > breach_offset, "withdrawn before sent"
+    assert (customer, breach["type"], breach["data"]["complaint_id"]) == (
+        "C-LATE",
+        "SlaBreached",
+        "K-1",
+    )
+    assert withdrawal["data"]["withdrawn_type"] == "SlaBreached"
+    assert withdrawal["occurred_at"] == breach["occurred_at"]
 
 
 def test_personal_fields_reach_the_topic_only_when_asked_for(

@@ -536,7 +536,7 @@ def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
         assert not settling.is_alive(), "the stop waits for a broker that is down"
         publisher.close()
     assert settled == [0]
-    derived_events, published = derived.publication(projector.con)
+    derived_events, published, _, _ = derived.publication(projector.con)
     assert derived_events > 0 and published == 0
     assert "stopping: the next run sends them" in caplog.text
 

@@ -5,6 +5,7 @@ Every comparison covers every table of the projections file, rows ordered by all
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ from consumers.store_follower import catch_up, rebuild
 from domain.demo_history import generate_history
 from domain.ledger import Ledger
 from domain.policy import LadderPolicy
+from projections import derived
 from projections.projector import Projector
 from projections.rebuild import RebuildBehind, rebuilding
 from projections.schema import ProjectionsOutdated, connect, stored_clock
@@ -464,8 +466,62 @@ def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
         == {}
     )
     assert current["derived_published"] == []
-    assert sorted(rebuilt["derived_published"]) == sorted((row[0],) for row in alarms)
+    assert sorted(rebuilt["derived_published"]) == sorted((*row[:4], False, 0) for row in alarms)
     assert f"{len(alarms):,} ResponseOverdue events at or before" in caplog.text
+
+
+def test_an_upgrade_keeps_what_was_published_and_whom_it_concerned(
+    ledger: Ledger, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files before schema version 5 kept only the ids published. The rebuild takes each
+    one's type, customer and time from the old file's derived events, so a late event
+    that takes it back later is withdrawn; one taken back already has none (it cannot be
+    addressed): it counts as withdrawn, with a warning, and is never sent."""
+    accept(ledger, [e for events in demo_by_customer(4).values() for e in events])
+    path = settings.projections_path
+    catch_up(ledger, path)
+    con = connect(path)
+    standing = derived.unpublished(con)
+    assert len(standing) > 2
+    taken_back = "00000000-1111-2222-3333-444444444444"  # published, no longer derived
+    con.execute("DROP TABLE derived_published")
+    con.execute("CREATE TABLE derived_published (event_id UUID PRIMARY KEY)")  # version 4's
+    con.execute(
+        "INSERT INTO derived_published SELECT unnest($ids)::UUID",
+        {"ids": [fact["event_id"] for fact in standing] + [taken_back]},
+    )
+    con.execute("UPDATE projection_meta SET schema_version = 4")
+    con.close()
+
+    with caplog.at_level(logging.WARNING):
+        assert rebuild(ledger, path) == ledger.head()
+    assert "1 published derived events were taken back by late events before" in caplog.text
+    con = connect(path)
+    try:
+        assert derived.unpublished(con) == []  # nothing sent again, nothing to withdraw
+        rows = con.execute(
+            "SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), withdrawn, withdrawals "
+            "FROM derived_published"
+        ).fetchall()
+        assert sorted(rows) == sorted(
+            [
+                (f["event_id"], f["type"], f["customer_id"], f["occurred_at"], False, 0)
+                for f in standing
+            ]
+            + [(taken_back, None, None, None, True, 0)]
+        )
+        # a late event taking one of them back now is withdrawn, addressed to its customer
+        gone = standing[0]
+        con.execute("DELETE FROM derived_events WHERE event_id = ?", [gone["event_id"]])
+        (withdrawal,) = derived.unpublished(con)
+        assert withdrawal["type"] == "DerivedEventWithdrawn"
+        assert withdrawal["customer_id"] == gone["customer_id"]
+        assert withdrawal["data"] == {
+            "withdrawn_event_id": gone["event_id"],
+            "withdrawn_type": gone["type"],
+        }
+    finally:
+        con.close()
 
 
 def test_redelivered_batch_changes_nothing(ledger: Ledger, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from conftest import event, project, record
 
 from bootstrap import Settings
+from domain.events import DerivedEventWithdrawn
 from domain.ledger import Ledger
 from projections import derived as derived_events
 from projections.projector import Projector
@@ -660,12 +661,34 @@ def test_sla_event_ids_are_distinct_whatever_the_ids_hold(
     ) in rows
 
 
-def test_a_transition_taken_back_after_publication_is_counted(
+def publish_everything(settings: Settings) -> list[dict[str, Any]]:
+    """What a consumer group's publisher does once the broker acknowledged it all: the
+    facts it sent, marked published (twice: a crash between acknowledgement and marking
+    sends them again, under the same ids)."""
+    con = connect(settings.projections_path)
+    try:
+        facts = derived_events.unpublished(con)
+        derived_events.mark_published(con, facts)
+        derived_events.mark_published(con, facts)
+        assert derived_events.unpublished(con) == []
+        return facts
+    finally:
+        con.close()
+
+
+def withdrawal_id(event_id: str, ordinal: int) -> str:
+    return str(
+        uuid.UUID(hashlib.md5(f"derived|withdrawn|{event_id}|{ordinal}".encode()).hexdigest())
+    )
+
+
+def test_a_transition_taken_back_after_publication_is_withdrawn(
     ledger: Ledger, settings: Settings
 ) -> None:
     """A breach went out; a resolution recorded late (its business time before the due
-    time) takes it back. Subscribers still hold it (no withdrawal is published yet), so
-    the projections count it for `ledger status`."""
+    time) takes it back: a `DerivedEventWithdrawn` naming it goes out once. A later late
+    event makes the breach hold again: it goes out again under its own id, and when it
+    is taken back once more, so is a second withdrawal, under a new id."""
     accept(ledger, [
         filed("x", "urgent"),
         step("ComplaintAcknowledged", 0.25, "x"),
@@ -676,15 +699,48 @@ def test_a_transition_taken_back_after_publication_is_counted(
         ("SlaWarning", "resolution", at(18)),
         ("SlaBreached", "resolution", at(24)),
     ]
-    rows = con.execute("SELECT event_id FROM derived_events").fetchall()
-    published = [str(row[0]) for row in rows]
     con.close()
-    con = connect(settings.projections_path)
-    derived_events.mark_published(con, published)  # what a consumer group does
-    assert derived_events.withdrawn_after_publication(con) == 0
-    con.close()
+    sent = publish_everything(settings)
+    (breach,) = [f for f in sent if f["type"] == "SlaBreached" and f["data"]["complaint_id"] == "x"]
 
     accept(ledger, [step("ComplaintResolved", 20, "x")])  # recorded late
     con = project(ledger, settings)
     assert derived(con, "x") == [("SlaWarning", "resolution", at(18))]
-    assert derived_events.withdrawn_after_publication(con) == 1
+    held, published, withdrawn, waiting = derived_events.publication(con)
+    assert (held, withdrawn, waiting) == (published, 0, 1)
+    con.close()
+    (withdrawal,) = publish_everything(settings)
+    assert withdrawal == {
+        "event_id": withdrawal_id(breach["event_id"], 1),
+        "type": "DerivedEventWithdrawn",
+        "schema_version": 1,
+        "customer_id": C,
+        "occurred_at": breach["occurred_at"],  # dated as what it withdraws
+        "source": "customer-ledger",
+        "data": {"withdrawn_event_id": breach["event_id"], "withdrawn_type": "SlaBreached"},
+    }
+    assert DerivedEventWithdrawn.model_validate(withdrawal).data.withdrawn_type == "SlaBreached"
+    con = connect(settings.projections_path, read_only=True)
+    assert derived_events.publication(con)[2:] == (1, 0)  # withdrawn once, not twice
+    con.close()
+
+    # reopened at 21 (recorded late): unresolved at the clock, the breach holds again
+    accept(ledger, [step("ComplaintReopened", 21, "x")])
+    con = project(ledger, settings)
+    assert ("SlaBreached", "resolution", at(25)) in derived(con, "x")  # 24 + 1 h resolved
+    con.close()
+    (again,) = publish_everything(settings)
+    assert (again["event_id"], again["type"]) == (breach["event_id"], "SlaBreached")
+    assert again["occurred_at"] != breach["occurred_at"]
+
+    accept(ledger, [step("ComplaintResolved", 22, "x")])  # recorded late, before 25
+    con = project(ledger, settings)
+    assert "SlaBreached" not in {kind for kind, _, _ in derived(con, "x")}
+    con.close()
+    (second,) = publish_everything(settings)
+    assert second["event_id"] == withdrawal_id(breach["event_id"], 2)
+    assert second["occurred_at"] == again["occurred_at"]
+    con = connect(settings.projections_path, read_only=True)
+    held, published, withdrawn, waiting = derived_events.publication(con)
+    assert (held, withdrawn, waiting) == (published, 2, 0)
+    con.close()
