@@ -75,11 +75,13 @@ class DerivedPublisher:
     projector thread goes on with the next batch while they are sent.
 
     Called by the projector thread (which owns the file) after each batch: it marks as
-    published (`derived_published`) what the broker acknowledged since, and hands the new
-    unpublished events to the sending thread; events sent and not marked yet are not sent
-    again. `settle` waits for every acknowledgement and marks them all. A crash between an
-    acknowledgement and its marking re-sends those events (same event ids) on restart:
-    nothing is skipped.
+    acknowledged what the broker acknowledged since, writes down the new events (and
+    withdrawals) it hands to the sending thread (`derived_published`, before they are
+    sent), and events handed over and not acknowledged yet are not handed over again.
+    `settle` waits for every acknowledgement and marks them all. After a crash, what was
+    handed over and not marked acknowledged is sent again (same ids), or withdrawn if a
+    late event took it back meanwhile: nothing is skipped, and subscribers' last word on
+    each event is the right one.
 
     With `retry` (a follower), what the broker did not acknowledge (unreachable, or
     restarted: its idempotent producer's sequence numbers are unknown there) is sent
@@ -110,7 +112,7 @@ class DerivedPublisher:
         self._closing = False
         self._finishing = False  # retries end: what fails now goes out with the next run
         self._abandoned = False  # a send failed while finishing: the rest is not tried
-        # sent, not marked yet, by id (the projector thread's)
+        # handed to the sender, not marked acknowledged yet, by id (the projector thread's)
         self._in_flight: dict[str, dict[str, Any]] = {}
         self._thread: threading.Thread | None = None
         self._owned: tuple[frozenset[int], int] | None = None  # None: every customer
@@ -144,6 +146,7 @@ class DerivedPublisher:
             if fact["event_id"] not in self._in_flight and self._owns(fact["customer_id"])
         ]
         if pending:
+            derived.mark_sending(projector.con, pending)
             self._in_flight.update((fact["event_id"], fact) for fact in pending)
             with self._changed:
                 self._to_send.append(pending)
@@ -173,7 +176,7 @@ class DerivedPublisher:
                 raise self._failure
             acknowledged, self._acknowledged = self._acknowledged, []
         if acknowledged:
-            derived.mark_published(projector.con, [self._in_flight[i] for i in acknowledged])
+            derived.mark_acknowledged(projector.con, [self._in_flight[i] for i in acknowledged])
             for event_id in acknowledged:
                 del self._in_flight[event_id]
         return len(acknowledged)

@@ -18,7 +18,14 @@ from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, watche
 from consumers.relay import RelayState, RelayStateMismatch, check_position
 from domain.ledger import Ledger
 from projections import derived
-from projections.schema import connect, relayed_until, stored_checkpoints, stored_clock
+from projections.schema import (
+    ProjectionsOutdated,
+    check_version,
+    connect,
+    relayed_until,
+    stored_checkpoints,
+    stored_clock,
+)
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,16 @@ def pipeline_status(
                 elif not source.startswith("kafka"):  # 'kafka:<group>', RELAYED
                     status.projections[source] = position
             status.clock = stored_clock(con)
-            if kafka is not None:
-                status.topic_complete_until = relayed_until(con, kafka.topic)
-                status.derived = DerivedPublication(kafka.derived_topic, *derived.publication(con))
+            try:
+                check_version(con)
+            except ProjectionsOutdated as outdated:  # read what every version holds only
+                status.problems.append(str(outdated))
+            else:
+                if kafka is not None:
+                    status.topic_complete_until = relayed_until(con, kafka.topic)
+                    status.derived = DerivedPublication(
+                        kafka.derived_topic, *derived.publication(con)
+                    )
         finally:
             con.close()
     if kafka is not None:

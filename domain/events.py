@@ -590,9 +590,12 @@ class DerivedEventWithdrawn(_Derived):
     backfill, its business time before events already recorded) took it back, such as a
     resolution in time for a breach. `occurred_at` is the withdrawn event's. Should the
     transition hold again later, it is published again under its own id (a subscriber
-    that deduplicates by id forgets a withdrawn id)."""
+    that deduplicates by id forgets a withdrawn id). It may name an id a subscriber never
+    received (sent before it subscribed, past the topic's retention, or counted as sent
+    by an upgrade): ignore it then."""
 
     type: Literal["DerivedEventWithdrawn"]
+    occurred_at: AwareDatetime = Field(description="the withdrawn event's business time")
     data: Withdrawal
 
 

@@ -129,7 +129,7 @@ def count_history_as_published(
     params = {"types": new_types, "until": until}
     counted = con.execute(f"SELECT type, count(*) FROM ({history}) GROUP BY type", params)
     by_type = {str(kind): int(n) for kind, n in counted.fetchall()}
-    run(
+    run(  # never sent: standing and acknowledged, as if
         con,
         "INSERT INTO derived_published (event_id, type, customer_id, occurred_at) "
         f"SELECT * FROM ({history})",
@@ -145,20 +145,24 @@ def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
     run(con, INSERT_IN_SCOPE, {"as_of": as_of})
 
 
+WITHDRAWAL = "DerivedEventWithdrawn"
+
 UNPUBLISHED = """
 WITH due AS (
+    -- what subscribers may not hold: never sent, withdrawn since (it holds again), or sent
+    -- without an acknowledgement (the run ended, or was killed, meanwhile: same id again)
     SELECT d.event_id, d.type, d.customer_id, d.occurred_at, d.data
-    FROM derived_events AS d
-    WHERE d.event_id NOT IN (SELECT event_id FROM derived_published WHERE NOT withdrawn)
+    FROM derived_events AS d LEFT JOIN derived_published AS p USING (event_id)
+    WHERE (p.event_id IS NULL OR NOT p.standing OR NOT p.acknowledged)
       AND ($until IS NULL OR d.occurred_at < $until)
     UNION ALL
-    -- published, and no longer derived: an event recorded late took it back. Named by what
-    -- it withdraws and how often that was withdrawn before (it may hold again, then not).
-    SELECT md5('derived|withdrawn|' || p.event_id::VARCHAR || '|' || (p.withdrawals + 1))::UUID,
+    -- sent, and no longer derived: an event recorded late took it back. A withdrawal not
+    -- acknowledged goes out again under its id; a new one takes the next ordinal.
+    SELECT withdrawal_id(p.event_id, p.withdrawals + CASE WHEN p.standing THEN 1 ELSE 0 END),
            'DerivedEventWithdrawn', p.customer_id, p.occurred_at,
            json_object('withdrawn_event_id', p.event_id::VARCHAR, 'withdrawn_type', p.type)
     FROM derived_published AS p
-    WHERE NOT p.withdrawn AND p.type IS NOT NULL
+    WHERE (p.standing OR NOT p.acknowledged) AND p.type IS NOT NULL
       AND p.event_id NOT IN (SELECT event_id FROM derived_events)
 )
 SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), data
@@ -171,10 +175,10 @@ def unpublished(
     con: duckdb.DuckDBPyConnection, until: datetime | None = None
 ) -> list[dict[str, Any]]:
     """What the derived topic still lacks, oldest first, in the contract's recorded shape
-    (see domain.events: the derived catalogue): the derived events the broker has not
-    acknowledged (those before business time `until`, when given), and a withdrawal of
-    each published one that no longer holds (whatever `until`: only an event recorded late
-    takes a published transition back, and it is read by then)."""
+    (see domain.events: the derived catalogue): the derived events subscribers may not
+    hold (those before business time `until`, when given), and a withdrawal of each one
+    sent that no longer holds (whatever `until`: only an event recorded late takes a
+    published transition back, and it is read by then)."""
     return [
         {
             "event_id": event_id,
@@ -191,75 +195,107 @@ def unpublished(
     ]
 
 
-ANNOUNCED = """
-INSERT INTO derived_published (event_id, type, customer_id, occurred_at)
-SELECT DISTINCT event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ
-FROM acknowledged WHERE type <> 'DerivedEventWithdrawn'
+SENDING = """
+INSERT INTO derived_published
+    (event_id, type, customer_id, occurred_at, standing, acknowledged)
+SELECT event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ, TRUE, FALSE
+FROM facts WHERE type <> 'DerivedEventWithdrawn'
 ON CONFLICT (event_id) DO UPDATE SET
-    withdrawn = FALSE, type = excluded.type, customer_id = excluded.customer_id,
-    occurred_at = excluded.occurred_at
-"""
+    type = excluded.type, customer_id = excluded.customer_id,
+    occurred_at = excluded.occurred_at, standing = TRUE, acknowledged = FALSE;
 
-WITHDRAWN = """
 UPDATE derived_published AS p
-SET withdrawn = TRUE, withdrawals = p.withdrawals + 1
-FROM (SELECT DISTINCT withdrawn_event_id::UUID AS event_id FROM acknowledged
-      WHERE type = 'DerivedEventWithdrawn') AS w
-WHERE p.event_id = w.event_id AND NOT p.withdrawn
+SET standing = FALSE, acknowledged = FALSE, withdrawals = p.withdrawals + 1
+FROM facts AS f
+WHERE f.type = 'DerivedEventWithdrawn' AND p.event_id = f.withdrawn_event_id::UUID
+  AND p.standing AND withdrawal_id(p.event_id, p.withdrawals + 1) = f.event_id::UUID;
+"""
+
+ACKNOWLEDGED = """
+UPDATE derived_published AS p
+SET acknowledged = TRUE
+FROM facts AS f
+WHERE p.event_id = (CASE WHEN f.type = 'DerivedEventWithdrawn'
+                         THEN f.withdrawn_event_id ELSE f.event_id END)::UUID
+  AND NOT p.acknowledged
+  AND CASE WHEN f.type = 'DerivedEventWithdrawn'
+           THEN NOT p.standing AND withdrawal_id(p.event_id, p.withdrawals) = f.event_id::UUID
+           ELSE p.standing END;
 """
 
 
-def mark_published(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]]) -> None:
-    """Record what the broker acknowledged (facts as `unpublished` gives them): a derived
-    event stands published, a withdrawal withdraws its event (once: a withdrawal sent
-    again after a crash counts once, as its id says)."""
-    acknowledged = pa.table(
+def mark_sending(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]]) -> None:
+    """Write down, before they are sent, the facts (as `unpublished` gives them) handed to
+    the producer: after a crash, what subscribers may hold is known, whether or not the
+    broker's acknowledgement was. A derived event stands; a withdrawal withdraws its
+    event, as the next of its withdrawals."""
+    _with_facts(con, facts, SENDING)
+
+
+def mark_acknowledged(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]]) -> None:
+    """Record the broker's acknowledgement of facts sent (`mark_sending` first). One that
+    is no longer the last word sent on its event (a withdrawal sent since) changes
+    nothing: that later word waits for its own."""
+    _with_facts(con, facts, ACKNOWLEDGED)
+
+
+def _with_facts(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]], sql: str) -> None:
+    table = pa.table(
         {
             "event_id": [fact["event_id"] for fact in facts],
             "type": [fact["type"] for fact in facts],
             "customer_id": [fact["customer_id"] for fact in facts],
             "occurred_at": [fact["occurred_at"] for fact in facts],
             "withdrawn_event_id": [
-                fact["data"].get("withdrawn_event_id") if fact["type"] == WITHDRAWAL else None
+                fact["data"]["withdrawn_event_id"] if fact["type"] == WITHDRAWAL else None
                 for fact in facts
             ],
         },
-        schema=pa.schema([(name, pa.string()) for name in ACKNOWLEDGED_COLUMNS]),
+        schema=pa.schema([(name, pa.string()) for name in FACT_COLUMNS]),
     )
-    con.register("acknowledged", acknowledged)
+    con.register("facts", table)
     try:
-        run(con, ANNOUNCED)
-        run(con, WITHDRAWN)
+        con.begin()
+        try:
+            run(con, sql)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
     finally:
-        con.unregister("acknowledged")
+        con.unregister("facts")
 
 
-WITHDRAWAL = "DerivedEventWithdrawn"
-ACKNOWLEDGED_COLUMNS = ("event_id", "type", "customer_id", "occurred_at", "withdrawn_event_id")
+FACT_COLUMNS = ("event_id", "type", "customer_id", "occurred_at", "withdrawn_event_id")
 
 
-def carry_over_published(con: duckdb.DuckDBPyConnection, previous_version: int) -> int:
-    """Copy what the file attached as `previous` published into this one (a rebuild must
-    not alert again); returns how many of those a late event had taken back in a file
-    older than schema version 5, which kept no customer to address a withdrawal to (they
-    count as withdrawn, unannounced)."""
+def carry_over_published(
+    con: duckdb.DuckDBPyConnection, previous_version: int, *, realert: bool = False
+) -> int:
+    """Copy what the file attached as `previous` sent into this one: a rebuild must not
+    alert again, and a withdrawal must know its customer and its ordinal. With `realert`
+    everything counts as unacknowledged, so every derived event goes out again (and the
+    withdrawals not acknowledged, under their ids). Returns how many events sent a late
+    event had taken back in a file older than schema version 5, which kept no customer
+    to address a withdrawal to (they are never announced)."""
+    acknowledged = "FALSE" if realert else "TRUE"
     if previous_version >= 5:
         run(
             con,
-            """
+            f"""
             INSERT OR IGNORE INTO derived_published
-                (event_id, type, customer_id, occurred_at, withdrawn, withdrawals)
-            SELECT event_id, type, customer_id, occurred_at, withdrawn, withdrawals
+            SELECT event_id, type, customer_id, occurred_at, standing,
+                   acknowledged AND {acknowledged}, withdrawals
             FROM previous.derived_published
             """,
         )
         return 0
     run(
         con,
-        """
+        f"""
         INSERT OR IGNORE INTO derived_published
-            (event_id, type, customer_id, occurred_at, withdrawn)
-        SELECT p.event_id, d.type, d.customer_id, d.occurred_at, d.event_id IS NULL
+        SELECT p.event_id, d.type, d.customer_id, d.occurred_at, d.event_id IS NOT NULL,
+               {acknowledged}, 0
         FROM previous.derived_published AS p
         LEFT JOIN previous.derived_events AS d USING (event_id)
         """,
@@ -270,19 +306,21 @@ def carry_over_published(con: duckdb.DuckDBPyConnection, previous_version: int) 
 
 def publication(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, int]:
     """(derived, published, withdrawn, withdrawals_waiting): how many derived events the
-    projections hold, how many of them stand published (acknowledged by the broker), how
-    many withdrawals of published ones a late event took back the broker acknowledged,
-    and how many such withdrawals are not acknowledged yet."""
+    projections hold, how many of them subscribers hold as the broker acknowledged, how
+    many withdrawals (of events a late event took back) the broker acknowledged, and how
+    many are still to send or to be acknowledged."""
     row = one(
         con,
         """
         SELECT (SELECT count(*) FROM derived_events),
-               (SELECT count(*) FROM derived_events
-                JOIN derived_published AS p USING (event_id) WHERE NOT p.withdrawn),
-               (SELECT coalesce(sum(withdrawals), 0) FROM derived_published),
+               (SELECT count(*) FROM derived_events JOIN derived_published AS p
+                USING (event_id) WHERE p.standing AND p.acknowledged),
+               (SELECT coalesce(sum(withdrawals), 0)
+                       - count(*) FILTER (WHERE NOT standing AND NOT acknowledged)
+                FROM derived_published),
                (SELECT count(*) FROM derived_published AS p
-                ANTI JOIN derived_events USING (event_id)
-                WHERE NOT p.withdrawn AND p.type IS NOT NULL)
+                WHERE (p.standing OR NOT p.acknowledged) AND p.type IS NOT NULL
+                  AND p.event_id NOT IN (SELECT event_id FROM derived_events))
         """,
     )
     return (int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row else (0, 0, 0, 0)

@@ -69,8 +69,7 @@ def rebuilding(path: Path, *, realert: bool = False) -> Iterator[Path]:
             clock = one(con, "SELECT max(as_of) FROM previous.projection_clock")
             if clock and clock[0] is not None:
                 projector.apply([], {}, clock[0])
-            if not realert:
-                _carry_over_published(con, clock[0] if clock else None)
+            _carry_over_published(con, clock[0] if clock else None, realert=realert)
             run(con, "DETACH previous")
     finally:
         con.close()
@@ -78,16 +77,20 @@ def rebuilding(path: Path, *, realert: bool = False) -> Iterator[Path]:
     Path(f"{path}.wal").unlink(missing_ok=True)
 
 
-def _carry_over_published(con: duckdb.DuckDBPyConnection, clock: datetime | None) -> None:
-    """What the old file published stays published, so nobody is alerted twice. An upgrade
-    (a file of an older schema version) must not send the history of a derived type new
-    in this version (`derived.INTRODUCED_IN`) as if it just happened either."""
+def _carry_over_published(
+    con: duckdb.DuckDBPyConnection, clock: datetime | None, *, realert: bool
+) -> None:
+    """What the old file published stays published, so nobody is alerted twice (unless
+    `realert`: then all of it goes out again, and withdrawals still count on from the
+    old file's, so a later one gets a new id). An upgrade (a file of an older schema
+    version) must not send the history of a derived type new in this version
+    (`derived.INTRODUCED_IN`) as if it just happened either."""
     try:
         row = one(con, "SELECT schema_version FROM previous.projection_meta")
     except duckdb.CatalogException:  # before projection_meta existed
         row = (1,)
     previous_version = int(row[0]) if row else 1
-    unaddressed = derived.carry_over_published(con, previous_version)
+    unaddressed = derived.carry_over_published(con, previous_version, realert=realert)
     if unaddressed:
         log.warning(
             "%s published derived events were taken back by late events before this "
@@ -95,7 +98,7 @@ def _carry_over_published(con: duckdb.DuckDBPyConnection, clock: datetime | None
             "customer to address it to)",
             f"{unaddressed:,}",
         )
-    if clock is None:
+    if clock is None or realert:
         return
     counted = derived.count_history_as_published(con, previous_version, clock)
     for kind, count in counted.items():

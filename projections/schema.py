@@ -145,16 +145,25 @@ CREATE TABLE IF NOT EXISTS derived_events (
     data         JSON NOT NULL
 );
 
--- What went out on the derived topic (acknowledged by the broker), with what a withdrawal
--- needs once a late event takes it back (NULL: published before schema version 5).
+-- The derived events handed to the derived topic's producer, with what a withdrawal needs
+-- once a late event takes one back (NULL: published before schema version 5). Written
+-- before sending, so a crash before the acknowledgement is known still knows what
+-- subscribers may hold.
 CREATE TABLE IF NOT EXISTS derived_published (
-    event_id     UUID PRIMARY KEY,
-    type         VARCHAR,
-    customer_id  VARCHAR,
-    occurred_at  TIMESTAMPTZ,
-    withdrawn    BOOLEAN NOT NULL DEFAULT FALSE,  -- its last word out was a withdrawal
-    withdrawals  INTEGER NOT NULL DEFAULT 0       -- DerivedEventWithdrawn acknowledged for it
+    event_id      UUID PRIMARY KEY,
+    type          VARCHAR,
+    customer_id   VARCHAR,
+    occurred_at   TIMESTAMPTZ,
+    standing      BOOLEAN NOT NULL DEFAULT TRUE,  -- the last word sent on it is the event
+                                                  -- (FALSE: a withdrawal)
+    acknowledged  BOOLEAN NOT NULL DEFAULT TRUE,  -- the broker acknowledged that last word
+    withdrawals   INTEGER NOT NULL DEFAULT 0      -- withdrawals sent for it, the last included
 );
+
+-- A withdrawal's id: what it withdraws, and which withdrawal of it this is (a transition
+-- may hold again after a late event, and be withdrawn again).
+CREATE OR REPLACE MACRO withdrawal_id(withdrawn, ordinal) AS
+    md5('derived|withdrawn|' || withdrawn::VARCHAR || '|' || ordinal)::UUID;
 
 CREATE TABLE IF NOT EXISTS projection_clock (
     singleton  BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
@@ -477,12 +486,7 @@ def create_schema(
 ) -> None:
     """Create what is missing, in one transaction (a process killed meanwhile leaves the
     file as it was); a file of another schema version is refused untouched."""
-    version = _stored_version(con)
-    if version is not None and version != SCHEMA_VERSION:
-        raise ProjectionsOutdated(
-            f"the projections file holds schema version {version}, this ledger writes "
-            f"version {SCHEMA_VERSION}: run `ledger rebuild` to rebuild it from the events"
-        )
+    version = check_version(con)
     con.begin()
     try:
         if version is None:
@@ -495,6 +499,18 @@ def create_schema(
     except BaseException:
         con.rollback()
         raise
+
+
+def check_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The file's schema version (None: a new file); `ProjectionsOutdated` when it is
+    another than this ledger's."""
+    version = _stored_version(con)
+    if version is not None and version != SCHEMA_VERSION:
+        raise ProjectionsOutdated(
+            f"the projections file holds schema version {version}, this ledger writes "
+            f"version {SCHEMA_VERSION}: run `ledger rebuild` to rebuild it from the events"
+        )
+    return version
 
 
 def _stored_version(con: duckdb.DuckDBPyConnection) -> int | None:

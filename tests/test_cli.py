@@ -769,6 +769,32 @@ def test_long_work_shows_progress_on_a_terminal(
     assert consumed.json() == [{"n": len(events)}]
 
 
+def test_status_on_projections_of_an_older_version_says_to_rebuild(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    """After an upgrade of the code, `status` is what an operator runs first: on a file
+    of an older schema version it showed a DuckDB binder error (a review). It shows what
+    every version holds, says to rebuild, and exits 3; `--json` still parses."""
+    data = tmp_path / "d"
+    contact = '{"channel": "phone", "direction": "inbound", "topic": "upgrade"}'
+    recorded = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
+                   data_dir=data, cwd=tmp_path)  # fmt: skip
+    assert recorded.code == 0, recorded
+    con = duckdb.connect(str(data / "projections.duckdb"))
+    con.execute("DROP TABLE derived_published")
+    con.execute("CREATE TABLE derived_published (event_id UUID PRIMARY KEY)")  # version 4's
+    con.execute("UPDATE projection_meta SET schema_version = 4")
+    con.close()
+
+    shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka_env(kafka_settings))
+    assert shown.code == 3, shown
+    found = shown.json()
+    assert found["store_head"] > 0 and found["clock"] is not None
+    (outdated,) = [p for p in found["problems"] if "schema version 4" in p]
+    assert "run `ledger rebuild`" in outdated and outdated in shown.message
+    assert "Binder" not in shown.err
+
+
 def test_status_tells_where_each_stage_stands(
     tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:

@@ -466,7 +466,9 @@ def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
         == {}
     )
     assert current["derived_published"] == []
-    assert sorted(rebuilt["derived_published"]) == sorted((*row[:4], False, 0) for row in alarms)
+    assert sorted(rebuilt["derived_published"]) == sorted(
+        (*row[:4], True, True, 0) for row in alarms
+    )
     assert f"{len(alarms):,} ResponseOverdue events at or before" in caplog.text
 
 
@@ -476,7 +478,7 @@ def test_an_upgrade_keeps_what_was_published_and_whom_it_concerned(
     """Files before schema version 5 kept only the ids published. The rebuild takes each
     one's type, customer and time from the old file's derived events, so a late event
     that takes it back later is withdrawn; one taken back already has none (it cannot be
-    addressed): it counts as withdrawn, with a warning, and is never sent."""
+    addressed): it is never announced, with a warning."""
     accept(ledger, [e for events in demo_by_customer(4).values() for e in events])
     path = settings.projections_path
     catch_up(ledger, path)
@@ -500,15 +502,15 @@ def test_an_upgrade_keeps_what_was_published_and_whom_it_concerned(
     try:
         assert derived.unpublished(con) == []  # nothing sent again, nothing to withdraw
         rows = con.execute(
-            "SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), withdrawn, withdrawals "
-            "FROM derived_published"
+            "SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), standing, "
+            "acknowledged, withdrawals FROM derived_published"
         ).fetchall()
         assert sorted(rows) == sorted(
             [
-                (f["event_id"], f["type"], f["customer_id"], f["occurred_at"], False, 0)
+                (f["event_id"], f["type"], f["customer_id"], f["occurred_at"], True, True, 0)
                 for f in standing
             ]
-            + [(taken_back, None, None, None, True, 0)]
+            + [(taken_back, None, None, None, False, True, 0)]
         )
         # a late event taking one of them back now is withdrawn, addressed to its customer
         gone = standing[0]

@@ -20,6 +20,7 @@ import pytest
 from conftest import event, project, record
 
 from bootstrap import Settings
+from consumers.store_follower import rebuild
 from domain.events import DerivedEventWithdrawn
 from domain.ledger import Ledger
 from projections import derived as derived_events
@@ -661,17 +662,27 @@ def test_sla_event_ids_are_distinct_whatever_the_ids_hold(
     ) in rows
 
 
-def publish_everything(settings: Settings) -> list[dict[str, Any]]:
-    """What a consumer group's publisher does once the broker acknowledged it all: the
-    facts it sent, marked published (twice: a crash between acknowledgement and marking
-    sends them again, under the same ids)."""
+def hand_over(settings: Settings, *, acknowledged: bool = True) -> list[dict[str, Any]]:
+    """What a consumer group's publisher does: write down what the derived topic lacks,
+    send it, and mark what the broker acknowledged (here all of it, or with
+    `acknowledged=False` nothing: the member was killed before it knew)."""
     con = connect(settings.projections_path)
     try:
         facts = derived_events.unpublished(con)
-        derived_events.mark_published(con, facts)
-        derived_events.mark_published(con, facts)
-        assert derived_events.unpublished(con) == []
+        derived_events.mark_sending(con, facts)
+        if acknowledged:
+            derived_events.mark_acknowledged(con, facts)
+            derived_events.mark_acknowledged(con, facts)  # twice: it changes nothing
+            assert derived_events.unpublished(con) == []
         return facts
+    finally:
+        con.close()
+
+
+def publication(settings: Settings) -> tuple[int, int, int, int]:
+    con = connect(settings.projections_path, read_only=True)
+    try:
+        return derived_events.publication(con)
     finally:
         con.close()
 
@@ -700,7 +711,7 @@ def test_a_transition_taken_back_after_publication_is_withdrawn(
         ("SlaBreached", "resolution", at(24)),
     ]
     con.close()
-    sent = publish_everything(settings)
+    sent = hand_over(settings)
     (breach,) = [f for f in sent if f["type"] == "SlaBreached" and f["data"]["complaint_id"] == "x"]
 
     accept(ledger, [step("ComplaintResolved", 20, "x")])  # recorded late
@@ -709,7 +720,7 @@ def test_a_transition_taken_back_after_publication_is_withdrawn(
     held, published, withdrawn, waiting = derived_events.publication(con)
     assert (held, withdrawn, waiting) == (published, 0, 1)
     con.close()
-    (withdrawal,) = publish_everything(settings)
+    (withdrawal,) = hand_over(settings)
     assert withdrawal == {
         "event_id": withdrawal_id(breach["event_id"], 1),
         "type": "DerivedEventWithdrawn",
@@ -729,7 +740,7 @@ def test_a_transition_taken_back_after_publication_is_withdrawn(
     con = project(ledger, settings)
     assert ("SlaBreached", "resolution", at(25)) in derived(con, "x")  # 24 + 1 h resolved
     con.close()
-    (again,) = publish_everything(settings)
+    (again,) = hand_over(settings)
     assert (again["event_id"], again["type"]) == (breach["event_id"], "SlaBreached")
     assert again["occurred_at"] != breach["occurred_at"]
 
@@ -737,10 +748,129 @@ def test_a_transition_taken_back_after_publication_is_withdrawn(
     con = project(ledger, settings)
     assert "SlaBreached" not in {kind for kind, _, _ in derived(con, "x")}
     con.close()
-    (second,) = publish_everything(settings)
+    (second,) = hand_over(settings)
     assert second["event_id"] == withdrawal_id(breach["event_id"], 2)
     assert second["occurred_at"] == again["occurred_at"]
     con = connect(settings.projections_path, read_only=True)
     held, published, withdrawn, waiting = derived_events.publication(con)
     assert (held, withdrawn, waiting) == (published, 2, 0)
     con.close()
+
+
+def breach_of_x(ledger: Ledger, settings: Settings, *, acknowledged: bool) -> dict[str, Any]:
+    """x's resolution breach (24 h), handed over with the rest (acknowledged or not)."""
+    accept(ledger, [
+        filed("x", "urgent"),
+        step("ComplaintAcknowledged", 0.25, "x"),
+        filed("later", "low", hours=30),  # the clock: past x's due time (24 h)
+    ])  # fmt: skip
+    project(ledger, settings).close()
+    sent = hand_over(settings, acknowledged=acknowledged)
+    (breach,) = [f for f in sent if f["type"] == "SlaBreached" and f["data"]["complaint_id"] == "x"]
+    return breach
+
+
+def take_back(ledger: Ledger, settings: Settings, type_: str, hours: float) -> None:
+    """A step of x recorded late."""
+    accept(ledger, [step(type_, hours, "x")])
+    project(ledger, settings).close()
+
+
+def test_a_member_killed_before_the_acknowledgement_leaves_subscribers_the_right_word(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """What was handed to the producer is written down first, so a member killed before
+    it knew of the broker's acknowledgement still knows what subscribers may hold: a
+    breach handed over, then taken back, is withdrawn (a review: nothing went out); a
+    withdrawal handed over, then made void by another late event, is followed by the
+    breach again (nothing went out either)."""
+    breach = breach_of_x(ledger, settings, acknowledged=False)
+    take_back(ledger, settings, "ComplaintResolved", 20)
+    con = connect(settings.projections_path)
+    try:
+        due = derived_events.unpublished(con)
+    finally:
+        con.close()
+    of_x = [
+        (f["type"], f["event_id"])
+        for f in due
+        if f["data"].get("complaint_id") == "x" or f["type"] == WITHDRAWN
+    ]
+    assert [kind for kind, _ in of_x] == ["SlaWarning", WITHDRAWN]  # the warning again
+    assert of_x[1][1] == withdrawal_id(breach["event_id"], 1)
+
+    (withdrawal,) = [f for f in hand_over(settings, acknowledged=False) if f["type"] == WITHDRAWN]
+    (again,) = [f for f in hand_over(settings, acknowledged=False) if f["type"] == WITHDRAWN]
+    assert again == withdrawal, "sent again under its id, not as another withdrawal"
+    assert publication(settings)[2:] == (0, 1)
+
+    take_back(ledger, settings, "ComplaintReopened", 21)  # the breach holds again (at 25)
+    con = connect(settings.projections_path)
+    try:
+        due = derived_events.unpublished(con)
+    finally:
+        con.close()
+    assert WITHDRAWN not in {f["type"] for f in due}
+    (reinstated,) = [f for f in due if f["event_id"] == breach["event_id"]]
+    assert reinstated["occurred_at"] == "2025-03-04T10:00:00.000000Z"  # 25 h after F
+
+
+WITHDRAWN = "DerivedEventWithdrawn"
+
+
+def test_an_old_acknowledgement_does_not_vouch_for_a_later_word(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """Withdrawn, announced again, withdrawn again, each handed over before the broker
+    acknowledged the one before: the first withdrawal's acknowledgement arriving last
+    must not mark the second as acknowledged (a kill then would lose it)."""
+    breach = breach_of_x(ledger, settings, acknowledged=True)
+    take_back(ledger, settings, "ComplaintResolved", 20)
+    (first,) = hand_over(settings, acknowledged=False)
+    take_back(ledger, settings, "ComplaintReopened", 21)
+    (announced,) = hand_over(settings, acknowledged=False)
+    take_back(ledger, settings, "ComplaintResolved", 22)
+    (second,) = hand_over(settings, acknowledged=False)
+    assert [first["event_id"], announced["event_id"], second["event_id"]] == [
+        withdrawal_id(breach["event_id"], 1),
+        breach["event_id"],
+        withdrawal_id(breach["event_id"], 2),
+    ]
+    con = connect(settings.projections_path)
+    try:
+        derived_events.mark_acknowledged(con, [first, announced])  # late acknowledgements
+        assert derived_events.unpublished(con) == [second]
+        derived_events.mark_acknowledged(con, [second])
+        assert derived_events.unpublished(con) == []
+        held, published, withdrawn, waiting = derived_events.publication(con)
+        assert (held, withdrawn, waiting) == (published, 2, 0)
+    finally:
+        con.close()
+
+
+def test_a_realert_sends_everything_again_and_withdrawals_count_on(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """`rebuild --realert` sends every derived event again, but keeps how often each was
+    withdrawn: a later withdrawal gets a new id, not the first one's again (which
+    subscribers that deduplicate by id would drop: a review)."""
+    breach = breach_of_x(ledger, settings, acknowledged=True)
+    take_back(ledger, settings, "ComplaintResolved", 20)
+    (first,) = hand_over(settings)
+    take_back(ledger, settings, "ComplaintReopened", 21)
+
+    rebuild(ledger, settings.projections_path, realert=True)
+    con = connect(settings.projections_path)
+    try:
+        resent = {f["event_id"] for f in derived_events.unpublished(con)}
+        everything = {
+            str(r[0]) for r in con.execute("SELECT event_id FROM derived_events").fetchall()
+        }
+    finally:
+        con.close()
+    assert resent == everything and breach["event_id"] in resent
+    hand_over(settings)
+
+    take_back(ledger, settings, "ComplaintResolved", 22)
+    (second,) = hand_over(settings)
+    assert second["event_id"] == withdrawal_id(breach["event_id"], 2) != first["event_id"]
