@@ -333,6 +333,21 @@ def test_ingest_from_stdin_and_csv(tmp_path: Path) -> None:
 # --- record and history --------------------------------------------------------------------
 
 
+def record_in_an_outdated_file(data: Path, cwd: Path, *, version: int) -> str:
+    """Record a contact, then leave the projections as schema `version` left them (from
+    version 4 back, `derived_published` held the ids only); returns the contact's data."""
+    contact = '{"channel": "phone", "direction": "inbound", "topic": "outdated"}'
+    recorded = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
+                   data_dir=data, cwd=cwd)  # fmt: skip
+    assert recorded.code == 0, recorded
+    con = duckdb.connect(str(data / "projections.duckdb"))
+    con.execute("DROP TABLE derived_published")
+    con.execute("CREATE TABLE derived_published (event_id UUID PRIMARY KEY)")
+    con.execute("UPDATE projection_meta SET schema_version = ?", [version])
+    con.close()
+    return contact
+
+
 def test_recorded_events_are_said_recorded_when_the_projections_cannot_follow(
     tmp_path: Path,
 ) -> None:
@@ -341,13 +356,7 @@ def test_recorded_events_are_said_recorded_when_the_projections_cannot_follow(
     of the README). The command says the events are recorded, exits 3, and `ledger
     project` is what to run."""
     data = tmp_path / "d"
-    contact = '{"channel": "phone", "direction": "inbound", "topic": "lock test"}'
-    first = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
-                data_dir=data, cwd=tmp_path)  # fmt: skip
-    assert first.code == 0, first
-    con = duckdb.connect(str(data / "projections.duckdb"))
-    con.execute("UPDATE projection_meta SET schema_version = 1")  # as an older version left it
-    con.close()
+    contact = record_in_an_outdated_file(data, tmp_path, version=1)
 
     second = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
                  data_dir=data, cwd=tmp_path)  # fmt: skip
@@ -776,15 +785,7 @@ def test_status_on_projections_of_an_older_version_says_to_rebuild(
     of an older schema version it showed a DuckDB binder error (a review). It shows what
     every version holds, says to rebuild, and exits 3; `--json` still parses."""
     data = tmp_path / "d"
-    contact = '{"channel": "phone", "direction": "inbound", "topic": "upgrade"}'
-    recorded = run("record", "ContactLogged", "--customer", "C1", "--data", contact,
-                   data_dir=data, cwd=tmp_path)  # fmt: skip
-    assert recorded.code == 0, recorded
-    con = duckdb.connect(str(data / "projections.duckdb"))
-    con.execute("DROP TABLE derived_published")
-    con.execute("CREATE TABLE derived_published (event_id UUID PRIMARY KEY)")  # version 4's
-    con.execute("UPDATE projection_meta SET schema_version = 4")
-    con.close()
+    record_in_an_outdated_file(data, tmp_path, version=4)
 
     shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka_env(kafka_settings))
     assert shown.code == 3, shown
