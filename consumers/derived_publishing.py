@@ -105,15 +105,15 @@ class DerivedPublisher:
             should_stop=lambda: self._closing or self._finishing or should_stop(),
         )
         self._changed = threading.Condition()
-        self._to_send: deque[list[dict[str, Any]]] = deque()
+        self._to_send: deque[list[derived.Word]] = deque()
         self._sending = False
-        self._acknowledged: list[str] = []
+        self._acknowledged: list[derived.Word] = []
         self._failure: BaseException | None = None
         self._closing = False
         self._finishing = False  # retries end: what fails now goes out with the next run
         self._abandoned = False  # a send failed while finishing: the rest is not tried
-        # handed to the sender, not marked acknowledged yet, by id (the projector thread's)
-        self._in_flight: dict[str, dict[str, Any]] = {}
+        # handed to the sender, not marked acknowledged yet (the projector thread's)
+        self._in_flight: set[tuple[str, int]] = set()
         self._thread: threading.Thread | None = None
         self._owned: tuple[frozenset[int], int] | None = None  # None: every customer
         self._newly_owned = False
@@ -140,14 +140,19 @@ class DerivedPublisher:
         all) and the withdrawals of what a late event took back; returns how many were
         marked."""
         marked = self._mark_acknowledged(projector)
-        pending = [
-            fact
-            for fact in derived.unpublished(projector.con, until)
-            if fact["event_id"] not in self._in_flight and self._owns(fact["customer_id"])
-        ]
-        if pending:
+        # A withdrawal written down makes due the event it withdrew when that holds at
+        # another time (or again): a second round hands it over at once, a third finds
+        # nothing more (bounded all the same).
+        for _ in range(3):
+            pending = [
+                word
+                for word in derived.unpublished(projector.con, until)
+                if word.key not in self._in_flight and self._owns(word.fact["customer_id"])
+            ]
+            if not pending:
+                break
             derived.mark_sending(projector.con, pending)
-            self._in_flight.update((fact["event_id"], fact) for fact in pending)
+            self._in_flight.update(word.key for word in pending)
             with self._changed:
                 self._to_send.append(pending)
                 self._changed.notify_all()
@@ -176,9 +181,8 @@ class DerivedPublisher:
                 raise self._failure
             acknowledged, self._acknowledged = self._acknowledged, []
         if acknowledged:
-            derived.mark_acknowledged(projector.con, [self._in_flight[i] for i in acknowledged])
-            for event_id in acknowledged:
-                del self._in_flight[event_id]
+            derived.mark_acknowledged(projector.con, acknowledged)
+            self._in_flight.difference_update(word.key for word in acknowledged)
         return len(acknowledged)
 
     def finishing(self) -> None:
@@ -205,10 +209,10 @@ class DerivedPublisher:
                     self._changed.wait()
                 if self._closing:
                     return
-                facts = self._to_send.popleft()
+                words = self._to_send.popleft()
                 self._sending = True
             try:
-                sent = self._send(facts)
+                sent = self._send(words)
             except BaseException as error:  # raised on the projector thread
                 with self._changed:
                     self._failure = error
@@ -220,14 +224,15 @@ class DerivedPublisher:
                 self._sending = False
                 self._changed.notify_all()
 
-    def _send(self, facts: list[dict[str, Any]]) -> list[str]:
-        """The ids the broker acknowledged (not all when the run ended while retrying: the
-        rest go out with the next run, under the same ids, and this run sends no more)."""
+    def _send(self, words: list[derived.Word]) -> list[derived.Word]:
+        """The words the broker acknowledged (not all when the run ended while retrying:
+        the rest go out with the next run, under the same ids, and this run sends no
+        more)."""
         if self._abandoned:
             return []
-        records = [derived_record(fact) for fact in facts]
-        acknowledged = [facts[i]["event_id"] for i in self._sender.send(records)]
-        if len(acknowledged) < len(facts):
+        records = [derived_record(word.fact) for word in words]
+        acknowledged = [words[i] for i in self._sender.send(records)]
+        if len(acknowledged) < len(words):
             self._abandoned = True
         return acknowledged
 

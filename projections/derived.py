@@ -26,7 +26,7 @@ should the transition hold again later, it goes out again under its own id).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import orjson
@@ -149,47 +149,69 @@ WITHDRAWAL = "DerivedEventWithdrawn"
 
 UNPUBLISHED = """
 WITH due AS (
-    -- what subscribers may not hold: never sent, withdrawn since (it holds again), or sent
-    -- without an acknowledgement (the run ended, or was killed, meanwhile: same id again)
-    SELECT d.event_id, d.type, d.customer_id, d.occurred_at, d.data
+    -- the event itself where subscribers may not hold it as it is: never sent, withdrawn
+    -- since (it holds again), or sent without an acknowledgement (the run ended, or was
+    -- killed, meanwhile: the same word again)
+    SELECT d.event_id, d.type, d.customer_id, d.occurred_at, d.data,
+           coalesce(p.withdrawals, 0) AS ordinal
     FROM derived_events AS d LEFT JOIN derived_published AS p USING (event_id)
-    WHERE (p.event_id IS NULL OR NOT p.standing OR NOT p.acknowledged)
+    WHERE (p.event_id IS NULL OR NOT p.standing
+           OR (NOT p.acknowledged AND p.occurred_at = d.occurred_at))
       AND ($until IS NULL OR d.occurred_at < $until)
     UNION ALL
-    -- sent, and no longer derived: an event recorded late took it back. A withdrawal not
-    -- acknowledged goes out again under its id; a new one takes the next ordinal.
+    -- the withdrawal of one sent that a late event took back, or moved to another time
+    -- (withdrawn, it goes out again at its new time, under its id). One not acknowledged
+    -- goes out again under its id; a new one takes the next ordinal.
     SELECT withdrawal_id(p.event_id, p.withdrawals + CASE WHEN p.standing THEN 1 ELSE 0 END),
            'DerivedEventWithdrawn', p.customer_id, p.occurred_at,
-           json_object('withdrawn_event_id', p.event_id::VARCHAR, 'withdrawn_type', p.type)
-    FROM derived_published AS p
-    WHERE (p.standing OR NOT p.acknowledged) AND p.type IS NOT NULL
-      AND p.event_id NOT IN (SELECT event_id FROM derived_events)
+           json_object('withdrawn_event_id', p.event_id::VARCHAR, 'withdrawn_type', p.type),
+           p.withdrawals + CASE WHEN p.standing THEN 1 ELSE 0 END
+    FROM derived_published AS p LEFT JOIN derived_events AS d USING (event_id)
+    WHERE p.type IS NOT NULL
+      AND CASE WHEN p.standing THEN d.event_id IS NULL OR d.occurred_at <> p.occurred_at
+               ELSE NOT p.acknowledged AND d.event_id IS NULL END
 )
-SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), data
+SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), data, ordinal
 FROM due
 ORDER BY occurred_at, event_id
 """
 
 
-def unpublished(
-    con: duckdb.DuckDBPyConnection, until: datetime | None = None
-) -> list[dict[str, Any]]:
-    """What the derived topic still lacks, oldest first, in the contract's recorded shape
-    (see domain.events: the derived catalogue): the derived events subscribers may not
-    hold (those before business time `until`, when given), and a withdrawal of each one
-    sent that no longer holds (whatever `until`: only an event recorded late takes a
-    published transition back, and it is read by then)."""
+class Word(NamedTuple):
+    """One word the derived topic still lacks on a derived event: the event itself or its
+    withdrawal (`fact`, in the contract's recorded shape), and how many withdrawals of the
+    event precede it (a withdrawal: its own number). An event says something new after
+    each withdrawal, under the same id, so an acknowledgement is matched by both."""
+
+    fact: dict[str, Any]
+    ordinal: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.fact["event_id"], self.ordinal
+
+
+def unpublished(con: duckdb.DuckDBPyConnection, until: datetime | None = None) -> list[Word]:
+    """What the derived topic still lacks, oldest first: the derived events subscribers may
+    not hold as they are (those before business time `until`, when given), and a
+    withdrawal of each one sent that no longer holds, or holds at another time (whatever
+    `until`: only an event recorded late changes a transition published, and it is read
+    by then). Once a withdrawal is written down (`mark_sending`), the event it withdrew,
+    if it holds at another time, is due again."""
     return [
-        {
-            "event_id": event_id,
-            "type": kind,
-            "schema_version": SCHEMA_VERSION,
-            "customer_id": customer_id,
-            "occurred_at": occurred_at,
-            "source": "customer-ledger",
-            "data": orjson.loads(data),
-        }
-        for event_id, kind, customer_id, occurred_at, data in con.execute(
+        Word(
+            {
+                "event_id": event_id,
+                "type": kind,
+                "schema_version": SCHEMA_VERSION,
+                "customer_id": customer_id,
+                "occurred_at": occurred_at,
+                "source": "customer-ledger",
+                "data": orjson.loads(data),
+            },
+            ordinal,
+        )
+        for event_id, kind, customer_id, occurred_at, data, ordinal in con.execute(
             UNPUBLISHED, {"until": until}
         ).fetchall()
     ]
@@ -199,61 +221,62 @@ SENDING = """
 INSERT INTO derived_published
     (event_id, type, customer_id, occurred_at, standing, acknowledged)
 SELECT event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ, TRUE, FALSE
-FROM facts WHERE type <> 'DerivedEventWithdrawn'
+FROM words WHERE type <> 'DerivedEventWithdrawn'
 ON CONFLICT (event_id) DO UPDATE SET
     type = excluded.type, customer_id = excluded.customer_id,
     occurred_at = excluded.occurred_at, standing = TRUE, acknowledged = FALSE;
 
 UPDATE derived_published AS p
-SET standing = FALSE, acknowledged = FALSE, withdrawals = p.withdrawals + 1
-FROM facts AS f
-WHERE f.type = 'DerivedEventWithdrawn' AND p.event_id = f.withdrawn_event_id::UUID
-  AND p.standing AND withdrawal_id(p.event_id, p.withdrawals + 1) = f.event_id::UUID;
+SET standing = FALSE, acknowledged = FALSE, withdrawals = w.ordinal
+FROM words AS w
+WHERE w.type = 'DerivedEventWithdrawn' AND p.event_id = w.withdrawn_event_id::UUID
+  AND p.standing AND p.withdrawals + 1 = w.ordinal;
 """
 
 ACKNOWLEDGED = """
 UPDATE derived_published AS p
 SET acknowledged = TRUE
-FROM facts AS f
-WHERE p.event_id = (CASE WHEN f.type = 'DerivedEventWithdrawn'
-                         THEN f.withdrawn_event_id ELSE f.event_id END)::UUID
+FROM words AS w
+WHERE p.event_id = coalesce(w.withdrawn_event_id, w.event_id)::UUID
   AND NOT p.acknowledged
-  AND CASE WHEN f.type = 'DerivedEventWithdrawn'
-           THEN NOT p.standing AND withdrawal_id(p.event_id, p.withdrawals) = f.event_id::UUID
-           ELSE p.standing END;
+  AND p.standing = (w.type <> 'DerivedEventWithdrawn')
+  AND p.withdrawals = w.ordinal;
 """
 
 
-def mark_sending(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]]) -> None:
-    """Write down, before they are sent, the facts (as `unpublished` gives them) handed to
-    the producer: after a crash, what subscribers may hold is known, whether or not the
-    broker's acknowledgement was. A derived event stands; a withdrawal withdraws its
-    event, as the next of its withdrawals."""
-    _with_facts(con, facts, SENDING)
+def mark_sending(con: duckdb.DuckDBPyConnection, words: list[Word]) -> None:
+    """Write down, before they are sent, the words handed to the producer: after a crash,
+    what subscribers may hold is known, whether or not the broker's acknowledgement was.
+    An event stands; a withdrawal withdraws its event, as the next of its withdrawals."""
+    _with_words(con, words, SENDING)
 
 
-def mark_acknowledged(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]]) -> None:
-    """Record the broker's acknowledgement of facts sent (`mark_sending` first). One that
-    is no longer the last word sent on its event (a withdrawal sent since) changes
-    nothing: that later word waits for its own."""
-    _with_facts(con, facts, ACKNOWLEDGED)
+def mark_acknowledged(con: duckdb.DuckDBPyConnection, words: list[Word]) -> None:
+    """Record the broker's acknowledgement of words sent (`mark_sending` first). One that
+    is no longer the last word sent on its event (a withdrawal, or the event again, sent
+    since) changes nothing: that later word waits for its own."""
+    _with_words(con, words, ACKNOWLEDGED)
 
 
-def _with_facts(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]], sql: str) -> None:
+def _with_words(con: duckdb.DuckDBPyConnection, words: list[Word], sql: str) -> None:
+    facts = [word.fact for word in words]
     table = pa.table(
         {
-            "event_id": [fact["event_id"] for fact in facts],
-            "type": [fact["type"] for fact in facts],
-            "customer_id": [fact["customer_id"] for fact in facts],
-            "occurred_at": [fact["occurred_at"] for fact in facts],
-            "withdrawn_event_id": [
-                fact["data"]["withdrawn_event_id"] if fact["type"] == WITHDRAWAL else None
-                for fact in facts
-            ],
-        },
-        schema=pa.schema([(name, pa.string()) for name in FACT_COLUMNS]),
+            "event_id": pa.array([fact["event_id"] for fact in facts], pa.string()),
+            "type": pa.array([fact["type"] for fact in facts], pa.string()),
+            "customer_id": pa.array([fact["customer_id"] for fact in facts], pa.string()),
+            "occurred_at": pa.array([fact["occurred_at"] for fact in facts], pa.string()),
+            "withdrawn_event_id": pa.array(
+                [
+                    fact["data"]["withdrawn_event_id"] if fact["type"] == WITHDRAWAL else None
+                    for fact in facts
+                ],
+                pa.string(),
+            ),
+            "ordinal": pa.array([word.ordinal for word in words], pa.int64()),
+        }
     )
-    con.register("facts", table)
+    con.register("words", table)
     try:
         con.begin()
         try:
@@ -263,10 +286,7 @@ def _with_facts(con: duckdb.DuckDBPyConnection, facts: list[dict[str, Any]], sql
             con.rollback()
             raise
     finally:
-        con.unregister("facts")
-
-
-FACT_COLUMNS = ("event_id", "type", "customer_id", "occurred_at", "withdrawn_event_id")
+        con.unregister("words")
 
 
 def carry_over_published(

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
@@ -297,6 +297,56 @@ def test_derived_topic_follows_the_same_contract(
     )
     assert withdrawal["data"]["withdrawn_type"] == "SlaBreached"
     assert withdrawal["occurred_at"] == breach["occurred_at"]
+
+
+def test_a_moved_transition_is_withdrawn_then_sent_again_at_its_new_time(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A hold recorded late moves a published warning and breach to later times under the
+    same ids (subscribers held the old times: a review). On the topic, each id's words
+    are: the event, its withdrawal, the event at its new time; in one partition, in
+    that order, all from the one `consume` that read the hold."""
+    filed_at = datetime(2025, 3, 3, 9, tzinfo=UTC)
+
+    def step(type_: str, hours: float, complaint_id: str = "K", **data: Any) -> dict[str, Any]:
+        at = (filed_at + timedelta(hours=hours)).isoformat()
+        return event(type_, "C-MOVE", at, {"complaint_id": complaint_id, **data})
+
+    filed = {"channel": "phone", "category": "delivery"}
+    first = [step("ComplaintFiled", 0, priority="urgent", **filed),
+             step("ComplaintAcknowledged", 0.25),
+             step("ComplaintFiled", 30, "clock", priority="low", **filed)]  # fmt: skip
+    assert all(o.status == "accepted" for o in record(ledger, first))
+    state = tmp_path / "relay.json"
+    relay.run(ledger, kafka_settings, state)
+    sent = kafka_projection.consume(settings.projections_path, kafka_settings).derived
+    hold = [step("ComplaintOnHold", 5, reason="customer"), step("ComplaintResumed", 7)]
+    assert all(o.status == "accepted" for o in record(ledger, hold))
+    relay.run(ledger, kafka_settings, state)
+    resent = kafka_projection.consume(settings.projections_path, kafka_settings).derived
+
+    messages = read_everything(
+        kafka_settings.bootstrap, kafka_settings.derived_topic, sent + resent
+    )
+    words: dict[str, list[tuple[str, str]]] = defaultdict(list)  # by the id they concern
+    partitions: set[int | None] = set()
+    for message in sorted(messages, key=lambda m: (m.partition(), m.offset())):
+        _, value, _ = envelope(message)
+        partitions.add(message.partition())
+        concerns = value["data"].get("withdrawn_event_id", value["event_id"])
+        words[concerns].append((value["type"], value["occurred_at"][:16]))
+    assert len(partitions) == 1, "one customer, one partition"
+    moved = {
+        "SlaWarning": [("SlaWarning", "2025-03-04T03:00"),
+                       ("DerivedEventWithdrawn", "2025-03-04T03:00"),
+                       ("SlaWarning", "2025-03-04T05:00")],  # 18 + 2 h on hold
+        "SlaBreached": [("SlaBreached", "2025-03-04T09:00"),
+                        ("DerivedEventWithdrawn", "2025-03-04T09:00"),
+                        ("SlaBreached", "2025-03-04T11:00")],
+    }  # fmt: skip
+    of_k = {said[0][0]: said for said in words.values() if len(said) > 1}
+    assert of_k == moved
+    assert resent == 4
 
 
 def test_personal_fields_reach_the_topic_only_when_asked_for(
