@@ -181,8 +181,22 @@ WHERE t.customer_id IN (SELECT customer_id FROM touched);
 # Customers ranked by spend (ties by id, so the split is deterministic). A customer is A
 # while the spend ranked before them is under 80 % of the total, B under 95 %, else C.
 # Customers who spent nothing (or were refunded in full) are C.
-CLASSIFY_ABC = """
-WITH positive AS (
+#
+# Spend ranked before grows along the ranking, so each class ends at one customer: the
+# last A and the last B. The ranking is only searched for those two; every customer is
+# then classed by comparing its own (spend, id) with theirs, in a plain scan that rewrites
+# only the classes that changed (a join of every customer with its rank cost twice as
+# much, at every batch).
+_CLASS_OF = """
+    CASE WHEN p.total_spend <= 0 OR b.last_a_spend IS NULL THEN 'C'
+         WHEN p.total_spend > b.last_a_spend
+              OR (p.total_spend = b.last_a_spend AND p.customer_id <= b.last_a) THEN 'A'
+         WHEN p.total_spend > b.last_b_spend
+              OR (p.total_spend = b.last_b_spend AND p.customer_id <= b.last_b) THEN 'B'
+         ELSE 'C' END"""
+
+CLASSIFY_ABC = f"""
+WITH ranked AS (
     SELECT customer_id, total_spend,
            coalesce(sum(total_spend) OVER (
                ORDER BY total_spend DESC, customer_id
@@ -190,18 +204,23 @@ WITH positive AS (
            sum(total_spend) OVER () AS grand_total
     FROM customer_profiles WHERE total_spend > 0
 ),
-classes AS (
-    SELECT p.customer_id,
-           CASE WHEN pos.customer_id IS NULL THEN 'C'
-                WHEN pos.spend_before < 0.80 * pos.grand_total THEN 'A'
-                WHEN pos.spend_before < 0.95 * pos.grand_total THEN 'B'
-                ELSE 'C' END AS abc_class
-    FROM customer_profiles AS p LEFT JOIN positive AS pos USING (customer_id)
+-- spend_before rises strictly along the ranking (every spend here is positive), so the
+-- last customer of a class is the one with the most spend ranked before it
+bounds AS (
+    SELECT
+        arg_max(total_spend, spend_before) FILTER (WHERE spend_before < 0.80 * grand_total)
+            AS last_a_spend,
+        arg_max(customer_id, spend_before) FILTER (WHERE spend_before < 0.80 * grand_total)
+            AS last_a,
+        arg_max(total_spend, spend_before) FILTER (WHERE spend_before < 0.95 * grand_total)
+            AS last_b_spend,
+        arg_max(customer_id, spend_before) FILTER (WHERE spend_before < 0.95 * grand_total)
+            AS last_b
+    FROM ranked
 )
-UPDATE customer_profiles SET abc_class = classes.abc_class
-FROM classes
-WHERE customer_profiles.customer_id = classes.customer_id
-  AND customer_profiles.abc_class IS DISTINCT FROM classes.abc_class;
+UPDATE customer_profiles AS p SET abc_class = {_CLASS_OF}
+FROM bounds AS b
+WHERE p.abc_class IS DISTINCT FROM {_CLASS_OF};
 """
 
 
