@@ -16,6 +16,11 @@ filed with. Definitions (pinned by tests/test_sla.py):
   `breached` once the as-of clock passes its due time, else `pending`.
 The as-of clock is explicit (`projection_clock`), never the wall clock, so a rebuild at
 the same clock gives the same table.
+
+A batch recomputes from their steps (`internal.complaint_steps`) the complaints of the
+customers with new steps or a complaint on hold; any other clock still running depends on
+the as-of clock only through its status, which an UPDATE turns `breached` once the clock
+passes its due time.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ import duckdb
 from projections.schema import run
 
 DELETE_IN_SCOPE = """
-DELETE FROM complaint_sla WHERE customer_id IN (SELECT customer_id FROM sla_scope)
+DELETE FROM complaint_sla WHERE customer_id IN (SELECT customer_id FROM sla_walks)
 """
 
 INSERT_IN_SCOPE = """
 INSERT INTO complaint_sla
 WITH steps AS (
     SELECT * FROM internal.complaint_steps
-    WHERE customer_id IN (SELECT customer_id FROM sla_scope)
+    WHERE customer_id IN (SELECT customer_id FROM sla_walks)
     QUALIFY type <> 'ComplaintFiled'
          OR row_number() OVER (PARTITION BY customer_id, complaint_id, type
                                ORDER BY occurred_at, position) = 1
@@ -164,8 +169,9 @@ SELECT customer_id, complaint_id, type, occurred_at, position, priority, categor
 FROM fresh WHERE type LIKE 'Complaint%'
 """
 
-# Customers whose complaints need recomputing: those with new complaint steps, and those
-# with a clock still running, whose state depends on the as-of clock.
+# Customers whose complaints' clocks may change: those with new complaint steps, and those
+# with a clock still running, whose state depends on the as-of clock (the derived events
+# are recomputed for them).
 SCOPE = """
 CREATE OR REPLACE TEMP TABLE sla_scope AS
 SELECT customer_id FROM fresh WHERE type LIKE 'Complaint%'
@@ -174,11 +180,35 @@ SELECT DISTINCT customer_id FROM complaint_sla
 WHERE first_response_status = 'pending' OR resolution_status = 'pending' OR status = 'on_hold'
 """
 
+# Of those, the customers whose complaints are recomputed from their steps: new steps, or a
+# complaint on hold (its pause runs until the as-of clock, moving its resolution times).
+PLAN_WALKS = """
+CREATE OR REPLACE TEMP TABLE sla_walks AS
+SELECT customer_id FROM fresh WHERE type LIKE 'Complaint%'
+UNION
+SELECT DISTINCT customer_id FROM complaint_sla WHERE status = 'on_hold'
+"""
+
+# Any other running clock changes only with the as-of clock: pending until its due time,
+# breached after it (the clock never goes back).
+BREACHES = """
+UPDATE complaint_sla SET
+    first_response_status = CASE WHEN first_response_status = 'pending'
+                                      AND $as_of > first_response_due
+                                 THEN 'breached' ELSE first_response_status END,
+    resolution_status = CASE WHEN resolution_status = 'pending' AND $as_of > resolution_due
+                             THEN 'breached' ELSE resolution_status END
+WHERE (first_response_status = 'pending' AND $as_of > first_response_due)
+   OR (resolution_status = 'pending' AND $as_of > resolution_due)
+"""
+
 
 def refresh(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
-    """Recompute the complaints in scope from their steps (`internal.complaint_steps`);
-    leaves their customers in temp table `sla_scope`."""
+    """Bring the complaint clocks up to the batch and the as-of clock; leaves the customers
+    whose clocks may have changed in temp table `sla_scope`."""
     run(con, STORE_STEPS)
-    run(con, SCOPE)
+    run(con, SCOPE)  # before BREACHES: a clock it stops is still in scope for the derived
+    run(con, PLAN_WALKS)
+    run(con, BREACHES, {"as_of": as_of})
     run(con, DELETE_IN_SCOPE)
     run(con, INSERT_IN_SCOPE, {"as_of": as_of})
