@@ -112,16 +112,18 @@ class Projector:
         return BatchResult(len(batch), new_events, int(touched[0]) if touched else 0, clock)
 
     def _advance_clock(self, requested: datetime | None) -> datetime:
+        """The clock of this batch, stored only when it moved (an unchanged table costs
+        nothing to commit and to checkpoint)."""
         row = one(
             self.con,
             """
-            SELECT greatest(
-                (SELECT max(as_of) FROM projection_clock),
-                (SELECT max(occurred_at) FROM fresh),
-                ?::TIMESTAMPTZ)
+            SELECT stored, greatest(stored, (SELECT max(occurred_at) FROM fresh), ?::TIMESTAMPTZ)
+            FROM (SELECT (SELECT max(as_of) FROM projection_clock) AS stored)
             """,
             [requested],
         )
-        clock: datetime = row[0] if row and row[0] is not None else EPOCH
-        run(self.con, "INSERT OR REPLACE INTO projection_clock VALUES (TRUE, ?)", [clock])
+        stored, moved = row if row else (None, None)
+        clock: datetime = moved if moved is not None else EPOCH
+        if stored is None or clock != stored:
+            run(self.con, "INSERT OR REPLACE INTO projection_clock VALUES (TRUE, ?)", [clock])
         return clock
