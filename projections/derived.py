@@ -129,7 +129,7 @@ def count_history_as_published(
     params = {"types": new_types, "until": until}
     counted = con.execute(f"SELECT type, count(*) FROM ({history}) GROUP BY type", params)
     by_type = {str(kind): int(n) for kind, n in counted.fetchall()}
-    run(  # never sent: standing and acknowledged, as if
+    run(  # counted as sent, never sent: standing and acknowledged (the defaults)
         con,
         "INSERT INTO derived_published (event_id, type, customer_id, occurred_at) "
         f"SELECT * FROM ({history})",
@@ -147,7 +147,18 @@ def refresh(con: duckdb.DuckDBPyConnection, as_of: object) -> None:
 
 WITHDRAWAL = "DerivedEventWithdrawn"
 
-UNPUBLISHED = """
+WITHDRAWALS_DUE = """
+-- The withdrawals the derived topic lacks: of each event sent that a late event took back,
+-- or moved to another time (withdrawn, it goes out again at its new time, under its id).
+-- One not acknowledged goes out again under its ordinal; a new one takes the next.
+SELECT p.*, p.withdrawals + p.standing::INTEGER AS ordinal
+FROM derived_published AS p LEFT JOIN derived_events AS d USING (event_id)
+WHERE p.type IS NOT NULL
+  AND CASE WHEN p.standing THEN d.event_id IS NULL OR d.occurred_at <> p.occurred_at
+           ELSE NOT p.acknowledged AND d.event_id IS NULL END
+"""
+
+UNPUBLISHED = f"""
 WITH due AS (
     -- the event itself where subscribers may not hold it as it is: never sent, withdrawn
     -- since (it holds again), or sent without an acknowledgement (the run ended, or was
@@ -159,17 +170,10 @@ WITH due AS (
            OR (NOT p.acknowledged AND p.occurred_at = d.occurred_at))
       AND ($until IS NULL OR d.occurred_at < $until)
     UNION ALL
-    -- the withdrawal of one sent that a late event took back, or moved to another time
-    -- (withdrawn, it goes out again at its new time, under its id). One not acknowledged
-    -- goes out again under its id; a new one takes the next ordinal.
-    SELECT withdrawal_id(p.event_id, p.withdrawals + CASE WHEN p.standing THEN 1 ELSE 0 END),
-           'DerivedEventWithdrawn', p.customer_id, p.occurred_at,
-           json_object('withdrawn_event_id', p.event_id::VARCHAR, 'withdrawn_type', p.type),
-           p.withdrawals + CASE WHEN p.standing THEN 1 ELSE 0 END
-    FROM derived_published AS p LEFT JOIN derived_events AS d USING (event_id)
-    WHERE p.type IS NOT NULL
-      AND CASE WHEN p.standing THEN d.event_id IS NULL OR d.occurred_at <> p.occurred_at
-               ELSE NOT p.acknowledged AND d.event_id IS NULL END
+    SELECT withdrawal_id(event_id, ordinal), 'DerivedEventWithdrawn', customer_id, occurred_at,
+           json_object('withdrawn_event_id', event_id::VARCHAR, 'withdrawn_type', type),
+           ordinal
+    FROM ({WITHDRAWALS_DUE})
 )
 SELECT event_id::VARCHAR, type, customer_id, iso(occurred_at), data, ordinal
 FROM due
@@ -298,27 +302,29 @@ def carry_over_published(
     withdrawals not acknowledged, under their ids). Returns how many events sent a late
     event had taken back in a file older than schema version 5, which kept no customer
     to address a withdrawal to (they are never announced)."""
-    acknowledged = "FALSE" if realert else "TRUE"
+    kept = {"kept": not realert}  # acknowledged stays acknowledged
     if previous_version >= 5:
         run(
             con,
-            f"""
+            """
             INSERT OR IGNORE INTO derived_published
             SELECT event_id, type, customer_id, occurred_at, standing,
-                   acknowledged AND {acknowledged}, withdrawals
+                   acknowledged AND $kept, withdrawals
             FROM previous.derived_published
             """,
+            kept,
         )
         return 0
     run(
         con,
-        f"""
+        """
         INSERT OR IGNORE INTO derived_published
         SELECT p.event_id, d.type, d.customer_id, d.occurred_at, d.event_id IS NOT NULL,
-               {acknowledged}, 0
+               $kept, 0
         FROM previous.derived_published AS p
         LEFT JOIN previous.derived_events AS d USING (event_id)
         """,
+        kept,
     )
     row = one(con, "SELECT count(*) FROM derived_published WHERE type IS NULL")
     return int(row[0]) if row else 0
