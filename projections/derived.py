@@ -332,21 +332,21 @@ def carry_over_published(
 
 def publication(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, int]:
     """(derived, published, withdrawn, withdrawals_waiting): how many derived events the
-    projections hold, how many of them subscribers hold as the broker acknowledged, how
-    many withdrawals (of events a late event took back) the broker acknowledged, and how
-    many are still to send or to be acknowledged."""
+    projections hold, how many of them subscribers hold as they are (acknowledged, at their
+    time), how many withdrawals (of events a late event took back or moved) the broker
+    acknowledged, and how many are still to send or to be acknowledged (`WITHDRAWALS_DUE`:
+    what the publisher sends next)."""
     row = one(
         con,
-        """
+        f"""
         SELECT (SELECT count(*) FROM derived_events),
-               (SELECT count(*) FROM derived_events JOIN derived_published AS p
-                USING (event_id) WHERE p.standing AND p.acknowledged),
+               (SELECT count(*) FROM derived_events AS d JOIN derived_published AS p
+                USING (event_id)
+                WHERE p.standing AND p.acknowledged AND p.occurred_at = d.occurred_at),
                (SELECT coalesce(sum(withdrawals), 0)
                        - count(*) FILTER (WHERE NOT standing AND NOT acknowledged)
                 FROM derived_published),
-               (SELECT count(*) FROM derived_published AS p
-                WHERE (p.standing OR NOT p.acknowledged) AND p.type IS NOT NULL
-                  AND p.event_id NOT IN (SELECT event_id FROM derived_events))
+               (SELECT count(*) FROM ({WITHDRAWALS_DUE}))
         """,
     )
     return (int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row else (0, 0, 0, 0)

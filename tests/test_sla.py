@@ -902,6 +902,9 @@ def test_a_transition_a_late_event_moves_is_withdrawn_and_sent_at_its_new_time(
     accept(ledger, [step("ComplaintOnHold", 5, "x", reason="customer"),
                     step("ComplaintResumed", 7, "x")])  # fmt: skip
     project(ledger, settings).close()
+    held, published, withdrawn, waiting = publication(settings)
+    # subscribers hold the old times: two withdrawals due, two events to send again
+    assert (held - published, withdrawn, waiting) == (2, 0, 2)
     words = hand_over(settings)
     of_breach = [
         (w.fact["type"], w.fact["occurred_at"], w.ordinal)
