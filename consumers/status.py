@@ -59,7 +59,7 @@ class DerivedPublication:
     derived: int  # in the projections file
     published: int  # of those, acknowledged by the broker
     withdrawn: int = 0  # withdrawals acknowledged (of published ones a late event took back)
-    withdrawals_waiting: int = 0  # published, taken back since, withdrawal not acknowledged
+    withdrawals_waiting: int = 0  # taken back or moved by a late event, not acknowledged yet
 
     @property
     def waiting(self) -> int:

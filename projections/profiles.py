@@ -253,10 +253,8 @@ def refresh(con: duckdb.DuckDBPyConnection) -> None:
     run(con, STORE_ORDERS)
     run(con, ADD_TO_TOTALS)
     changed = one(con, SPEND_CHANGED)
-    if changed and changed[0]:
-        run(con, REFRESH_TOUCHED)
-        run(con, CLASSIFY_RANKED)
-    else:
-        run(con, KEEP_BOUNDS)
-        run(con, REFRESH_TOUCHED)
-        run(con, CLASSIFY_KEPT)
+    spend_changed = bool(changed and changed[0])
+    if not spend_changed:
+        run(con, KEEP_BOUNDS)  # from the classes before the touched profiles are replaced
+    run(con, REFRESH_TOUCHED)
+    run(con, CLASSIFY_RANKED if spend_changed else CLASSIFY_KEPT)
