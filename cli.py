@@ -59,7 +59,7 @@ from domain.events import EVENT_MODELS, contract_schema, contract_types, type_sc
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost, in_business_order
 from projections import reports, snapshot
-from projections.projector import BatchResult
+from projections.projector import AsOf, BatchResult, moment
 from projections.rebuild import RebuildBehind
 from projections.schema import (
     ProjectionsOutdated,
@@ -207,10 +207,13 @@ def _parse_moment(value: str, option: str, *, not_ahead_because: str | None = No
     return moment
 
 
-def _parse_as_of(value: str | None) -> datetime | None:
-    """`project --as-of`: a moment, not in the future."""
+def _parse_as_of(value: str | None) -> AsOf | None:
+    """`--as-of` of `project` and `consume`: "now" (kept: a follower moves along with the
+    time), or a moment not in the future."""
     if value is None:
         return None
+    if value == "now":
+        return "now"
     return _parse_moment(
         value,
         "--as-of",
@@ -242,7 +245,7 @@ def _projections_behind(why: ProjectionsUnavailable) -> NoReturn:
     )
 
 
-def _project(ledger: Ledger, as_of: datetime | None = None, follow: bool = False) -> int:
+def _project(ledger: Ledger, as_of: AsOf | None = None, follow: bool = False) -> int:
     """Bring the projections up to date from the store, with a progress bar on a terminal."""
     with _progress() as progress:
         task = progress.add_task("projecting", total=None)
@@ -436,27 +439,30 @@ def project(
     follow: Annotated[bool, typer.Option(help="Keep following new events until Ctrl-C.")] = False,
     as_of: Annotated[
         str | None,
-        typer.Option(help="Move the as-of clock (SLA states) to 'now' or an ISO time."),
+        typer.Option(
+            help="Move the as-of clock (SLA states) to an ISO time, or 'now' (with --follow "
+            "it keeps moving with the wall clock)."
+        ),
     ] = None,
 ) -> None:
     """Project stored events into DuckDB from where the projections left off."""
     if as_of is not None and State.settings.kafka is not None:
         _fail(
-            "the projections follow Kafka here (LEDGER_KAFKA_BOOTSTRAP is set), and their "
-            "as-of clock follows the events' business time as they arrive: --as-of moves "
-            "it on the embedded path only (README, Known limits)",
+            "the projections follow Kafka here (LEDGER_KAFKA_BOOTSTRAP is set): move their "
+            "as-of clock with `ledger consume --as-of`, which follows the relay's watermarks",
             2,
         )
     _refuse_beside_kafka("ledger consume")
     ledger = _ledger()
-    moved_to = _parse_as_of(as_of)
+    requested = _parse_as_of(as_of)
     try:
-        position = _project(ledger, as_of=moved_to, follow=follow)
+        position = _project(ledger, as_of=requested, follow=follow)
     except Interrupted:
         if follow:
             return  # Ctrl-C is how a follower stops
         raise
     out.print(f"projections at position {position:,} of {ledger.head():,}")
+    moved_to = moment(requested)
     if moved_to is not None:
         con = connect(State.settings.projections_path, read_only=True)
         try:
@@ -818,7 +824,7 @@ def _reaching(settings: KafkaSettings) -> Iterator[None]:
 
 @kafka_app.command("init")
 def kafka_init() -> None:
-    """Create the events, derived-events and dead-letter topics (when missing)."""
+    """Create the events, derived-events, dead-letter and watermark topics (when missing)."""
     settings = _kafka()
     with _reaching(settings):
         try:
@@ -916,11 +922,20 @@ def consume(
             "derived topic already holds records (refused otherwise: a mistyped data dir)."
         ),
     ] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Move the as-of clock (SLA states) with the relay's watermarks: 'now' (as "
+            "far as they vouch the topic complete; with --follow, as they come) or an ISO "
+            "time (no further)."
+        ),
+    ] = None,
 ) -> None:
     """Project the events topic into DuckDB: a catch-up to its end, or --follow.
 
     A catch-up reads every partition; --follow joins the group and shares them."""
     settings = _kafka()
+    requested = _parse_as_of(as_of)
     if follow:
         _log_progress()
     with _reaching(settings):
@@ -933,6 +948,7 @@ def consume(
                     follow=follow,
                     on_batch=None if follow else _kafka_progress(progress, "consuming"),
                     realert=realert,
+                    as_of=requested,
                 )
         except kafka_projection.WouldRealert as error:
             _fail(str(error))
@@ -949,6 +965,23 @@ def consume(
         f"projected {report.events:,} events in {report.batches:,} batches; "
         f"{report.dead_letters:,} dead letters; {derived}"
     )
+    if requested is not None and not follow:
+        _say_clock(report, settings)
+
+
+def _say_clock(report: kafka_projection.ConsumeReport, settings: KafkaSettings) -> None:
+    """Where `consume --as-of` left the as-of clock, and why not further."""
+    if report.watermark is None:
+        err.print(
+            f"the relay has sent no watermark to {settings.watermark_topic} yet (`ledger "
+            "relay` sends one when it has nothing new): the as-of clock moved with the "
+            "events only"
+        )
+    elif report.clock is not None:
+        out.print(
+            f"as-of clock at {report.clock.astimezone(UTC).isoformat()} (the relay vouches "
+            f"for every event recorded up to {report.watermark.astimezone(UTC).isoformat()})"
+        )
 
 
 @dlq_app.command("list")
@@ -1027,6 +1060,11 @@ def _print_status(found: PipelineStatus) -> None:
         table.add_row(
             "relay (acknowledged)", found.relay_topic, f"{found.relay_position:,}{behind}"
         )
+    if found.relay_watermark is not None:
+        table.add_row(
+            "relay watermark (every event recorded up to it is on the topic)",
+            f"{found.relay_topic}.watermarks", str(found.relay_watermark),
+        )  # fmt: skip
     if found.derived is not None:
         published = f"{found.derived.published:,} of {found.derived.derived:,}"
         if found.derived.withdrawn or found.derived.withdrawals_waiting:

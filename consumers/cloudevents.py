@@ -13,15 +13,26 @@
 
 Any Kafka client can read the topic with these rules alone; `decode` is the inverse used
 by this project's consumer groups, and rejects what a subscriber could not trust.
+
+The watermarks topic (`<topic>.watermarks`) carries the relay's `RelayWatermark`s, same
+envelope (`ce_type` customer_ledger.RelayWatermark, `ce_time` its moment, key the events
+topic's name): every event recorded at or before `data.complete_until` is at or below
+store position `data.position`, and the broker had acknowledged every one of those on
+the events topic before the watermark was sent. A subscriber that has read each partition
+of the events topic to the end it finds after reading a watermark has every event
+recorded up to that moment.
 """
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from pydantic import ValidationError
 
 from domain.events import RECORDED, type_schema_id
@@ -112,3 +123,49 @@ def _relayed(headers: dict[str, bytes], position: int) -> int | None:
     except (KeyError, ValueError):
         return None
     return relayed if 0 <= relayed < position else None
+
+
+WATERMARK_TYPE = "RelayWatermark"
+RELAY_SOURCE = "urn:customer-ledger:relay"
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """The relay's word that the events topic is complete up to a moment: every event
+    recorded at or before `complete_until` is at or below store position `position`, and
+    all of those were on the topic (acknowledged) before the watermark was sent."""
+
+    complete_until: datetime
+    position: int
+
+
+def encode_watermark(mark: Watermark, topic: str) -> KafkaRecord:
+    """The record of a watermark for `topic` (the events topic: also its key)."""
+    moment = mark.complete_until.astimezone(UTC).isoformat()
+    digest = hashlib.md5(f"watermark|{topic}|{mark.position}|{moment}".encode()).digest()
+    headers: Headers = [
+        ("ce_specversion", SPEC_VERSION),
+        ("ce_id", str(uuid.UUID(bytes=digest)).encode()),
+        ("ce_source", RELAY_SOURCE.encode()),
+        ("ce_type", f"{TYPE_PREFIX}{WATERMARK_TYPE}".encode()),
+        ("ce_time", moment.encode()),
+        ("content-type", b"application/json"),
+    ]
+    value = orjson.dumps({"complete_until": moment, "position": mark.position})
+    return KafkaRecord(topic.encode(), value, headers)
+
+
+def decode_watermark(headers: Headers, value: bytes | None) -> Watermark:
+    """A record of the watermarks topic; `UndecodableRecord` unless it is one."""
+    found = dict(headers)
+    if found.get("ce_type") != f"{TYPE_PREFIX}{WATERMARK_TYPE}".encode():
+        raise UndecodableRecord(f"not a {WATERMARK_TYPE} (ce_type header)")
+    try:
+        data = orjson.loads(value or b"")
+        moment = datetime.fromisoformat(data["complete_until"])
+        position = int(data["position"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise UndecodableRecord(f"not a {WATERMARK_TYPE}'s data: {error}") from None
+    if moment.tzinfo is None or position < 0:
+        raise UndecodableRecord(f"a {WATERMARK_TYPE} needs an offset time and a position")
+    return Watermark(moment, position)

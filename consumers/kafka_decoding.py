@@ -35,6 +35,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from consumers import cloudevents
+from consumers.cloudevents import Watermark
 from consumers.kafka import KafkaSettings, ReliableSender, consumer, high_watermarks, watched
 
 log = logging.getLogger(__name__)
@@ -391,6 +392,11 @@ class Decoders:
     def ends(self) -> Future[dict[TopicPartition, int] | None]:
         done: Future[dict[TopicPartition, int] | None] = Future()
         done.set_result(dict(self._targets))  # asked for at its start: a catch-up's ends
+        return done
+
+    def watermark(self) -> Future[Watermark | None]:
+        done: Future[Watermark | None] = Future()
+        done.set_result(None)  # a catch-up reads it before its ends (`kafka_projection.consume`)
         return done
 
     def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:

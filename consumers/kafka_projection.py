@@ -48,6 +48,8 @@ from kafka.errors import (
     UnknownMemberIdError,
 )
 
+from consumers import watermarks
+from consumers.cloudevents import Watermark
 from consumers.derived_publishing import DerivedPublisher, publish_until, publishes_derived
 from consumers.kafka import (
     SAY_UNREACHABLE_AFTER_SECONDS,
@@ -72,7 +74,7 @@ from consumers.kafka_decoding import (
     unread,
 )
 from projections import derived
-from projections.projector import BatchResult
+from projections.projector import AsOf, BatchResult
 from projections.rebuild import rebuilding
 from projections.schema import RELAYED, connect, stored_checkpoints
 from projections.writer import ProjectionWriter
@@ -125,6 +127,10 @@ class ConsumeReport:
     to_read: int | None = None
     records: int = 0
     publishing: bool = True  # whether this group publishes the derived events
+    # following the clock (`as_of`): the moment the relay's latest watermark vouched for
+    # (None: none), and the clock after it moved
+    watermark: datetime | None = None
+    clock: datetime | None = None
 
 
 BatchCallback = Callable[[BatchResult, ConsumeReport], None]
@@ -525,6 +531,10 @@ class _Feed(Protocol):
         fetch found it), without waiting for the answer (None: the broker cannot say)."""
         ...
 
+    def watermark(self) -> Future[Watermark | None]:
+        """The relay's latest watermark, without waiting for the answer (None: none known)."""
+        ...
+
     def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
         """Whether every partition it reads was handed over up to exactly `ends`."""
         ...
@@ -685,6 +695,21 @@ class _GroupMember:
             return done
         return _in_background(self._ask_ends)
 
+    def watermark(self) -> Future[Watermark | None]:
+        """Read as the ends are (`ends`)."""
+        if _disconnected(self.consumer):
+            done: Future[Watermark | None] = Future()
+            done.set_result(None)
+            return done
+        return _in_background(self._ask_watermark)
+
+    def _ask_watermark(self) -> Watermark | None:
+        try:
+            return watermarks.latest(self._settings, fetch_max_wait_ms=50, **watched())
+        except (KafkaError, TopicMissing) as error:
+            log.info("the relay's latest watermark is not known now: %s", error)
+            return None
+
     def _ask_ends(self) -> dict[TopicPartition, int] | None:
         try:  # the broker need not hold the probe's fetch for records to come
             return high_watermarks(
@@ -740,6 +765,7 @@ def consume(
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
     realert: bool = False,
+    as_of: AsOf | None = None,
 ) -> ConsumeReport:
     """Project the events topic into DuckDB; offsets live in DuckDB under `group`.
 
@@ -750,6 +776,11 @@ def consume(
     watermarks at the start, then it stops. A batch holds at most about `max_records`
     records. The derived events are published by `settings.group` alone
     (`publishes_derived`).
+
+    With `as_of`, the as-of clock follows the relay's watermarks (`consumers.watermarks`),
+    no further than `as_of`: a catch-up reads the latest one before the ends it reads to,
+    and moves the clock there at the end; a follower, whenever it is idle
+    (`IDLE_PUBLISH_SECONDS`). `report.watermark` says what the last one vouched for.
     """
     group = group or settings.group
     source = source_name(group)
@@ -810,6 +841,8 @@ def consume(
             targets = None
         else:
             feed = Decoders(settings, decoders, poll_records)
+            # read before the ends: once read to them, every event it vouches for is in
+            watermark = None if as_of is None else _latest_watermark(settings)
             targets = high_watermarks(settings, settings.topic, **watched())
             # made (or opened) while the decoder processes start, once the topic is known
             stored = projector.call(lambda writer: writer.projector().checkpoints(source))
@@ -833,7 +866,14 @@ def consume(
             release_when_idle=True,
             should_stop=should_stop,
             on_batch=on_batch,
+            as_of=as_of if decoders is None else None,
         )
+        if targets is not None and as_of is not None and not unread(targets, handed):
+            report.watermark = None if watermark is None else watermark.complete_until
+            clock = watermarks.clock_target(watermark, as_of)
+            if clock is not None:
+                report.clock = projector.call(_clock_mover(clock)).as_of
+                report.derived += projector.publish_all(None).result()
     finally:
         if publisher is not None:
             publisher.finishing()
@@ -912,20 +952,40 @@ def _projector_threads(decoders: int) -> int:
     return max(1, (os.cpu_count() or 1) - decoders)
 
 
-class _QuietCheck:
-    """A group member's check, while its partitions stay quiet, for its customers'
-    transitions that it may publish (see `_project`). It reads how far the topic is known
-    complete (on the projector thread), then asks the broker for the partitions' ends (on
-    a thread of its own): each step starts once the one before is done, so the poll loop
-    never waits for either."""
+@dataclass(frozen=True)
+class _Vouched:
+    """What a quiet check found the member may do: move the clock to `clock`, and publish
+    its customers' transitions up to `publish_until` (when `publish`; None: all)."""
 
-    def __init__(self, every_seconds: float) -> None:
+    clock: datetime | None
+    publish: bool
+    publish_until: datetime | None
+
+
+class _QuietCheck:
+    """A group member's check, while its partitions stay quiet, for what it may do without
+    new records (see `_project`): publish its customers' transitions that the other
+    members' records revealed (a publishing member sharing the topic), and move the clock
+    with the relay's watermarks (when asked to follow it: `as_of`). It reads how far the
+    topic is known complete (from the file, on the projector thread; for the first) and
+    the latest watermark (for the second), then asks the broker for the partitions' ends:
+    each step starts once the one before is done, on a thread of its own, so the poll
+    loop never waits for any."""
+
+    def __init__(self, every_seconds: float, as_of: AsOf | None = None) -> None:
         self.every_seconds = every_seconds
-        self._bound_read: Future[datetime | None] | None = None
-        self._ends_read: Future[dict[TopicPartition, int] | None] | None = None
+        self.as_of = as_of
+        self._asked: Future[Any] | None = None
+        self._asking = ""  # what `_asked` will answer: "bound", "watermark" or "ends"
         self._bound: datetime | None = None
+        self._watermark: Watermark | None = None
         self._published: datetime | None = None  # the bound last published up to
+        self._clock: datetime | None = None  # the clock last moved to
         self._due = time.monotonic() + every_seconds
+
+    def wanted(self, shared_publisher: bool) -> bool:
+        """Whether a quiet member has anything to check for."""
+        return shared_publisher or self.as_of is not None
 
     def newly_owned(self) -> None:
         """New partitions: what was published up to the last bound was not their
@@ -933,33 +993,83 @@ class _QuietCheck:
         self._published = None
 
     def step(
-        self, quiet: bool, projector: _ProjectorThread, feed: _Feed, handed: dict[str, int]
-    ) -> datetime | None:
-        """Move the check on; the business time to publish up to now, if it may."""
-        if self._bound_read is None and self._ends_read is None:
+        self,
+        quiet: bool,
+        shared_publisher: bool,
+        projector: _ProjectorThread,
+        feed: _Feed,
+        handed: dict[str, int],
+    ) -> _Vouched | None:
+        """Move the check on; what the member may do now, if anything."""
+        if self._asked is None:
             if quiet and time.monotonic() >= self._due:
-                topic = feed.topic
-                self._bound_read = projector.submit(lambda writer: writer.relayed_until(topic))
-        elif self._bound_read is not None and self._bound_read.done():
-            self._bound, self._bound_read = self._bound_read.result(), None
-            if self._bound is not None and (
-                self._published is None or self._bound > self._published
+                self._bound = self._watermark = None
+                if shared_publisher:
+                    topic = feed.topic
+                    self._ask("bound", projector.submit(lambda writer: writer.relayed_until(topic)))
+                else:
+                    self._after_bound(feed)
+            return None
+        if not self._asked.done():
+            return None
+        answer, asking, self._asked = self._asked.result(), self._asking, None
+        if asking == "bound":
+            self._bound = answer
+            if self.as_of is None and (
+                self._bound is None
+                or (self._published is not None and self._bound <= self._published)
             ):
-                self._ends_read = feed.ends()  # asked only now, after the bound was read
-            else:  # nothing new to publish
-                self._due = time.monotonic() + self.every_seconds
-        elif self._ends_read is not None and self._ends_read.done():
-            ends, self._ends_read = self._ends_read.result(), None
+                self._due = time.monotonic() + self.every_seconds  # nothing new to publish
+            else:
+                self._after_bound(feed)
+        elif asking == "watermark":
+            self._watermark = answer
+            self._ask("ends", feed.ends())  # asked only now, after the watermark was read
+        else:
             self._due = time.monotonic() + self.every_seconds
-            if (
-                quiet
-                and ends is not None
-                and self._bound is not None
-                and feed.read_to(ends, handed)
-            ):
-                self._published = self._bound
-                return self._bound
+            if quiet and answer is not None and feed.read_to(answer, handed):
+                return self._vouched(shared_publisher)
         return None
+
+    def _ask(self, what: str, asked: Future[Any]) -> None:
+        self._asking, self._asked = what, asked
+
+    def _after_bound(self, feed: _Feed) -> None:
+        if self.as_of is not None:
+            self._ask("watermark", feed.watermark())
+        else:
+            self._ask("ends", feed.ends())  # asked only now, after the bound was read
+
+    def _vouched(self, shared_publisher: bool) -> _Vouched | None:
+        """Read to the ends asked after the bound and the watermark: every event of its
+        customers up to either is in."""
+        clock = None if self.as_of is None else watermarks.clock_target(self._watermark, self.as_of)
+        if clock is not None and self._clock is not None and clock <= self._clock:
+            clock = None
+        if clock is not None:
+            self._clock = clock
+        if not shared_publisher:  # its partitions are all there are: all that holds goes out
+            return _Vouched(clock, True, None) if clock is not None else None
+        bound = max((t for t in (self._bound, clock) if t is not None), default=None)
+        if bound is None or (self._published is not None and bound <= self._published):
+            return _Vouched(clock, False, None) if clock is not None else None
+        self._published = bound
+        return _Vouched(clock, True, bound)
+
+
+def _latest_watermark(settings: KafkaSettings) -> Watermark | None:
+    """The relay's latest watermark; None, said, when the watermarks topic is missing."""
+    try:
+        return watermarks.latest(settings, **watched())
+    except TopicMissing as missing:
+        log.warning("%s: the as-of clock moves with the events only", missing)
+        return None
+
+
+def _clock_mover(clock: datetime) -> Callable[[ProjectionWriter], BatchResult]:
+    """Moves the projections' as-of clock to `clock` (never back), on the projector thread:
+    the SLA states and derived events it reveals are written with it."""
+    return lambda writer: writer.projector().apply([], {}, clock)
 
 
 def _project(
@@ -975,6 +1085,7 @@ def _project(
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: BatchCallback | None = None,
     idle_publish_seconds: float = IDLE_PUBLISH_SECONDS,
+    as_of: AsOf | None = None,
 ) -> None:
     """Hand what the feed decodes to the projector thread and report the batches it
     committed, until `should_stop` or (with `targets`) every partition was read to its
@@ -993,7 +1104,13 @@ def _project(
     Read exactly to them, it has read every event of its customers up to that position,
     and events recorded later happened later: its customers' transitions before that time
     go out. (The file's own clock will not do: a record of another partition can reach
-    the broker before an earlier one of this member's, sent in the same batch.)"""
+    the broker before an earlier one of this member's, sent in the same batch.)
+
+    With `as_of` (following the clock), every `idle_publish_seconds` while it is idle a
+    member also reads the relay's latest watermark, then its partitions' ends: read
+    exactly to them, it has every event of its customers recorded up to the watermark,
+    and moves the clock there (no further than `as_of`), then publishes what that
+    reveals (`consumers.watermarks`)."""
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
     latest = {} if latest is None else latest
@@ -1004,7 +1121,8 @@ def _project(
     # a reader, and a group member that stopped polling meanwhile would be dropped.
     publishing: Future[int] | None = None
     releasing: Future[None] | None = None
-    quiet_check = _QuietCheck(idle_publish_seconds)
+    moving: Future[BatchResult] | None = None  # the clock, with a watermark
+    quiet_check = _QuietCheck(idle_publish_seconds, as_of)
     if targets is not None:
         report.to_read = sum(max(0, end - start.get(stream(tp), 0)) for tp, end in targets.items())
 
@@ -1033,6 +1151,9 @@ def _project(
         if releasing is not None and releasing.done():
             releasing.result()  # raises what failed
             releasing = None
+        if moving is not None and moving.done():
+            moving.result()  # raises what failed
+            moving = None
         if not found:
             projector.nothing_more_to_come()
             if projector.newly_owned():
@@ -1042,10 +1163,14 @@ def _project(
             if withheld and idle and publishing is None and not feed.behind(handed):
                 publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))
                 withheld = idle = False
-            quiet = idle and publishing is None and projector.publishes() and feed.shared()
-            bound = quiet_check.step(quiet, projector, feed, handed)
-            if bound is not None:
-                publishing = projector.publish_all(bound)
+            shared_publisher = projector.publishes() and feed.shared()
+            quiet = idle and publishing is None and quiet_check.wanted(shared_publisher)
+            vouched = quiet_check.step(quiet, shared_publisher, projector, feed, handed)
+            if vouched is not None:
+                if vouched.clock is not None:
+                    moving = projector.submit(_clock_mover(vouched.clock))
+                if vouched.publish:
+                    publishing = projector.publish_all(vouched.publish_until)
                 idle = False
             if release_when_idle and idle and releasing is None:
                 releasing = projector.submit(ProjectionWriter.release)

@@ -9,6 +9,9 @@ ignore the repeats by event id.
 It also notices a topic that lost data (a broker that came back empty: the topic ends
 before what the relay has published) and refuses to continue until told where to
 republish from (`ledger relay --republish --from POSITION`).
+
+While it has nothing new to send, it sends watermarks (`consumers.watermarks`): how far
+the topic is complete, so that consumers may move the projections' clock without events.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from consumers import cloudevents
+from consumers import cloudevents, watermarks
 from consumers.kafka import (
     Backoff,
     KafkaSettings,
@@ -293,6 +297,7 @@ def run(
             state = republish_from(ledger, settings, state_path, republish_from_position)
         check_position(ledger, settings, state)
         backoff = Backoff(should_stop, most=max_backoff_seconds)
+        watermarking = _Watermarking(settings)
         kafka_producer: KafkaProducer | None = None
         checked_at: float | None = None  # a broker can restart empty between two batches
         if follow:
@@ -308,8 +313,10 @@ def run(
                     confirm_sole()
                     check_topic(settings, state)
                     checked_at = time.monotonic()
+                read_at = datetime.now(UTC)  # before the read: what it finds was stored by then
                 last, documents = ledger.documents_after(state.position, batch_size)
                 if last == state.position:
+                    watermarking.nothing_new(kafka_producer, read_at, state.position, follow)
                     if not follow:
                         break
                     time.sleep(poll_seconds)
@@ -336,6 +343,7 @@ def run(
                 if kafka_producer is not None:
                     kafka_producer.close(timeout=1)
                     kafka_producer = None
+                watermarking.reconnected()
                 if not follow or not worth_retrying(error):
                     raise
                 log.warning(
@@ -347,6 +355,46 @@ def run(
         if kafka_producer is not None:
             kafka_producer.close()
         return state
+
+
+class _Watermarking:
+    """When the relay sends watermarks (`consumers.watermarks`): every
+    `settings.watermark_seconds` while a follower finds nothing new, and at the end of a
+    one-shot run; never when that is 0, nor while the watermarks topic is missing (said
+    once: `ledger kafka init` creates it)."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self._sent_at: float | None = None
+        self._topic_there: bool | None = None  # not looked for yet
+
+    def reconnected(self) -> None:
+        """A new producer, perhaps a broker that came back empty: look for the topic again."""
+        if self._topic_there is False:
+            self._topic_there = None
+
+    def nothing_new(
+        self, kafka_producer: KafkaProducer, read_at: datetime, position: int, follow: bool
+    ) -> None:
+        every = self._settings.watermark_seconds
+        if not every or (
+            follow and self._sent_at is not None and time.monotonic() - self._sent_at < every
+        ):
+            return
+        if self._topic_there is None:
+            try:
+                high_watermarks(self._settings, self._settings.watermark_topic, **watched())
+                self._topic_there = True
+            except TopicMissing as missing:
+                log.warning(
+                    "%s: the relay sends no watermarks, so consumers following the clock "
+                    "(`ledger consume --as-of now`) wait for events to move it",
+                    missing,
+                )
+                self._topic_there = False
+        if self._topic_there:
+            watermarks.send(kafka_producer, self._settings, watermarks.mark(read_at, position))
+        self._sent_at = time.monotonic()
 
 
 def _publish(

@@ -6,6 +6,7 @@ partition (from fetched high watermarks) and the derived events the broker ackno
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from kafka.errors import KafkaError
 
-from consumers import kafka_projection
+from consumers import kafka_projection, watermarks
 from consumers.kafka import KafkaSettings, TopicMissing, high_watermarks, watched
 from consumers.relay import RelayState, RelayStateMismatch, check_position
 from domain.ledger import Ledger
@@ -85,6 +86,8 @@ class PipelineStatus:
     relay_topic: str | None = None
     relay_position: int | None = None
     relay_behind: int | None = None  # store positions not published yet (events: at most)
+    # what the relay's latest watermark vouches for (None: none; `consume --as-of`)
+    relay_watermark: datetime | None = None
     derived: DerivedPublication | None = None
     group: str | None = None
     partitions: list[PartitionLag] = field(default_factory=list)
@@ -147,6 +150,9 @@ def pipeline_status(
             records = _records_on(kafka, kafka.dlq_topic)
             if records is not None:
                 status.dead_letters = DeadLetterCount(kafka.dlq_topic, records)
+            with suppress(TopicMissing):  # a topic created before watermarks: none
+                mark = watermarks.latest(kafka, **watched())
+                status.relay_watermark = None if mark is None else mark.complete_until
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
         except TopicMissing as missing:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 from domain.ledger import Ledger
-from projections.projector import EVENT_STORE, BatchResult
+from projections.projector import EVENT_STORE, AsOf, BatchResult, moment
 from projections.rebuild import rebuilding
 from projections.writer import ProjectionWriter
+
+LIVE_CLOCK_SECONDS = 10.0
+"""How often a follower keeping the clock at the wall clock (`--as-of now`) moves it while
+no event comes: each move opens the file readers share for a moment."""
 
 ProgressCallback = Callable[[BatchResult, int, int], None]
 """Called after each batch with (result, position reached, store head)."""
@@ -27,33 +30,40 @@ def catch_up(
     projections_path: Path,
     *,
     batch_size: int = 100_000,
-    as_of: datetime | None = None,
+    as_of: AsOf | None = None,
     follow: bool = False,
     poll_seconds: float = 0.5,
+    clock_seconds: float = LIVE_CLOCK_SECONDS,
     on_batch: ProgressCallback | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     bulk: bool = False,
 ) -> int:
     """Project every stored event not yet projected; with `follow`, keep polling.
 
-    Returns the position reached. The projections file is held only while batches come
-    (see `projections.writer`), so analysts can query it meanwhile; in `bulk` (a file
-    nobody reads yet) it is held throughout.
+    `as_of` moves the as-of clock; "now" keeps it at the wall clock: at each batch, and
+    while following every `clock_seconds` with no new events (the SLA alarms of a quiet
+    ledger go off in time). Returns the position reached. The projections file is held
+    only while batches come (see `projections.writer`), so analysts can query it
+    meanwhile; in `bulk` (a file nobody reads yet) it is held throughout.
     """
     # following, it outlasts an analyst's session holding the file
     writer = ProjectionWriter(projections_path, bulk=bulk, wait_seconds=None if follow else 30.0)
     try:
         position = writer.projector().checkpoint(*EVENT_STORE) or 0
+        clock_moved_at = time.monotonic()
         if as_of is not None:
-            writer.projector().apply([], {EVENT_STORE: position}, as_of)
+            writer.projector().apply([], {EVENT_STORE: position}, moment(as_of))
         with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
             while True:
                 for last, documents in _read_ahead(reader, ledger, position, batch_size):
-                    result = writer.projector().apply(documents, {EVENT_STORE: last}, as_of)
-                    position = last
+                    result = writer.projector().apply(documents, {EVENT_STORE: last}, moment(as_of))
+                    position, clock_moved_at = last, time.monotonic()
                     writer.after_batch()
                     if on_batch:
                         on_batch(result, position, ledger.head())
+                if as_of == "now" and time.monotonic() - clock_moved_at >= clock_seconds:
+                    writer.projector().apply([], {EVENT_STORE: position}, moment(as_of))
+                    clock_moved_at = time.monotonic()
                 writer.release()
                 if not follow or should_stop():
                     return position

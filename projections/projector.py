@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import duckdb
 
@@ -29,6 +30,15 @@ Checkpoint = tuple[str, str]
 
 EVENT_STORE: Checkpoint = ("event-store", "")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+AsOf = datetime | Literal["now"]
+"""Where a follower moves the as-of clock: to a moment, or along with the time ("now": on
+the embedded path the wall clock; through Kafka as far as the relay's watermarks vouch)."""
+
+
+def moment(as_of: AsOf | None) -> datetime | None:
+    """The moment `as_of` stands for now."""
+    return datetime.now(UTC) if as_of == "now" else as_of
 
 
 RAISE_CHECKPOINT = """

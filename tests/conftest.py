@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -18,6 +19,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection
@@ -25,7 +27,7 @@ from consumers.kafka import KafkaSettings, dev_broker, ensure_topics
 from consumers.store_follower import catch_up
 from domain.events import INCOMING
 from domain.ledger import Ledger, Outcome
-from projections.projector import BatchResult
+from projections.projector import AsOf, BatchResult
 from projections.schema import connect
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +175,36 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
     return settings
 
 
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} in {seconds:.0f} s"
+        time.sleep(0.1)
+
+
+def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
+    """Every record of a topic, read from the beginning without a group. The end of each
+    partition is the high watermark the fetches report (not a ListOffsets answer)."""
+    reader = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
+        assert tps, f"topic {topic} has no partitions"
+        reader.assign(tps)
+        reader.seek_to_beginning(*tps)
+        found: list[Any] = []
+        for _ in range(200):
+            for records in reader.poll(timeout_ms=200).values():
+                found.extend(records)
+            ends = [reader.highwater(tp) for tp in tps]
+            if all(
+                e is not None and reader.position(tp) >= e for tp, e in zip(tps, ends, strict=True)
+            ):
+                return found
+        pytest.fail(f"could not read {topic} to its end")
+    finally:
+        reader.close()
+
+
 # --- comparing projections ----------------------------------------------------------------
 
 # Every projection and the state carried between batches; projection_checkpoints differ
@@ -249,8 +281,14 @@ class FollowingMember:
     `new_events`, the events they added."""
 
     def __init__(
-        self, path: Path, settings: KafkaSettings, group: str, name: str = "member"
+        self,
+        path: Path,
+        settings: KafkaSettings,
+        group: str,
+        name: str = "member",
+        as_of: AsOf | None = None,
     ) -> None:
+        self.as_of = as_of
         self.new_events = 0
         self.reports: list[kafka_projection.ConsumeReport] = []
         self._stop = threading.Event()
@@ -270,6 +308,7 @@ class FollowingMember:
                 max_records=500,
                 should_stop=self._stop.is_set,
                 on_batch=self._counted,
+                as_of=self.as_of,
             )
             self.reports.append(report)
         except BaseException as error:  # handed to the test

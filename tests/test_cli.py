@@ -818,6 +818,7 @@ def test_status_tells_where_each_stage_stands(
             timed = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} WARNING dead letter "
             assert re.search(timed + re.escape(kafka_settings.topic), done.err), done.err
 
+    now = datetime.now(UTC)
     shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
     assert shown.code == 0, shown
     found = shown.json()
@@ -832,6 +833,9 @@ def test_status_tells_where_each_stage_stands(
     assert derived["withdrawn"] == 0
     assert found["group"] == kafka_settings.group and found["broker_error"] is None
     assert found["dead_letters"] == {"topic": kafka_settings.dlq_topic, "records": 1}
+    # the one-shot relay's watermark, when it found nothing new: a margin before its read
+    vouched = datetime.fromisoformat(found["relay_watermark"])
+    assert now - timedelta(minutes=10) < vouched <= now - timedelta(seconds=60)
 
     table = run("status", data_dir=data, cwd=tmp_path, env=kafka)
     assert table.code == 0, table
@@ -839,6 +843,7 @@ def test_status_tells_where_each_stage_stands(
     assert f"group {kafka_settings.group} on {kafka_settings.topic}" in shown_text
     assert f"{derived['published']:,} of {derived['derived']:,}" in shown_text
     assert f"dead letters │ {kafka_settings.dlq_topic} │ 1 │" in shown_text
+    assert f"{kafka_settings.watermark_topic} │ {vouched}" in shown_text
     assert "behind the store head" not in shown_text
 
     # recorded, not relayed yet: the relay is behind the store
@@ -947,7 +952,11 @@ def test_kafka_commands_refuse_what_would_lose_data(
         refused = run(*command, data_dir=data, cwd=tmp_path, env=kafka)
         assert refused.code == 2 and f"run `{instead}` instead" in refused.message, refused
     as_of = run("project", "--as-of", "now", data_dir=data, cwd=tmp_path, env=kafka)
-    assert as_of.code == 2 and "on the embedded path only" in as_of.message, as_of
+    assert as_of.code == 2 and "`ledger consume --as-of`" in as_of.message, as_of
+    # there, the relay's watermark moves the clock, and the consume says how far
+    moved = run("consume", "--as-of", "now", data_dir=data, cwd=tmp_path, env=kafka)
+    assert moved.code == 0 and "as-of clock at " in moved.out, moved
+    assert "the relay vouches for every event recorded up to" in " ".join(moved.out.split())
     assert run("rebuild", "--group", "g", data_dir=data, cwd=tmp_path).code == 2
     assert relay_position() == head
 

@@ -193,6 +193,37 @@ def test_the_first_record_of_each_relay_batch_says_how_far_the_topic_is_complete
     assert stamped == first_records
 
 
+def test_the_relay_says_on_the_watermarks_topic_how_far_the_events_topic_is_complete(
+    ledger: Ledger, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """With nothing new to send, the relay sends a `RelayWatermark` to the watermarks
+    topic: the events' envelope, keyed by the events topic; every event recorded up to
+    `complete_until` (a margin before the relay's read) is at or below `position`, the
+    position the relay reached."""
+    outcomes = record(ledger, generate_history(customers=5))
+    assert all(o.status == "accepted" for o in outcomes)
+    before = datetime.now(UTC)
+    state = relay.run(ledger, kafka_settings, tmp_path / "relay.json")
+    after = datetime.now(UTC)
+
+    (message,) = read_everything(kafka_settings.bootstrap, kafka_settings.watermark_topic, 1)
+    headers = dict(cast(list[tuple[str, bytes]], message.headers() or []))
+    value = json.loads(message.value() or b"")
+    assert (message.key() or b"").decode() == kafka_settings.topic
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_type"] == b"customer_ledger.RelayWatermark"
+    assert headers["ce_source"] == b"urn:customer-ledger:relay"
+    assert uuid.UUID(headers["ce_id"].decode())
+    assert headers["content-type"] == b"application/json"
+    assert headers["ce_time"].decode() == value["complete_until"]
+    assert value["position"] == state.position == ledger.head() > 0
+    vouched = datetime.fromisoformat(value["complete_until"])
+    margin = timedelta(seconds=60)
+    assert before - margin <= vouched <= after - margin
+    recorded = [datetime.fromisoformat(fact["recorded_at"]) for _, fact in ledger.all_facts()]
+    assert max(recorded) < before
+
+
 def test_derived_topic_follows_the_same_contract(
     ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:

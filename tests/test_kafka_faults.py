@@ -44,6 +44,7 @@ from conftest import (
     fact_count,
     running,
     tables,
+    wait_until,
 )
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -125,13 +126,6 @@ def stop_child(child: subprocess.Popen[Any]) -> None:
     if child.poll() is None:
         child.kill()
         child.wait()
-
-
-def wait_for(condition: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} (waited {seconds:.0f} s)"
-        time.sleep(0.05)
 
 
 # --- a relay restarted on an intact topic ----------------------------------------------------
@@ -367,7 +361,7 @@ def test_broker_restarted_empty_is_detected_then_republished(
         ensure_topics(kafka)
         thread.start()
         first_head = ledger.head()
-        wait_for(
+        wait_until(
             lambda: failure or relay.RelayState.load(state_path).position >= first_head,
             60,
             "the relay did not publish the first part",
@@ -450,12 +444,12 @@ def test_a_following_member_outlasts_a_broker_restart_and_publishes_on(
                 ids, published = derived_publication(path)
                 return published == len(ids) > 0
 
-            wait_for(all_published, 90, "the member did not publish the first half")
+            wait_until(all_published, 90, "the member did not publish the first half")
             before = set(ids_in_topic(kafka, kafka.derived_topic))
             broker.stop()
             time.sleep(SAY_UNREACHABLE_AFTER_SECONDS)
             # said after that many seconds without the broker; on a loaded machine later
-            wait_for(
+            wait_until(
                 lambda: "no connection to the broker" in caplog.text,
                 60,
                 "the member did not say it lost the broker",
@@ -465,7 +459,7 @@ def test_a_following_member_outlasts_a_broker_restart_and_publishes_on(
             relay.run(ledger, kafka, state_path, republish_from_position=0)
             accept(ledger, history[half:])
             relay.run(ledger, kafka, state_path)
-            wait_for(all_published, 120, "the member did not publish after the restart")
+            wait_until(all_published, 120, "the member did not publish after the restart")
         ids, _ = derived_publication(path)
         assert set(ids_in_topic(kafka, kafka.derived_topic)) == ids - before
         assert ids - before, "the second half derived nothing: the test proves nothing"
@@ -502,12 +496,12 @@ def test_a_following_member_sends_dead_letters_again_after_a_broker_restart(
         ensure_topics(kafka)
         with FollowingMember(settings.projections_path, kafka, kafka.group) as member:
             poison(b"{first")
-            wait_for(lambda: dead_letters() == ["{first"], 60, "no first dead letter")
+            wait_until(lambda: dead_letters() == ["{first"], 60, "no first dead letter")
             broker.restart_empty()
             ensure_topics(kafka)
             poison(b"{second")  # offset 0: where the member stood before the restart
             poison(b"{third")  # offset 1: the member reads it (both, if it read again)
-            wait_for(  # has_projected(0) raises what ended the member
+            wait_until(  # has_projected(0) raises what ended the member
                 lambda: member.has_projected(0) and "{third" in dead_letters(),
                 90,
                 "no dead letter after the restart",
@@ -534,7 +528,7 @@ def test_a_publisher_retrying_for_a_broker_that_is_down_lets_the_run_end(
     settled: list[int] = []
     with caplog.at_level(logging.WARNING, logger="consumers"):
         publisher.publish(projector, None)
-        wait_for(lambda: "again in" in caplog.text, 60, "the publisher did not retry")
+        wait_until(lambda: "again in" in caplog.text, 60, "the publisher did not retry")
         publisher.finishing()
         settling = threading.Thread(target=lambda: settled.append(publisher.settle(projector)))
         settling.start()
@@ -700,7 +694,7 @@ def test_a_killed_decoder_fails_the_catch_up_with_a_message_and_a_rerun_complete
         command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        wait_for(lambda: bool(children_of(consumer.pid)), 30, "no decoder process started")
+        wait_until(lambda: bool(children_of(consumer.pid)), 30, "no decoder process started")
         for decoder in children_of(consumer.pid):
             os.kill(decoder, signal.SIGKILL)
         _, err = consumer.communicate(timeout=60)
@@ -780,7 +774,7 @@ def test_decoders_stop_when_the_broker_goes_away_or_their_parent_dies() -> None:
             assert running(decoder)
             parent.kill()
             parent.wait()
-            wait_for(lambda: not running(decoder), 20, "the orphaned decoder kept running")
+            wait_until(lambda: not running(decoder), 20, "the orphaned decoder kept running")
         finally:
             stop_child(parent)
             if decoder:
@@ -852,7 +846,7 @@ def kill_at(child: subprocess.Popen[bytes], instant: float, path: Path | None = 
         orphans = children_of(child.pid)
         child.send_signal(signal.SIGKILL)
         child.wait()
-        wait_for(
+        wait_until(
             lambda: not any(running(pid) for pid in orphans),
             30,
             f"processes {sorted(orphans)} outlived their killed parent",

@@ -37,10 +37,12 @@ from conftest import (
     embedded,
     event,
     fact_count,
+    read_topic,
     reader_holding,
     tables,
+    wait_until,
 )
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import cloudevents, kafka_projection, relay
@@ -69,36 +71,6 @@ def checkpoints(path: Path, group: str) -> dict[str, int]:
     finally:
         con.close()
     return {stream: int(position) for stream, position in rows}
-
-
-def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} in {seconds:.0f} s"
-        time.sleep(0.1)
-
-
-def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
-    """Every record of a topic, read from the beginning without a group. The end of each
-    partition is the high watermark the fetches report (not a ListOffsets answer)."""
-    reader = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
-        assert tps, f"topic {topic} has no partitions"
-        reader.assign(tps)
-        reader.seek_to_beginning(*tps)
-        found: list[Any] = []
-        for _ in range(200):
-            for records in reader.poll(timeout_ms=200).values():
-                found.extend(records)
-            ends = [reader.highwater(tp) for tp in tps]
-            if all(
-                e is not None and reader.position(tp) >= e for tp, e in zip(tps, ends, strict=True)
-            ):
-                return found
-        pytest.fail(f"could not read {topic} to its end")
-    finally:
-        reader.close()
 
 
 def published_ids(settings: KafkaSettings) -> list[str]:

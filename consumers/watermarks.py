@@ -1,0 +1,75 @@
+"""The relay's watermarks: how the projections' as-of clock moves while no event comes.
+
+With a broker configured, the projections learn the time from the events' business times
+only: a complaint nobody touches would stay `pending` past its deadline until some other
+event moved the clock. The relay knows more. When it reads the store and finds nothing
+new, every event recorded before that read is on the topic: it says so on the watermarks
+topic (`KafkaSettings.watermark_topic`) every `LEDGER_RELAY_WATERMARK_SECONDS` while it
+has nothing new, and once at the end of a one-shot run. The moment it vouches for is
+`RECORDING_MARGIN` before its read: the events of an intake batch carry the time the
+batch was recorded, and reach the store a little later.
+
+A consumer asked to follow the clock (`ledger consume --as-of now`) reads the latest
+watermark, then its partitions' ends; once it has read its partitions exactly to those
+ends, it holds every event of its customers recorded up to the watermark, and moves the
+clock there (events recorded later happened later, a backfill aside, as everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from kafka import KafkaProducer
+
+from consumers.cloudevents import UndecodableRecord, Watermark, decode_watermark, encode_watermark
+from consumers.kafka import KafkaSettings, last_records
+from projections.projector import AsOf
+
+log = logging.getLogger(__name__)
+
+RECORDING_MARGIN = timedelta(seconds=60)
+"""How far before its read of the store a watermark vouches for: longer than an intake
+batch takes from its `recorded_at` to its commit."""
+
+
+def mark(read_at: datetime, position: int) -> Watermark:
+    """The watermark of a read of the store at `read_at` that found nothing after
+    `position`."""
+    return Watermark(read_at - RECORDING_MARGIN, position)
+
+
+def send(kafka_producer: KafkaProducer, settings: KafkaSettings, watermark: Watermark) -> None:
+    """Send `watermark` and wait for the broker's acknowledgement (raises its error)."""
+    record = encode_watermark(watermark, settings.topic)
+    future = kafka_producer.send(
+        settings.watermark_topic, key=record.key, value=record.value, headers=record.headers
+    )
+    kafka_producer.flush()
+    future.get(timeout=0)
+
+
+def latest(settings: KafkaSettings, **overrides: Any) -> Watermark | None:
+    """The latest watermark on the broker (None: none yet). Raises `TopicMissing` when the
+    watermarks topic is not there, and the broker's errors."""
+    marks = []
+    for record in last_records(settings, settings.watermark_topic, wait_seconds=5.0, **overrides):
+        try:
+            marks.append(decode_watermark(record.headers, record.value))
+        except UndecodableRecord as error:
+            log.warning(
+                "record %s:%s at offset %s is no watermark (%s): ignored",
+                record.topic, record.partition, record.offset, error,
+            )  # fmt: skip
+    return max(marks, key=lambda m: m.complete_until, default=None)
+
+
+def clock_target(watermark: Watermark | None, as_of: AsOf) -> datetime | None:
+    """Where the clock may move for `as_of` given the latest watermark read: as far as it
+    vouches, and no further than a moment asked for."""
+    if watermark is None:
+        return None
+    if as_of == "now":
+        return watermark.complete_until
+    return min(watermark.complete_until, as_of)
