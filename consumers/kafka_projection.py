@@ -236,6 +236,12 @@ class _ProjectorThread:
                 self._waiting is None and not self._busy and not self._calling and not self._calls
             )
 
+    def applying(self) -> bool:
+        """Whether records handed over wait for their batch or are being applied (calls
+        such as a release may be under way either way)."""
+        with self._changed:
+            return self._waiting is not None or self._busy
+
     def full(self) -> bool:
         """Whether `hand_over` would wait for the batch being applied (which may itself
         wait for the file while a reader holds it)."""
@@ -968,9 +974,9 @@ class _QuietCheck:
     members' records revealed (a publishing member sharing the topic), and move the clock
     with the relay's watermarks (when asked to follow it: `as_of`). It reads how far the
     topic is known complete (from the file, on the projector thread; for the first) and
-    the latest watermark (for the second), then asks the broker for the partitions' ends:
-    each step starts once the one before is done, on a thread of its own, so the poll
-    loop never waits for any."""
+    the relay's latest watermark (for both), then asks the broker for the partitions'
+    ends: each step starts once the one before is done, on a thread of its own, so the
+    poll loop never waits for any."""
 
     def __init__(self, every_seconds: float, as_of: AsOf | None = None) -> None:
         self.every_seconds = every_seconds
@@ -1008,20 +1014,14 @@ class _QuietCheck:
                     topic = feed.topic
                     self._ask("bound", projector.submit(lambda writer: writer.relayed_until(topic)))
                 else:
-                    self._after_bound(feed)
+                    self._ask("watermark", feed.watermark())
             return None
         if not self._asked.done():
             return None
         answer, asking, self._asked = self._asked.result(), self._asking, None
         if asking == "bound":
             self._bound = answer
-            if self.as_of is None and (
-                self._bound is None
-                or (self._published is not None and self._bound <= self._published)
-            ):
-                self._due = time.monotonic() + self.every_seconds  # nothing new to publish
-            else:
-                self._after_bound(feed)
+            self._ask("watermark", feed.watermark())
         elif asking == "watermark":
             self._watermark = answer
             self._ask("ends", feed.ends())  # asked only now, after the watermark was read
@@ -1034,12 +1034,6 @@ class _QuietCheck:
     def _ask(self, what: str, asked: Future[Any]) -> None:
         self._asking, self._asked = what, asked
 
-    def _after_bound(self, feed: _Feed) -> None:
-        if self.as_of is not None:
-            self._ask("watermark", feed.watermark())
-        else:
-            self._ask("ends", feed.ends())  # asked only now, after the bound was read
-
     def _vouched(self, shared_publisher: bool) -> _Vouched | None:
         """Read to the ends asked after the bound and the watermark: every event of its
         customers up to either is in."""
@@ -1050,7 +1044,8 @@ class _QuietCheck:
             self._clock = clock
         if not shared_publisher:  # its partitions are all there are: all that holds goes out
             return _Vouched(clock, True, None) if clock is not None else None
-        bound = max((t for t in (self._bound, clock) if t is not None), default=None)
+        vouched = None if self._watermark is None else self._watermark.complete_until
+        bound = max((t for t in (self._bound, vouched, clock) if t is not None), default=None)
         if bound is None or (self._published is not None and bound <= self._published):
             return _Vouched(clock, False, None) if clock is not None else None
         self._published = bound
@@ -1100,17 +1095,17 @@ def _project(
     next record, for as long as that takes. So every `idle_publish_seconds` while it is
     idle, a publishing member reads from the file how far the topic is known to be
     complete (`relayed_until`: the latest business time among the events up to the
-    highest `ce_ledgerrelayed` applied), then asks the broker for its partitions' ends.
-    Read exactly to them, it has read every event of its customers up to that position,
-    and events recorded later happened later: its customers' transitions before that time
-    go out. (The file's own clock will not do: a record of another partition can reach
-    the broker before an earlier one of this member's, sent in the same batch.)
+    highest `ce_ledgerrelayed` applied) and the relay's latest watermark (which covers
+    the relay's last batch before a lull too), then asks the broker for its partitions'
+    ends. Read exactly to them, it has read every event of its customers up to the later
+    of the two, and events recorded later happened later: its customers' transitions
+    before that time go out. (The file's own clock will not do: a record of another
+    partition can reach the broker before an earlier one of this member's, sent in the
+    same batch.)
 
-    With `as_of` (following the clock), every `idle_publish_seconds` while it is idle a
-    member also reads the relay's latest watermark, then its partitions' ends: read
-    exactly to them, it has every event of its customers recorded up to the watermark,
-    and moves the clock there (no further than `as_of`), then publishes what that
-    reveals (`consumers.watermarks`)."""
+    With `as_of` (following the clock), every member checks so while idle, and once read
+    exactly to the ends, moves the clock to the watermark (no further than `as_of`), then
+    publishes what that reveals (`consumers.watermarks`)."""
 
     start, committed = dict(handed), dict(handed)  # a catch-up's progress
     latest = {} if latest is None else latest
@@ -1164,7 +1159,12 @@ def _project(
                 publishing = projector.publish_all(publish_until(latest, (), shared=feed.shared()))
                 withheld = idle = False
             shared_publisher = projector.publishes() and feed.shared()
-            quiet = idle and publishing is None and quiet_check.wanted(shared_publisher)
+            quiet = (
+                not projector.applying()
+                and publishing is None
+                and moving is None
+                and quiet_check.wanted(shared_publisher)
+            )
             vouched = quiet_check.step(quiet, shared_publisher, projector, feed, handed)
             if vouched is not None:
                 if vouched.clock is not None:

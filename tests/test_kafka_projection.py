@@ -46,6 +46,7 @@ from kafka import KafkaProducer, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import cloudevents, kafka_projection, relay
+from consumers.cloudevents import Watermark
 from consumers.derived_publishing import NOTHING_YET, DerivedPublisher, publish_until
 from consumers.kafka import KafkaSettings, high_watermarks, partition_of
 from consumers.kafka_decoding import Decoded, Decoders, list_dead_letters, stream
@@ -649,11 +650,13 @@ class _ScriptedFeed:
         targets: dict[TopicPartition, int],
         sharing: bool = False,
         ends: dict[TopicPartition, int] | None = None,
+        watermark: Watermark | None = None,
     ) -> None:
         """`targets`: each partition's end as its fetches reported it; `ends`: as the broker
-        reports it when asked (by default the same)."""
+        reports it when asked (by default the same); `watermark`: the relay's latest."""
         self.script, self.targets, self.sharing = script, targets, sharing
         self.broker_ends = targets if ends is None else ends
+        self.latest_watermark = watermark
         self.asked = 0  # how often the broker's ends were asked for
         self.topic = next(iter(targets)).topic
 
@@ -667,6 +670,11 @@ class _ScriptedFeed:
         self.asked += 1
         done: Future[dict[TopicPartition, int] | None] = Future()
         done.set_result(dict(self.broker_ends))
+        return done
+
+    def watermark(self) -> Future[Watermark | None]:
+        done: Future[Watermark | None] = Future()
+        done.set_result(self.latest_watermark)
         return done
 
     def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
@@ -838,6 +846,7 @@ def sharing_member(
     *,
     broker_end: int | None = None,
     idle_for: float = 0.0,
+    watermark: Watermark | None = None,
 ) -> _ScriptedFeed:
     """`run_member` owning `owns` (whose end its fetches report at `end`, and the broker,
     when asked, at `broker_end`: by default the same): projects what `script` decodes,
@@ -853,7 +862,9 @@ def sharing_member(
     ends = None if broker_end is None else {owns: broker_end}
     return run_member(
         path, kafka, owns,
-        lambda _listener, _consumer: _ScriptedFeed(script, {owns: end}, sharing=True, ends=ends),
+        lambda _listener, _consumer: _ScriptedFeed(
+            script, {owns: end}, sharing=True, ends=ends, watermark=watermark
+        ),
         done,
     )  # fmt: skip
 
@@ -1041,6 +1052,32 @@ def test_a_quiet_member_does_not_trust_the_order_records_of_one_batch_arrive_in(
     assert sla_transitions_derived(settings.projections_path) == 2, "the test proves nothing"
     member(p, 2, [], idle_for=1.5)
     assert sla_transitions_sent(kafka_settings) == []
+
+
+def test_a_quiet_member_publishes_what_the_relays_last_batch_before_a_lull_reveals(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings
+) -> None:
+    """X's complaint unanswered; Y's contacts, in the relay's last batch before a lull,
+    move the file's clock past X's deadlines. No record says that batch is on the topic
+    (`ce_ledgerrelayed` comes with the next batch), so quiet member B published nothing
+    of X's. The relay's watermark, sent when it found nothing new, vouches for it: B,
+    read to its partition's end as the broker reports it after the watermark, publishes
+    X's warning and breach."""
+    d, p, q = urgent_complaint_story(
+        ledger, kafka_settings.topic, [("y", "2025-01-06T11:00:00Z")], acknowledged=False
+    )
+    at = datetime.fromisoformat
+    member = partial(sharing_member, settings.projections_path, kafka_settings)
+    member(p, 2, [scripted(p, [d["registered_x"], d["filed"]], 2, at("2025-01-06T09:00Z"))])
+    member(q, 2, [scripted(q, [d["registered_y"], d["y_later"]], 2, at("2025-01-06T11:00Z"))])
+    assert sla_transitions_derived(settings.projections_path) == 2, "the test proves nothing"
+    member(p, 2, [], idle_for=1.5)
+    assert sla_transitions_sent(kafka_settings) == [], "published with no word from the relay"
+
+    lull = Watermark(at("2025-01-06T11:00:30Z"), position_of(d["y_later"]))
+    member(p, 2, [], idle_for=1.5, watermark=lull)
+    x = orjson.loads(d["filed"][1])["customer_id"]
+    assert sla_transitions_sent(kafka_settings) == [("SlaWarning", x), ("SlaBreached", x)]
 
 
 class _GivenAnotherPartition(_ScriptedFeed):
