@@ -682,16 +682,27 @@ class _SqlTimer:
         self.durations.setdefault(key, []).append(seconds)
 
     def _timed(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """A multi-statement `run` (no parameters) is timed statement by statement: as one,
+        its whole time went under its first statement's words."""
+
         def timed(con: Any, sql: str, params: object = None) -> Any:
             caller = sys._getframe(1)
             module = caller.f_globals.get("__name__", "?").rsplit(".", 1)[-1]
-            words = " ".join(line for line in sql.split("\n") if not line.strip().startswith("--"))
-            key = f"{module}.{caller.f_code.co_name}: {' '.join(words.split())[:80]}"
-            started = time.perf_counter()
-            try:
-                return original(con, sql, params)
-            finally:
-                self.add(key, time.perf_counter() - started)
+            where = f"{module}.{caller.f_code.co_name}"
+            statements = [sql]
+            if params is None:
+                statements = [found.query for found in con.extract_statements(sql)] or [sql]
+            result = None
+            for statement in statements:
+                lines = statement.split("\n")
+                words = " ".join(line for line in lines if not line.strip().startswith("--"))
+                started = time.perf_counter()
+                try:
+                    result = original(con, statement, params)
+                finally:
+                    key = f"{where}: {' '.join(words.split())[:80]}"
+                    self.add(key, time.perf_counter() - started)
+            return result
 
         return timed
 
