@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -40,6 +41,9 @@ class Settings:
     reporting_currency: str = "EUR"
     cipher_key: str | None = None
     kafka: KafkaSettings | None = None
+    # how late events may be recorded after they happened: `--as-of now` keeps the clock
+    # that far behind the time (`projections.projector.LiveClock`)
+    clock_lag: timedelta = timedelta(seconds=300)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -73,6 +77,7 @@ class Settings:
             reporting_currency=currency,
             cipher_key=cipher_key,
             kafka=kafka,
+            clock_lag=_seconds(env, "LEDGER_CLOCK_LAG_SECONDS", 300),
         )
 
     @property
@@ -112,6 +117,16 @@ class Settings:
             )
         env.update(self.extra_env)
         return env
+
+
+def _seconds(env: Mapping[str, str], name: str, default: int) -> timedelta:
+    """A whole number of seconds, at least 0; ConfigError naming the variable otherwise."""
+    text = env.get(name)
+    if not text:
+        return timedelta(seconds=default)
+    if not text.isdigit():
+        raise ConfigError(f"{name}={text!r}: expected a whole number of seconds (0 or more)")
+    return timedelta(seconds=int(text))
 
 
 def _check_cipher_key(key: str) -> None:

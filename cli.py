@@ -59,7 +59,7 @@ from domain.events import EVENT_MODELS, contract_schema, contract_types, type_sc
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost, in_business_order
 from projections import reports, snapshot
-from projections.projector import AsOf, BatchResult, moment
+from projections.projector import AsOf, BatchResult, LiveClock, moment
 from projections.rebuild import RebuildBehind
 from projections.schema import (
     ProjectionsOutdated,
@@ -213,7 +213,7 @@ def _parse_as_of(value: str | None) -> AsOf | None:
     if value is None:
         return None
     if value == "now":
-        return "now"
+        return LiveClock(State.settings.clock_lag)
     return _parse_moment(
         value,
         "--as-of",
@@ -973,9 +973,9 @@ def _say_clock(report: kafka_projection.ConsumeReport, settings: KafkaSettings) 
     """Where `consume --as-of` left the as-of clock, and why not further."""
     if report.watermark is None:
         err.print(
-            f"the relay has sent no watermark to {settings.watermark_topic} yet (`ledger "
-            "relay` sends one when it has nothing new): the as-of clock moved with the "
-            "events only"
+            f"no watermark of the relay's to go by on {settings.watermark_topic} (`ledger "
+            "relay` sends one when it has nothing new; see the warning above, if any): the "
+            "as-of clock moved with the events only"
         )
     elif report.clock is not None:
         out.print(

@@ -18,9 +18,11 @@ The watermarks topic (`<topic>.watermarks`) carries the relay's `RelayWatermark`
 envelope (`ce_type` customer_ledger.RelayWatermark, `ce_time` its moment, key the events
 topic's name): every event recorded at or before `data.complete_until` is at or below
 store position `data.position`, and the broker had acknowledged every one of those on
-the events topic before the watermark was sent. A subscriber that has read each partition
-of the events topic to the end it finds after reading a watermark has every event
-recorded up to that moment.
+the events topic, below `data.ends` (per partition, the offset after the last record the
+relay had acknowledged), before the watermark was sent. A subscriber that has read each
+partition of the events topic to the end it finds after reading a watermark (an end not
+below the watermark's: else the topic lost data since) has every event recorded up to
+that moment.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class Watermark:
 
     complete_until: datetime
     position: int
+    # per partition of the events topic, the offset after the last record the relay had
+    # acknowledged: a topic that ends before them lost what the watermark vouches for
+    ends: dict[int, int]
 
 
 def encode_watermark(mark: Watermark, topic: str) -> KafkaRecord:
@@ -151,7 +156,8 @@ def encode_watermark(mark: Watermark, topic: str) -> KafkaRecord:
         ("ce_time", moment.encode()),
         ("content-type", b"application/json"),
     ]
-    value = orjson.dumps({"complete_until": moment, "position": mark.position})
+    ends = {str(partition): end for partition, end in sorted(mark.ends.items())}
+    value = orjson.dumps({"complete_until": moment, "position": mark.position, "ends": ends})
     return KafkaRecord(topic.encode(), value, headers)
 
 
@@ -164,8 +170,9 @@ def decode_watermark(headers: Headers, value: bytes | None) -> Watermark:
         data = orjson.loads(value or b"")
         moment = datetime.fromisoformat(data["complete_until"])
         position = int(data["position"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        ends = {int(partition): int(end) for partition, end in data["ends"].items()}
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
         raise UndecodableRecord(f"not a {WATERMARK_TYPE}'s data: {error}") from None
     if moment.tzinfo is None or position < 0:
         raise UndecodableRecord(f"a {WATERMARK_TYPE} needs an offset time and a position")
-    return Watermark(moment, position)
+    return Watermark(moment, position, ends)

@@ -470,8 +470,9 @@ def last_records(
     **overrides: Any,
 ) -> list[ConsumerRecord]:
     """The last record of each partition of `topic` that holds one (read from the high
-    watermark less one; a partition whose last record is gone, past retention, gives
-    none). Raises `TopicMissing` when the topic is not on the broker."""
+    watermark less one). Raises `TopicMissing` when the topic is not on the broker, and
+    `KafkaTimeoutError` when they are not read within `wait_seconds` (a last record gone
+    past retention is never read)."""
     probe: KafkaConsumer = consumer(settings, group_id=None, **overrides)
     try:
         deadline = time.monotonic() + wait_seconds
@@ -480,7 +481,9 @@ def last_records(
         for tp, end in held.items():
             probe.seek(tp, end - 1)
         found: dict[TopicPartition, ConsumerRecord] = {}
-        while len(found) < len(held) and time.monotonic() < deadline:
+        while len(found) < len(held):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"the last records of {topic} not read in time")
             for tp, records in probe.poll(timeout_ms=200).items():
                 if records and tp not in found:
                     found[tp] = records[-1]

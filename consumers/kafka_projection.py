@@ -624,6 +624,7 @@ class _GroupMember:
     ) -> None:
         self.consumer = kafka_consumer
         self._settings = settings
+        self._said_no_watermarks = False  # the watermarks topic missing (an older deployment)
         self._dead_letters = dead_letters
         self._projector = projector
         self._listener = listener
@@ -712,9 +713,13 @@ class _GroupMember:
     def _ask_watermark(self) -> Watermark | None:
         try:
             return watermarks.latest(self._settings, fetch_max_wait_ms=50, **watched())
-        except (KafkaError, TopicMissing) as error:
+        except TopicMissing as missing:
+            if not self._said_no_watermarks:
+                log.warning("%s: the as-of clock moves with the events only", missing)
+                self._said_no_watermarks = True
+        except KafkaError as error:
             log.info("the relay's latest watermark is not known now: %s", error)
-            return None
+        return None
 
     def _ask_ends(self) -> dict[TopicPartition, int] | None:
         try:  # the broker need not hold the probe's fetch for records to come
@@ -850,6 +855,13 @@ def consume(
             # read before the ends: once read to them, every event it vouches for is in
             watermark = None if as_of is None else _latest_watermark(settings)
             targets = high_watermarks(settings, settings.topic, **watched())
+            if watermark is not None and not watermarks.held(watermark, targets):
+                log.warning(
+                    "the events topic ends before what the relay's latest watermark vouches "
+                    "for (it lost data since: republish it, `ledger relay --republish`): the "
+                    "as-of clock moves with the events only"
+                )
+                watermark = None
             # made (or opened) while the decoder processes start, once the topic is known
             stored = projector.call(lambda writer: writer.projector().checkpoints(source))
             kept = _within(stored, targets)
@@ -1027,6 +1039,10 @@ class _QuietCheck:
             self._ask("ends", feed.ends())  # asked only now, after the watermark was read
         else:
             self._due = time.monotonic() + self.every_seconds
+            mark = self._watermark
+            if mark is not None and answer is not None and not watermarks.held(mark, answer):
+                log.info("the events topic ends before the relay's watermark: ignored")
+                self._watermark = None
             if quiet and answer is not None and feed.read_to(answer, handed):
                 return self._vouched(shared_publisher)
         return None

@@ -316,7 +316,7 @@ def run(
                 read_at = datetime.now(UTC)  # before the read: what it finds was stored by then
                 last, documents = ledger.documents_after(state.position, batch_size)
                 if last == state.position:
-                    watermarking.nothing_new(kafka_producer, read_at, state.position, follow)
+                    watermarking.nothing_new(kafka_producer, read_at, state, follow)
                     if not follow:
                         break
                     time.sleep(poll_seconds)
@@ -374,7 +374,7 @@ class _Watermarking:
             self._topic_there = None
 
     def nothing_new(
-        self, kafka_producer: KafkaProducer, read_at: datetime, position: int, follow: bool
+        self, kafka_producer: KafkaProducer, read_at: datetime, state: RelayState, follow: bool
     ) -> None:
         every = self._settings.watermark_seconds
         if not every or (
@@ -393,7 +393,8 @@ class _Watermarking:
                 )
                 self._topic_there = False
         if self._topic_there:
-            watermarks.send(kafka_producer, self._settings, watermarks.mark(read_at, position))
+            mark = watermarks.mark(read_at, state.position, state.ends)
+            watermarks.send(kafka_producer, self._settings, mark)
         self._sent_at = time.monotonic()
 
 

@@ -150,13 +150,15 @@ def pipeline_status(
             records = _records_on(kafka, kafka.dlq_topic)
             if records is not None:
                 status.dead_letters = DeadLetterCount(kafka.dlq_topic, records)
-            with suppress(TopicMissing):  # a topic created before watermarks: none
-                mark = watermarks.latest(kafka, **watched())
-                status.relay_watermark = None if mark is None else mark.complete_until
         except KafkaError as error:
             status.broker_error = f"cannot reach the broker at {kafka.bootstrap}: {error}"
         except TopicMissing as missing:
             status.broker_error = str(missing)
+        # not a reason to call the broker unreachable: a topic created before watermarks,
+        # or a last record not read in time, leaves it unknown
+        with suppress(TopicMissing, KafkaError):
+            mark = watermarks.latest(kafka, **watched())
+            status.relay_watermark = None if mark is None else mark.complete_until
         status.problems.extend(
             f"partition {lag.partition} ends at {lag.highwater:,}, before the projected "
             f"offset {lag.projected:,}: the topic lost data (`ledger relay --republish "

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from domain.ledger import Ledger
-from projections.projector import EVENT_STORE, AsOf, BatchResult, moment
+from projections.projector import EVENT_STORE, AsOf, BatchResult, LiveClock, moment
 from projections.rebuild import rebuilding
 from projections.writer import ProjectionWriter
 
@@ -40,11 +40,12 @@ def catch_up(
 ) -> int:
     """Project every stored event not yet projected; with `follow`, keep polling.
 
-    `as_of` moves the as-of clock; "now" keeps it at the wall clock: at each batch, and
-    while following every `clock_seconds` with no new events (the SLA alarms of a quiet
-    ledger go off in time). Returns the position reached. The projections file is held
-    only while batches come (see `projections.writer`), so analysts can query it
-    meanwhile; in `bulk` (a file nobody reads yet) it is held throughout.
+    `as_of` moves the as-of clock; a `LiveClock` keeps it at the wall clock (less its
+    lag): at each batch, and while following every `clock_seconds` with no new events
+    (the SLA alarms of a quiet ledger go off in time). Returns the position reached.
+    The projections file is held only while batches come (see `projections.writer`), so
+    analysts can query it meanwhile; in `bulk` (a file nobody reads yet) it is held
+    throughout.
     """
     # following, it outlasts an analyst's session holding the file
     writer = ProjectionWriter(projections_path, bulk=bulk, wait_seconds=None if follow else 30.0)
@@ -61,7 +62,8 @@ def catch_up(
                     writer.after_batch()
                     if on_batch:
                         on_batch(result, position, ledger.head())
-                if as_of == "now" and time.monotonic() - clock_moved_at >= clock_seconds:
+                live = isinstance(as_of, LiveClock)
+                if live and time.monotonic() - clock_moved_at >= clock_seconds:
                     writer.projector().apply([], {EVENT_STORE: position}, moment(as_of))
                     clock_moved_at = time.monotonic()
                 writer.release()

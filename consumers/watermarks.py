@@ -11,21 +11,24 @@ batch was recorded, and reach the store a little later.
 
 A consumer asked to follow the clock (`ledger consume --as-of now`) reads the latest
 watermark, then its partitions' ends; once it has read its partitions exactly to those
-ends, it holds every event of its customers recorded up to the watermark, and moves the
-clock there (events recorded later happened later, a backfill aside, as everywhere).
+ends (not below the watermark's own: else the topic lost data since), it holds every
+event of its customers recorded up to the watermark, and moves the clock there, less
+the live clock's lag (`LiveClock`: events recorded later than that after they happened
+are late, and what they take back is withdrawn).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 
 from consumers.cloudevents import UndecodableRecord, Watermark, decode_watermark, encode_watermark
 from consumers.kafka import KafkaSettings, last_records
-from projections.projector import AsOf
+from projections.projector import AsOf, LiveClock
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,10 @@ RECORDING_MARGIN = timedelta(seconds=60)
 batch takes from its `recorded_at` to its commit."""
 
 
-def mark(read_at: datetime, position: int) -> Watermark:
+def mark(read_at: datetime, position: int, ends: dict[int, int]) -> Watermark:
     """The watermark of a read of the store at `read_at` that found nothing after
-    `position`."""
-    return Watermark(read_at - RECORDING_MARGIN, position)
+    `position`, every event up to which the broker acknowledged below `ends`."""
+    return Watermark(read_at - RECORDING_MARGIN, position, dict(ends))
 
 
 def send(kafka_producer: KafkaProducer, settings: KafkaSettings, watermark: Watermark) -> None:
@@ -55,6 +58,8 @@ def latest(settings: KafkaSettings, **overrides: Any) -> Watermark | None:
     watermarks topic is not there, and the broker's errors."""
     marks = []
     for record in last_records(settings, settings.watermark_topic, wait_seconds=5.0, **overrides):
+        if record.key != settings.topic.encode():
+            continue  # another events topic's (the topic names are the keys)
         try:
             marks.append(decode_watermark(record.headers, record.value))
         except UndecodableRecord as error:
@@ -65,11 +70,35 @@ def latest(settings: KafkaSettings, **overrides: Any) -> Watermark | None:
     return max(marks, key=lambda m: m.complete_until, default=None)
 
 
+def held(watermark: Watermark, ends: Mapping[TopicPartition, int]) -> bool:
+    """Whether the events topic, ending at `ends` (asked after the watermark was read),
+    still holds what `watermark` vouches for: a topic that lost data since (re-created
+    before its republish) ends before it, and vouches for nothing."""
+    by_partition = {tp.partition: end for tp, end in ends.items()}
+    return all(by_partition.get(partition, 0) >= end for partition, end in watermark.ends.items())
+
+
 def clock_target(watermark: Watermark | None, as_of: AsOf) -> datetime | None:
     """Where the clock may move for `as_of` given the latest watermark read: as far as it
-    vouches, and no further than a moment asked for."""
+    vouches (less a live clock's lag), no further than a moment asked for, and never past
+    this host's own time (a relay host whose clock runs fast would leave the clock, which
+    never goes back, in the future)."""
     if watermark is None:
         return None
-    if as_of == "now":
-        return watermark.complete_until
-    return min(watermark.complete_until, as_of)
+    now = datetime.now(UTC)
+    vouched = watermark.complete_until
+    if vouched > now + AHEAD_SAID_AFTER:
+        log.warning(
+            "the relay's watermark vouches for %s, later than this host's time (%s): the "
+            "relay's host clock runs ahead? The as-of clock goes no further than now",
+            vouched.isoformat(), now.isoformat(),
+        )  # fmt: skip
+    vouched = min(vouched, now)
+    if isinstance(as_of, LiveClock):
+        return vouched - as_of.lag
+    return min(vouched, as_of)
+
+
+AHEAD_SAID_AFTER = timedelta(minutes=1)
+"""How far a watermark may lie ahead of this host's time before it says so (hosts whose
+clocks disagree by more eat into `RECORDING_MARGIN`)."""

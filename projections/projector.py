@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Literal
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 
@@ -31,14 +30,28 @@ Checkpoint = tuple[str, str]
 EVENT_STORE: Checkpoint = ("event-store", "")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-AsOf = datetime | Literal["now"]
-"""Where a follower moves the as-of clock: to a moment, or along with the time ("now": on
-the embedded path the wall clock; through Kafka as far as the relay's watermarks vouch)."""
+
+@dataclass(frozen=True)
+class LiveClock:
+    """The as-of clock kept moving with the time (`--as-of now`), `lag` behind it: how
+    late events may be recorded after they happened (LEDGER_CLOCK_LAG_SECONDS). An event
+    recorded later than that, with a business time the clock has passed, is late: what
+    it takes back was derived (and, through Kafka, published) meanwhile."""
+
+    lag: timedelta = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) - self.lag
+
+
+AsOf = datetime | LiveClock
+"""Where the as-of clock moves: to a moment, or along with the time (on the embedded
+path with the wall clock; through Kafka as far as the relay's watermarks vouch)."""
 
 
 def moment(as_of: AsOf | None) -> datetime | None:
     """The moment `as_of` stands for now."""
-    return datetime.now(UTC) if as_of == "now" else as_of
+    return as_of.now() if isinstance(as_of, LiveClock) else as_of
 
 
 RAISE_CHECKPOINT = """

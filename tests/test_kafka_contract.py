@@ -199,7 +199,7 @@ def test_the_relay_says_on_the_watermarks_topic_how_far_the_events_topic_is_comp
     """With nothing new to send, the relay sends a `RelayWatermark` to the watermarks
     topic: the events' envelope, keyed by the events topic; every event recorded up to
     `complete_until` (a margin before the relay's read) is at or below `position`, the
-    position the relay reached."""
+    position the relay reached, and on the topic below `ends`."""
     outcomes = record(ledger, generate_history(customers=5))
     assert all(o.status == "accepted" for o in outcomes)
     before = datetime.now(UTC)
@@ -217,6 +217,9 @@ def test_the_relay_says_on_the_watermarks_topic_how_far_the_events_topic_is_comp
     assert headers["content-type"] == b"application/json"
     assert headers["ce_time"].decode() == value["complete_until"]
     assert value["position"] == state.position == ledger.head() > 0
+    # per partition, the offset after the last record the relay had acknowledged
+    ends = {int(partition): end for partition, end in value["ends"].items()}
+    assert ends == state.ends and sum(ends.values()) == state.published > 0
     vouched = datetime.fromisoformat(value["complete_until"])
     margin = timedelta(seconds=60)
     assert before - margin <= vouched <= after - margin

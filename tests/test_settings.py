@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 
 import pytest
 from conftest import children_of, running
@@ -87,6 +88,22 @@ def test_supported_security_settings_still_parse() -> None:
         "sasl_mechanism": "SCRAM-SHA-512",
         "sasl_plain_username": "ledger",
     }
+
+
+@pytest.mark.parametrize("lag", ["-5", "1.5", "5m"])
+def test_a_clock_lag_that_is_no_whole_number_of_seconds_is_a_config_error(lag: str) -> None:
+    message = refused(LEDGER_CLOCK_LAG_SECONDS=lag)
+    assert f"LEDGER_CLOCK_LAG_SECONDS={lag!r}" in message and "seconds" in message
+
+
+def test_the_clock_lag_and_the_watermark_interval_parse() -> None:
+    assert Settings.from_env(env={}).clock_lag == timedelta(seconds=300)
+    assert Settings.from_env(env={"LEDGER_CLOCK_LAG_SECONDS": "0"}).clock_lag == timedelta(0)
+    kafka = Settings.from_env(env={**BROKER, "LEDGER_RELAY_WATERMARK_SECONDS": "0"}).kafka
+    assert kafka is not None and kafka.watermark_seconds == 0
+    assert "LEDGER_RELAY_WATERMARK_SECONDS" in refused(
+        **BROKER, LEDGER_RELAY_WATERMARK_SECONDS="soon"
+    )
 
 
 @pytest.mark.parametrize("currency", ["XYZ", "abc"])  # three letters, but no currency

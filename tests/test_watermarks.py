@@ -24,17 +24,29 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import PROJECT_ROOT, FollowingMember, accept, event, read_topic, wait_until
-from kafka import TopicPartition
+from conftest import (
+    PROJECT_ROOT,
+    FollowingMember,
+    accept,
+    differences,
+    event,
+    read_topic,
+    tables,
+    wait_until,
+)
+from kafka import KafkaAdminClient, TopicPartition
 
 from bootstrap import Settings, open_ledger
 from consumers import kafka_projection, relay, watermarks
 from consumers.cloudevents import Watermark
-from consumers.kafka import KafkaSettings
+from consumers.kafka import KafkaSettings, ensure_topics, producer, watched
 from consumers.kafka_decoding import stream
 from consumers.store_follower import catch_up
 from domain.ledger import Ledger
+from projections.projector import LiveClock
 from projections.schema import connect, stored_clock
+
+LIVE = LiveClock()
 
 
 def iso(moment: datetime) -> str:
@@ -62,8 +74,7 @@ def first_response(path: Path) -> tuple[str, datetime | None]:
 
 
 def sla_sent(kafka: KafkaSettings) -> list[str]:
-    sent = [orjson.loads(r.value) for r in read_topic(kafka, kafka.derived_topic)]
-    return [fact["type"] for fact in sent if fact["type"].startswith("Sla")]
+    return [fact["type"] for fact in derived_sent(kafka) if fact["type"].startswith("Sla")]
 
 
 # --- the embedded path ----------------------------------------------------------------------
@@ -83,6 +94,7 @@ def test_a_follower_kept_at_now_breaches_a_complaint_nobody_touches_on_time(
     assert first_response(path)[0] == "pending"
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    environment["LEDGER_CLOCK_LAG_SECONDS"] = "0"  # events are recorded as they happen
     command = [sys.executable, "-m", "cli", "--data-dir", str(settings.data_dir),
                "project", "--follow", "--as-of", "now"]  # fmt: skip
     follower = subprocess.Popen(
@@ -125,7 +137,7 @@ def test_a_catch_up_following_the_watermarks_breaches_what_no_event_would(
     assert first_response(path)[0] == "pending"
     assert sla_sent(kafka_settings) == []
 
-    report = kafka_projection.consume(path, kafka_settings, as_of="now")
+    report = kafka_projection.consume(path, kafka_settings, as_of=LiveClock())
     latest = watermarks.latest(kafka_settings)
     assert latest is not None and report.watermark == latest.complete_until
     assert report.clock == latest.complete_until
@@ -159,15 +171,145 @@ def test_without_a_watermark_the_clock_moves_with_the_events_only(
     for later than the events, and the report says there was no watermark."""
     filed = datetime.now(UTC) - timedelta(hours=3)
     untouched_complaint(ledger, filed)
-    silent = dataclasses.replace(kafka_settings, watermark_seconds=0)
-    relay.run(ledger, silent, tmp_path / "relay.json")
+    relay.run(ledger, silent(kafka_settings), tmp_path / "relay.json")
     assert watermarks.latest(kafka_settings) is None
     path = settings.projections_path
 
-    report = kafka_projection.consume(path, kafka_settings, as_of="now")
+    report = kafka_projection.consume(path, kafka_settings, as_of=LiveClock())
     assert report.watermark is None and report.clock is None
     assert first_response(path) == ("pending", filed)
     assert sla_sent(kafka_settings) == []
+
+
+@pytest.mark.kafka
+def test_a_watermark_ahead_of_this_hosts_time_moves_the_clock_no_further_than_now(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """A relay host whose clock runs 3 h fast vouches for 3 h ahead; the clock never goes
+    back, so trusting it would breach a complaint due in 50 min for good (a review's
+    finding). The clock stops at the consumer's own time."""
+    filed = datetime.now(UTC) - timedelta(minutes=10)
+    untouched_complaint(ledger, filed)
+    state = relay.run(ledger, silent(kafka_settings), tmp_path / "relay.json")
+    send_watermark(kafka_settings, datetime.now(UTC) + timedelta(hours=3), state)
+
+    path = settings.projections_path
+    before = datetime.now(UTC)
+    report = kafka_projection.consume(path, kafka_settings, as_of=LIVE)
+    status, clock = first_response(path)
+    assert report.clock is not None and before <= report.clock <= datetime.now(UTC)
+    assert (status, clock) == ("pending", report.clock)
+    assert sla_sent(kafka_settings) == []
+
+
+@pytest.mark.kafka
+def test_a_watermark_vouches_for_nothing_once_the_events_topic_lost_its_records(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """The acknowledgement in time was relayed, and a watermark vouched for it; then the
+    events topic is re-created empty (before the republish the README prescribes). The
+    old watermark's per-partition ends lie beyond the new topic's: it is ignored, and the
+    complaint is not breached for want of an event the topic lost (a review's finding)."""
+    filed = datetime.now(UTC) - timedelta(hours=3)
+    untouched_complaint(ledger, filed)
+    state_path = tmp_path / "relay.json"
+    relay.run(ledger, silent(kafka_settings), state_path)
+    path = settings.projections_path
+    kafka_projection.consume(path, kafka_settings)
+    accept(ledger, [event("ComplaintAcknowledged", "C-1", iso(filed + timedelta(minutes=10)),
+                          {"complaint_id": "c1"})])  # fmt: skip
+    relay.run(ledger, kafka_settings, state_path)  # relays it, then sends a watermark
+    assert watermarks.latest(kafka_settings) is not None
+
+    admin = KafkaAdminClient(**kafka_settings.client_options(), **watched())
+    try:
+        admin.delete_topics([kafka_settings.topic])
+    finally:
+        admin.close()
+    wait_until(lambda: recreated(kafka_settings), 30, "the topic was not re-created")
+
+    report = kafka_projection.consume(path, kafka_settings, as_of=LIVE)
+    assert report.watermark is None and report.clock is None
+    assert first_response(path) == ("pending", filed)
+    assert sla_sent(kafka_settings) == []
+
+
+def recreated(kafka: KafkaSettings) -> bool:
+    """`ledger kafka init` once the broker has let go of the deleted topic; whether the
+    topic is there and empty."""
+    try:
+        ensure_topics(kafka)
+        return read_topic(kafka, kafka.topic) == []
+    except Exception:  # still being deleted
+        return False
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("lag_hours", [0, 2])
+def test_the_live_clocks_lag_keeps_an_answer_recorded_late_from_raising_an_alarm(
+    ledger: Ledger,
+    settings: Settings,
+    kafka_settings: KafkaSettings,
+    tmp_path: Path,
+    lag_hours: int,
+) -> None:
+    """An urgent complaint filed 2 h ago was acknowledged in time (1 h 30 ago), but the
+    acknowledgement is recorded only now (a file ingested late). With no lag, the clock
+    had passed the deadline: the warning and breach went out, and are withdrawn once the
+    answer comes. With a lag longer than the ingestion's delay, nothing goes out."""
+    filed = datetime.now(UTC) - timedelta(hours=2)
+    untouched_complaint(ledger, filed)
+    state_path = tmp_path / "relay.json"
+    path = settings.projections_path
+    live = LiveClock(timedelta(hours=lag_hours))
+    relay.run(ledger, kafka_settings, state_path)
+    kafka_projection.consume(path, kafka_settings, as_of=live)
+
+    accept(ledger, [event("ComplaintAcknowledged", "C-1", iso(filed + timedelta(minutes=30)),
+                          {"complaint_id": "c1"})])  # fmt: skip
+    relay.run(ledger, kafka_settings, state_path)
+    kafka_projection.consume(path, kafka_settings, as_of=live)
+    assert first_response(path)[0] == "met"
+    sent = [fact["type"] for fact in derived_sent(kafka_settings)]
+    alarms = ["SlaWarning", "SlaBreached", "DerivedEventWithdrawn", "DerivedEventWithdrawn"]
+    assert [t for t in sent if t != "LoyaltyStageChanged"] == ([] if lag_hours else alarms)
+
+
+@pytest.mark.kafka
+def test_a_rebuild_from_kafka_equals_projections_whose_clock_the_watermarks_moved(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Deterministic projections: the rebuild keeps the clock the watermarks moved, and
+    equals the live file table for table."""
+    base = datetime.now(UTC) - timedelta(hours=6)
+    state_path = tmp_path / "relay.json"
+    path = settings.projections_path
+    for n in range(3):
+        untouched_complaint(ledger, base + timedelta(hours=n), customer=f"C-{n}")
+        relay.run(ledger, kafka_settings, state_path)
+        report = kafka_projection.consume(path, kafka_settings, as_of=LIVE)
+        assert report.clock is not None
+    live = tables(path)
+    kafka_projection.rebuild_from_kafka(path, kafka_settings)
+    assert differences(tables(path), live) == {}
+
+
+def silent(kafka: KafkaSettings) -> KafkaSettings:
+    """A relay's settings that send no watermark."""
+    return dataclasses.replace(kafka, watermark_seconds=0)
+
+
+def send_watermark(kafka: KafkaSettings, read_at: datetime, state: relay.RelayState) -> None:
+    """What the relay sends, as if its host's clock read `read_at`."""
+    sender = producer(kafka, **watched())
+    try:
+        watermarks.send(sender, kafka, watermarks.mark(read_at, state.position, state.ends))
+    finally:
+        sender.close()
+
+
+def derived_sent(kafka: KafkaSettings) -> list[dict[str, Any]]:
+    return [orjson.loads(r.value) for r in read_topic(kafka, kafka.derived_topic)]
 
 
 # --- through Kafka: a group member following the topic --------------------------------------
@@ -210,7 +352,7 @@ def test_a_following_member_breaches_a_complaint_nobody_touches_with_the_waterma
     path = settings.projections_path
     with (
         relaying(settings, kafka_settings, tmp_path / "relay.json"),
-        FollowingMember(path, kafka_settings, kafka_settings.group, as_of="now") as member,
+        FollowingMember(path, kafka_settings, kafka_settings.group, as_of=LiveClock()) as member,
     ):
         wait_until(lambda: member.has_projected(2), 60, "the member did not project")
         wait_until(lambda: sla_sent(kafka_settings) == ["SlaWarning", "SlaBreached"], 60,
@@ -250,7 +392,7 @@ def _done(value: Any) -> Future[Any]:
     return done
 
 
-def checked(answers: _Answers, handed: dict[str, int], as_of: Any = "now") -> Any:
+def checked(answers: _Answers, handed: dict[str, int], as_of: Any = LIVE) -> Any:
     """Run a quiet check to its end; what it vouched for."""
     check = kafka_projection._QuietCheck(0.0, as_of)
     for _ in range(10):
@@ -264,7 +406,7 @@ def test_a_member_moves_the_clock_only_once_read_to_the_ends_asked_after_the_wat
     """The ends are asked for after the watermark was read: a partition read short of
     them may lack events the watermark vouches for, so the clock stays."""
     tp = TopicPartition("t", 0)
-    mark = Watermark(datetime(2026, 1, 1, 12, tzinfo=UTC), 40)
+    mark = Watermark(datetime(2026, 1, 1, 12, tzinfo=UTC), 40, {0: 5})
     short = _Answers(mark, {tp: 5})
     assert checked(short, {stream(tp): 4}) is None
     assert len(short.asked) >= 2  # checked again and again, each time in that order
@@ -277,3 +419,9 @@ def test_a_member_moves_the_clock_only_once_read_to_the_ends_asked_after_the_wat
 
     capped = checked(_Answers(mark, {tp: 5}), {stream(tp): 5}, datetime(2026, 1, 1, 9, tzinfo=UTC))
     assert capped.clock == datetime(2026, 1, 1, 9, tzinfo=UTC)
+    lagging = checked(_Answers(mark, {tp: 5}), {stream(tp): 5}, LiveClock(timedelta(hours=1)))
+    assert lagging.clock == datetime(2026, 1, 1, 11, tzinfo=UTC)
+
+    # the topic ends before the watermark's own end: it lost data since (re-created)
+    lost = _Answers(mark, {tp: 3})
+    assert checked(lost, {stream(tp): 3}) is None
