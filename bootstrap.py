@@ -120,13 +120,19 @@ class Settings:
 
 
 def _seconds(env: Mapping[str, str], name: str, default: int) -> timedelta:
-    """A whole number of seconds, at least 0; ConfigError naming the variable otherwise."""
+    """A whole number of seconds from 0 to a year; ConfigError naming the variable
+    otherwise."""
     text = env.get(name)
     if not text:
         return timedelta(seconds=default)
-    if not text.isdigit():
-        raise ConfigError(f"{name}={text!r}: expected a whole number of seconds (0 or more)")
+    if not (text.isascii() and text.isdigit() and int(text) <= YEAR_SECONDS):
+        raise ConfigError(
+            f"{name}={text!r}: expected a whole number of seconds from 0 to {YEAR_SECONDS}"
+        )
     return timedelta(seconds=int(text))
+
+
+YEAR_SECONDS = 366 * 24 * 3600
 
 
 def _check_cipher_key(key: str) -> None:

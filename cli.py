@@ -59,7 +59,7 @@ from domain.events import EVENT_MODELS, contract_schema, contract_types, type_sc
 from domain.intake import Rejected, exact_json, parse_record
 from domain.ledger import ConcurrencyExhausted, Ledger, StoreLockLost, in_business_order
 from projections import reports, snapshot
-from projections.projector import AsOf, BatchResult, LiveClock, moment
+from projections.projector import AsOf, BatchResult, LiveClock
 from projections.rebuild import RebuildBehind
 from projections.schema import (
     ProjectionsOutdated,
@@ -462,7 +462,8 @@ def project(
             return  # Ctrl-C is how a follower stops
         raise
     out.print(f"projections at position {position:,} of {ledger.head():,}")
-    moved_to = moment(requested)
+    # a moment asked for that the clock had passed (a live clock trails the events)
+    moved_to = requested if isinstance(requested, datetime) else None
     if moved_to is not None:
         con = connect(State.settings.projections_path, read_only=True)
         try:

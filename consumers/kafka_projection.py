@@ -1036,7 +1036,10 @@ class _QuietCheck:
             self._ask("watermark", feed.watermark())
         elif asking == "watermark":
             self._watermark = answer
-            self._ask("ends", feed.ends())  # asked only now, after the watermark was read
+            if self._news(shared_publisher) == (None, None):
+                self._due = time.monotonic() + self.every_seconds  # nothing new to do
+            else:
+                self._ask("ends", feed.ends())  # asked only now, after the watermark was read
         else:
             self._due = time.monotonic() + self.every_seconds
             mark = self._watermark
@@ -1050,21 +1053,35 @@ class _QuietCheck:
     def _ask(self, what: str, asked: Future[Any]) -> None:
         self._asking, self._asked = what, asked
 
+    def _news(self, shared_publisher: bool) -> tuple[datetime | None, datetime | None]:
+        """What the bound and the watermark read would let it do, once read to the ends:
+        the clock to move to, and (sharing the topic, publishing) the business time to
+        publish up to; None for what was done already."""
+        vouched = None if self._watermark is None else watermarks.vouched_until(self._watermark)
+        clock = None
+        if vouched is not None and self.as_of is not None:
+            clock = watermarks.clock_for(vouched, self.as_of)
+            if self._clock is not None and clock <= self._clock:
+                clock = None
+        if not shared_publisher:
+            return clock, None
+        bound = max((t for t in (self._bound, vouched, clock) if t is not None), default=None)
+        if bound is not None and self._published is not None and bound <= self._published:
+            bound = None
+        return clock, bound
+
     def _vouched(self, shared_publisher: bool) -> _Vouched | None:
         """Read to the ends asked after the bound and the watermark: every event of its
         customers up to either is in."""
-        clock = None if self.as_of is None else watermarks.clock_target(self._watermark, self.as_of)
-        if clock is not None and self._clock is not None and clock <= self._clock:
-            clock = None
+        clock, bound = self._news(shared_publisher)
         if clock is not None:
             self._clock = clock
+        if bound is not None:
+            self._published = bound
         if not shared_publisher:  # its partitions are all there are: all that holds goes out
             return _Vouched(clock, True, None) if clock is not None else None
-        vouched = None if self._watermark is None else self._watermark.complete_until
-        bound = max((t for t in (self._bound, vouched, clock) if t is not None), default=None)
-        if bound is None or (self._published is not None and bound <= self._published):
+        if bound is None:
             return _Vouched(clock, False, None) if clock is not None else None
-        self._published = bound
         return _Vouched(clock, True, bound)
 
 
@@ -1074,7 +1091,10 @@ def _latest_watermark(settings: KafkaSettings) -> Watermark | None:
         return watermarks.latest(settings, **watched())
     except TopicMissing as missing:
         log.warning("%s: the as-of clock moves with the events only", missing)
-        return None
+    except KafkaError as error:
+        log.warning("the relay's latest watermark not read (%s): the as-of clock moves with "
+                    "the events only", error)  # fmt: skip
+    return None
 
 
 def _clock_mover(clock: datetime) -> Callable[[ProjectionWriter], BatchResult]:

@@ -132,9 +132,10 @@ REPUBLISH_HINT = (
 """`--from` includes its position: the relay rewinds to the one before."""
 
 
-def check_topic(settings: KafkaSettings, state: RelayState) -> None:
+def check_topic(settings: KafkaSettings, state: RelayState) -> dict[int, int]:
     """Raise `TopicDataLost` when the topic ends before what the broker acknowledged, and
-    `PartitionsDiffer` when it has another partition count than configured."""
+    `PartitionsDiffer` when it has another partition count than configured; else return
+    each partition's end."""
     try:
         ends = topic_ends(settings)
     except TopicMissing as missing:
@@ -172,6 +173,7 @@ def check_topic(settings: KafkaSettings, state: RelayState) -> None:
             f"{state.published:,} acknowledged (up to store position {state.position:,}): "
             f"the broker lost data (restarted empty?). Then {REPUBLISH_HINT}."
         )
+    return ends
 
 
 def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -> None:
@@ -311,7 +313,7 @@ def run(
                     kafka_producer = producer(settings, **watched())
                 if checked_at is None or time.monotonic() - checked_at > check_every_seconds:
                     confirm_sole()
-                    check_topic(settings, state)
+                    watermarking.topic_checked(check_topic(settings, state))
                     checked_at = time.monotonic()
                 read_at = datetime.now(UTC)  # before the read: what it finds was stored by then
                 last, documents = ledger.documents_after(state.position, batch_size)
@@ -367,6 +369,12 @@ class _Watermarking:
         self._settings = settings
         self._sent_at: float | None = None
         self._topic_there: bool | None = None  # not looked for yet
+        self._checked_ends: dict[int, int] = {}  # the events topic's, when last checked
+
+    def topic_checked(self, ends: dict[int, int]) -> None:
+        """The events topic's ends, as `check_topic` found them (what the broker had
+        acknowledged was there then)."""
+        self._checked_ends = ends
 
     def reconnected(self) -> None:
         """A new producer, perhaps a broker that came back empty: look for the topic again."""
@@ -393,7 +401,11 @@ class _Watermarking:
                 )
                 self._topic_there = False
         if self._topic_there:
-            mark = watermarks.mark(read_at, state.position, state.ends)
+            # every partition named (a consumer trusts no watermark that leaves one out):
+            # where the relay never had a record acknowledged since its position file kept
+            # ends (one written before them has none), the end the topic check found
+            ends = {**self._checked_ends, **state.ends}
+            mark = watermarks.mark(read_at, state.position, ends)
             watermarks.send(kafka_producer, self._settings, mark)
         self._sent_at = time.monotonic()
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from consumers import kafka_projection, watermarks
@@ -155,10 +156,15 @@ def pipeline_status(
         except TopicMissing as missing:
             status.broker_error = str(missing)
         # not a reason to call the broker unreachable: a topic created before watermarks,
-        # or a last record not read in time, leaves it unknown
-        with suppress(TopicMissing, KafkaError):
-            mark = watermarks.latest(kafka, **watched())
-            status.relay_watermark = None if mark is None else mark.complete_until
+        # or a last record not read in time, leaves it unknown (and so does a topic that
+        # lost what it vouches for)
+        if status.broker_error is None:
+            with suppress(TopicMissing, KafkaError):
+                mark = watermarks.latest(kafka, **watched())
+                ends = {TopicPartition(kafka.topic, lag.partition): lag.highwater or 0
+                        for lag in status.partitions}  # fmt: skip
+                if mark is not None and watermarks.held(mark, ends):  # vouches for something
+                    status.relay_watermark = mark.complete_until
         status.problems.extend(
             f"partition {lag.partition} ends at {lag.highwater:,}, before the projected "
             f"offset {lag.projected:,}: the topic lost data (`ledger relay --republish "

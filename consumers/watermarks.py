@@ -73,30 +73,44 @@ def latest(settings: KafkaSettings, **overrides: Any) -> Watermark | None:
 def held(watermark: Watermark, ends: Mapping[TopicPartition, int]) -> bool:
     """Whether the events topic, ending at `ends` (asked after the watermark was read),
     still holds what `watermark` vouches for: a topic that lost data since (re-created
-    before its republish) ends before it, and vouches for nothing."""
+    before its republish) ends before it, and vouches for nothing; so does a watermark
+    that names not every partition."""
     by_partition = {tp.partition: end for tp, end in ends.items()}
-    return all(by_partition.get(partition, 0) >= end for partition, end in watermark.ends.items())
+    return set(by_partition) <= set(watermark.ends) and all(
+        by_partition.get(partition, 0) >= end for partition, end in watermark.ends.items()
+    )
 
 
-def clock_target(watermark: Watermark | None, as_of: AsOf) -> datetime | None:
-    """Where the clock may move for `as_of` given the latest watermark read: as far as it
-    vouches (less a live clock's lag), no further than a moment asked for, and never past
-    this host's own time (a relay host whose clock runs fast would leave the clock, which
-    never goes back, in the future)."""
-    if watermark is None:
-        return None
+def vouched_until(watermark: Watermark) -> datetime:
+    """What `watermark` vouches for, never past this host's own time: a relay host whose
+    clock runs fast would leave the as-of clock (which never goes back) in the future.
+    Said once per such watermark."""
     now = datetime.now(UTC)
-    vouched = watermark.complete_until
-    if vouched > now + AHEAD_SAID_AFTER:
+    ahead = watermark.complete_until > now + AHEAD_SAID_AFTER
+    if ahead and _said_ahead.get("last") != watermark.complete_until:
+        _said_ahead["last"] = watermark.complete_until
         log.warning(
             "the relay's watermark vouches for %s, later than this host's time (%s): the "
-            "relay's host clock runs ahead? The as-of clock goes no further than now",
-            vouched.isoformat(), now.isoformat(),
+            "relay's host clock runs ahead? Trusted no further than now",
+            watermark.complete_until.isoformat(), now.isoformat(),
         )  # fmt: skip
-    vouched = min(vouched, now)
+    return min(watermark.complete_until, now)
+
+
+_said_ahead: dict[str, datetime] = {}
+
+
+def clock_for(vouched: datetime, as_of: AsOf) -> datetime:
+    """Where the clock may move for `as_of` when the topic is complete up to `vouched`:
+    there less a live clock's lag, or no further than a moment asked for."""
     if isinstance(as_of, LiveClock):
         return vouched - as_of.lag
     return min(vouched, as_of)
+
+
+def clock_target(watermark: Watermark | None, as_of: AsOf) -> datetime | None:
+    """`clock_for` what the latest watermark read vouches for (`vouched_until`)."""
+    return None if watermark is None else clock_for(vouched_until(watermark), as_of)
 
 
 AHEAD_SAID_AFTER = timedelta(minutes=1)

@@ -183,24 +183,30 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None
 
 
 def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
-    """Every record of a topic, read from the beginning without a group. The end of each
-    partition is the high watermark the fetches report (not a ListOffsets answer)."""
-    reader = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    """Every record of a topic, repeats included, read from the beginning without a group
+    to the high watermark the fetches report (not a ListOffsets answer); fails after 100
+    polls in a row that bring nothing short of it."""
+    reader = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, max_poll_records=10_000
+    )
     try:
         tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
         assert tps, f"topic {topic} has no partitions"
         reader.assign(tps)
         reader.seek_to_beginning(*tps)
         found: list[Any] = []
-        for _ in range(200):
-            for records in reader.poll(timeout_ms=200).values():
+        idle = 0
+        while idle < 100:
+            polled = reader.poll(timeout_ms=200)
+            idle = 0 if polled else idle + 1
+            for records in polled.values():
                 found.extend(records)
             ends = [reader.highwater(tp) for tp in tps]
             if all(
                 e is not None and reader.position(tp) >= e for tp, e in zip(tps, ends, strict=True)
             ):
                 return found
-        pytest.fail(f"could not read {topic} to its end")
+        pytest.fail(f"could not read {topic} to its end ({len(found)} records read)")
     finally:
         reader.close()
 

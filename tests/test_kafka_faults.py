@@ -42,11 +42,12 @@ from conftest import (
     differences,
     embedded,
     fact_count,
+    read_topic,
     running,
     tables,
     wait_until,
 )
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import (
     KafkaConnectionError,
@@ -88,32 +89,9 @@ pytestmark = pytest.mark.kafka
 
 def ids_in_topic(settings: KafkaSettings, topic: str | None = None) -> list[str]:
     """The event id (`ce_id`) of every record on a topic (the events topic by default),
-    repeats included, read to the high watermark the fetches report (without a group,
-    without ListOffsets)."""
-    topic = topic or settings.topic
-    reader = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, max_poll_records=10_000
-    )
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
-        assert tps, f"topic {topic} has no partitions"
-        reader.assign(tps)
-        reader.seek_to_beginning(*tps)
-        ids: list[str] = []
-        idle = 0
-        while idle < 100:  # polls in a row that brought nothing, while not at the end
-            polled = reader.poll(timeout_ms=200)
-            idle = 0 if polled else idle + 1
-            for records in polled.values():
-                ids.extend(dict(r.headers)["ce_id"].decode() for r in records)
-            ends = [reader.highwater(tp) for tp in tps]
-            if all(
-                e is not None and reader.position(tp) >= e for tp, e in zip(tps, ends, strict=True)
-            ):
-                return ids
-        pytest.fail(f"could not read {topic} to its end ({len(ids)} records read)")
-    finally:
-        reader.close()
+    repeats included."""
+    records = read_topic(settings, topic or settings.topic)
+    return [dict(r.headers)["ce_id"].decode() for r in records]
 
 
 def records_in_topic(settings: KafkaSettings) -> int:

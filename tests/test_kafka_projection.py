@@ -1074,7 +1074,7 @@ def test_a_quiet_member_publishes_what_the_relays_last_batch_before_a_lull_revea
     member(p, 2, [], idle_for=1.5)
     assert sla_transitions_sent(kafka_settings) == [], "published with no word from the relay"
 
-    lull = Watermark(at("2025-01-06T11:00:30Z"), position_of(d["y_later"]), {})
+    lull = Watermark(at("2025-01-06T11:00:30Z"), position_of(d["y_later"]), {p.partition: 2})
     member(p, 2, [], idle_for=1.5, watermark=lull)
     x = orjson.loads(d["filed"][1])["customer_id"]
     assert sla_transitions_sent(kafka_settings) == [("SlaWarning", x), ("SlaBreached", x)]

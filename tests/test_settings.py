@@ -90,7 +90,7 @@ def test_supported_security_settings_still_parse() -> None:
     }
 
 
-@pytest.mark.parametrize("lag", ["-5", "1.5", "5m"])
+@pytest.mark.parametrize("lag", ["-5", "1.5", "5m", "²", "99999999999999"])
 def test_a_clock_lag_that_is_no_whole_number_of_seconds_is_a_config_error(lag: str) -> None:
     message = refused(LEDGER_CLOCK_LAG_SECONDS=lag)
     assert f"LEDGER_CLOCK_LAG_SECONDS={lag!r}" in message and "seconds" in message

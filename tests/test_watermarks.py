@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from consumers import kafka_projection, relay, watermarks
 from consumers.cloudevents import Watermark
 from consumers.kafka import KafkaSettings, ensure_topics, producer, watched
 from consumers.kafka_decoding import stream
+from consumers.status import pipeline_status
 from consumers.store_follower import catch_up
 from domain.ledger import Ledger
 from projections.projector import LiveClock
@@ -234,6 +236,48 @@ def test_a_watermark_vouches_for_nothing_once_the_events_topic_lost_its_records(
     assert sla_sent(kafka_settings) == []
 
 
+@pytest.mark.kafka
+def test_a_relay_upgraded_from_a_position_file_without_ends_names_every_partition(
+    ledger: Ledger, settings: Settings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """As above, but the relay's position file was written before it kept partition ends:
+    the watermark names the ends the relay's topic check found, every partition, so it
+    still vouches for nothing once the topic is re-created (with no ends it vouched for
+    the empty topic, and the breach went out: a review's finding)."""
+    filed = datetime.now(UTC) - timedelta(hours=3)
+    untouched_complaint(ledger, filed)
+    state_path = tmp_path / "relay.json"
+    relay.run(ledger, silent(kafka_settings), state_path)
+    path = settings.projections_path
+    kafka_projection.consume(path, kafka_settings)
+    accept(ledger, [event("ComplaintAcknowledged", "C-1", iso(filed + timedelta(minutes=10)),
+                          {"complaint_id": "c1"})])  # fmt: skip
+    relay.run(ledger, silent(kafka_settings), state_path)
+    written = orjson.loads(state_path.read_bytes())
+    del written["ends"]  # as a version before watermarks wrote it
+    state_path.write_bytes(orjson.dumps(written))
+    relay.run(ledger, kafka_settings, state_path)  # nothing new: a watermark
+    mark = watermarks.latest(kafka_settings)
+    assert mark is not None and set(mark.ends) == set(range(kafka_settings.partitions))
+    assert sum(mark.ends.values()) == 3
+
+    admin = KafkaAdminClient(**kafka_settings.client_options(), **watched())
+    try:
+        admin.delete_topics([kafka_settings.topic])
+    finally:
+        admin.close()
+    wait_until(lambda: recreated(kafka_settings), 30, "the topic was not re-created")
+    found = pipeline_status(ledger, event_store=settings.event_store_label,
+                            projections_path=path, relay_state_path=state_path,
+                            kafka=kafka_settings)  # fmt: skip
+    assert found.relay_watermark is None  # it vouches for nothing now
+
+    report = kafka_projection.consume(path, kafka_settings, as_of=LIVE)
+    assert report.watermark is None and report.clock is None
+    assert first_response(path) == ("pending", filed)
+    assert sla_sent(kafka_settings) == []
+
+
 def recreated(kafka: KafkaSettings) -> bool:
     """`ledger kafka init` once the broker has let go of the deleted topic; whether the
     topic is there and empty."""
@@ -300,10 +344,11 @@ def silent(kafka: KafkaSettings) -> KafkaSettings:
 
 
 def send_watermark(kafka: KafkaSettings, read_at: datetime, state: relay.RelayState) -> None:
-    """What the relay sends, as if its host's clock read `read_at`."""
+    """What the relay sends, as if its host's clock read `read_at`: every partition named."""
+    ends = {partition: state.ends.get(partition, 0) for partition in range(kafka.partitions)}
     sender = producer(kafka, **watched())
     try:
-        watermarks.send(sender, kafka, watermarks.mark(read_at, state.position, state.ends))
+        watermarks.send(sender, kafka, watermarks.mark(read_at, state.position, ends))
     finally:
         sender.close()
 
@@ -425,3 +470,60 @@ def test_a_member_moves_the_clock_only_once_read_to_the_ends_asked_after_the_wat
     # the topic ends before the watermark's own end: it lost data since (re-created)
     lost = _Answers(mark, {tp: 3})
     assert checked(lost, {stream(tp): 3}) is None
+
+
+class _Bound:
+    """The projector thread as a sharing member's quiet check uses it: the file's bound."""
+
+    def __init__(self, bound: datetime | None) -> None:
+        self.bound = bound
+
+    def submit(self, function: Callable[[Any], Any]) -> Future[Any]:
+        return _done(function(self))
+
+    def relayed_until(self, topic: str) -> datetime | None:
+        return self.bound
+
+
+def test_a_sharing_member_trusts_a_watermark_from_the_future_no_further_than_now() -> None:
+    """The relay's host runs 3 h fast, then the relay stops. A publishing member sharing
+    the topic moves the clock no further than its own time, and publishes no further:
+    each later check, moving the clock on, publishes what that reveals (publishing up to
+    the watermark's future time, it published nothing more after the first: a review's
+    finding)."""
+    tp = TopicPartition("t", 0)
+    ahead = Watermark(datetime.now(UTC) + timedelta(hours=3), 40, {0: 5})
+    answers = _Answers(ahead, {tp: 5})
+    check = kafka_projection._QuietCheck(0.0, LIVE)
+    projector = _Bound(datetime.now(UTC) - timedelta(hours=1))
+
+    def vouched() -> Any:
+        for _ in range(10):
+            found = check.step(True, True, projector, answers, {stream(tp): 5})  # type: ignore[arg-type]
+            if found is not None:
+                return found
+        return None
+
+    first = vouched()
+    assert first is not None and first.publish and first.clock == first.publish_until
+    assert first.publish_until <= datetime.now(UTC)
+    time.sleep(0.05)
+    second = vouched()
+    assert second is not None and second.publish and second.clock > first.clock
+    assert second.publish_until == second.clock
+
+
+def test_a_quiet_member_asks_the_broker_for_its_ends_only_when_there_is_news() -> None:
+    """Once the clock moved to a watermark, the same watermark again asks for no ends (a
+    probe of the broker every few seconds, for nothing)."""
+    tp = TopicPartition("t", 0)
+    answers = _Answers(Watermark(datetime(2026, 1, 1, 12, tzinfo=UTC), 40, {0: 5}), {tp: 5})
+    check = kafka_projection._QuietCheck(0.0, LIVE)
+
+    def step() -> Any:
+        return check.step(True, False, None, answers, {stream(tp): 5})  # type: ignore[arg-type]
+
+    assert next(filter(None, (step() for _ in range(10))), None) is not None
+    answers.asked.clear()
+    assert [step() for _ in range(10)] == [None] * 10
+    assert answers.asked and set(answers.asked) == {"watermark"}
