@@ -819,6 +819,7 @@ def consume(
     latest: dict[TopicPartition, datetime] = {}  # business time handed over, per partition
     projector.start()
     handed: dict[str, int] = {}  # the next offset to hand over, per stream
+    watermark: Watermark | None = None  # a catch-up's, read before its ends
     try:
         if decoders is None:
             # The file is not needed to join: the stored offsets of the partitions
@@ -853,7 +854,8 @@ def consume(
         else:
             feed = Decoders(settings, decoders, poll_records)
             # read before the ends: once read to them, every event it vouches for is in
-            watermark = None if as_of is None else _latest_watermark(settings)
+            if as_of is not None:
+                watermark = _latest_watermark(settings)
             targets = high_watermarks(settings, settings.topic, **watched())
             if watermark is not None and not watermarks.held(watermark, targets):
                 log.warning(
