@@ -440,8 +440,8 @@ def project(
     as_of: Annotated[
         str | None,
         typer.Option(
-            help="Move the as-of clock (SLA states) to an ISO time, or 'now' (with --follow "
-            "it keeps moving with the wall clock)."
+            help="Move the as-of clock (SLA states) to an ISO time, or 'now' (less "
+            "LEDGER_CLOCK_LAG_SECONDS; with --follow it keeps moving with the wall clock)."
         ),
     ] = None,
 ) -> None:
@@ -927,8 +927,8 @@ def consume(
         str | None,
         typer.Option(
             help="Move the as-of clock (SLA states) with the relay's watermarks: 'now' (as "
-            "far as they vouch the topic complete; with --follow, as they come) or an ISO "
-            "time (no further)."
+            "far as they vouch the topic complete, less LEDGER_CLOCK_LAG_SECONDS; with "
+            "--follow, as they come) or an ISO time (no further)."
         ),
     ] = None,
 ) -> None:
