@@ -476,7 +476,12 @@ def test_a_following_member_sends_dead_letters_again_after_a_broker_restart(
             poison(b"{first")
             wait_until(lambda: dead_letters() == ["{first"], 60, "no first dead letter")
             broker.restart_empty()
-            ensure_topics(kafka)
+            # The member's own metadata refresh may re-create the events topic first, with
+            # the broker's default partition count (Tansu ignores the client's "do not
+            # create"): `kafka init` then creates the others and refuses that one. The
+            # poison goes to partition 0 either way.
+            with suppress(PartitionsDiffer):
+                ensure_topics(kafka)
             poison(b"{second")  # offset 0: where the member stood before the restart
             poison(b"{third")  # offset 1: the member reads it (both, if it read again)
             wait_until(  # has_projected(0) raises what ended the member
