@@ -1363,6 +1363,13 @@ def relay_and_wait(
     wait_for_the_group(ledger, path, group)
 
 
+def partitions_shared(members: list[Member]) -> bool:
+    """Whether each member's latest assignment is non-empty and each of the 3 partitions is
+    in exactly one (a revoke may not have reached a member yet)."""
+    latest = [m.assignments[-1] if m.assignments else "" for m in members]
+    return all(latest) and sorted(",".join(latest).split(",")) == ["0", "1", "2"]
+
+
 def wait_for_the_group(ledger: Ledger, path: Path, group: str) -> None:
     """Wait until the group's stored offsets cover every fact recorded (reading them waits
     while a member holds the file for a batch)."""
@@ -1397,11 +1404,8 @@ def test_two_members_share_the_partitions_and_together_project_everything(
             relayed()
             members.append(Member(settings, kafka_settings, group))  # while the first projects
 
-            def shared() -> bool:
-                latest = [m.assignments[-1] if m.assignments else "" for m in members]
-                return all(latest) and sorted(",".join(latest).split(",")) == ["0", "1", "2"]
-
-            wait_until(shared, 90, "the members did not share the partitions")
+            shared = "the members did not share the partitions"
+            wait_until(lambda: partitions_shared(members), 90, shared)
             relay_and_wait(ledger, history[cuts[2] : cuts[3]], relayed, path, group)
     finally:
         failures = [member.stop() for member in members]
@@ -1440,10 +1444,8 @@ def test_a_member_whose_partitions_stay_quiet_publishes_what_the_others_reveal(
                 return next((m for m in members if m.assignments and str(partition)
                              in m.assignments[-1].split(",")), None)  # fmt: skip
 
-            def shared() -> bool:
-                return all(m.assignments and m.assignments[-1] for m in members)
-
-            wait_until(shared, 90, "the members did not share the partitions")
+            shared = "the members did not share the partitions"
+            wait_until(lambda: partitions_shared(members), 90, shared)
             partitions = kafka_settings.partitions
             x_owner = owner_of(partition_of(x, partitions))
             y = next(
