@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -39,12 +40,33 @@ def parse_json_line(raw: bytes) -> IncomingEvent | Rejected:
         return Rejected(
             f"not UTF-8 text: byte 0x{raw[error.start]:02x} at column {error.start + 1}"
         )
+    if LONG_NUMBER.search(raw):  # a float would round it, to as few digits as fit
+        exact = _parse_exactly(raw)
+        if exact is not None:
+            return exact
     try:
         return INCOMING.validate_json(raw)
     except ValidationError as error:
         if any(e["type"] == "float_money" for e in error.errors()):
-            return parse_record(exact_json(raw))  # the slow, exact reading of numbers
+            return _parse_exactly(raw) or Rejected(explain(error))
         return Rejected(explain(error))
+
+
+LONG_NUMBER = re.compile(rb"(?:\d\.?){16,}")
+"""A run of 16 digits or more, perhaps with a decimal point: a JSON number longer than a
+binary float holds exactly. Its float may print short (45638427113698.0977 reads as
+45638427113698.1), so `float_money` cannot see it: such a line is read exactly. A long
+digit run inside a string (an id) costs only the slower reading."""
+
+
+def _parse_exactly(raw: bytes) -> IncomingEvent | Rejected | None:
+    """The slow, exact reading of numbers (fractional ones as Decimals); None when the
+    line is no JSON (the usual reading says why)."""
+    try:
+        record = exact_json(raw)
+    except ValueError:  # JSONDecodeError
+        return None
+    return parse_record(record)
 
 
 def exact_json(raw: bytes | str) -> Any:

@@ -563,6 +563,7 @@ def tag_of(fact: Fact) -> str:
 @given(digits=st.integers(1, 10**18 - 1), places=st.integers(0, 4))
 @example(digits=123456789012345678, places=4)  # 12345678901234.5678
 @example(digits=999999999999999999, places=4)  # 99999999999999.9999
+@example(digits=456_384_271_136_980_977, places=4)  # its float prints 45638427113698.1
 def test_money_written_as_a_json_number_is_kept_exactly(digits: int, places: int) -> None:
     """The contract: money is 'a decimal string or number, never rounded through binary
     floats'. A JSON number within the limits (18 digits, 4 places) keeps its exact value."""
