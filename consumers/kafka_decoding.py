@@ -29,7 +29,7 @@ from datetime import datetime
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
@@ -39,6 +39,8 @@ from consumers.cloudevents import Watermark
 from consumers.kafka import KafkaSettings, ReliableSender, consumer, high_watermarks, watched
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DLQ_HEADERS = (
     "dlq_original_topic",
@@ -67,6 +69,13 @@ def unread(
 ) -> list[TopicPartition]:
     """The partitions not handed over up to their target offsets."""
     return [tp for tp, end in targets.items() if handed.get(stream(tp), 0) < end]
+
+
+def resolved(value: T) -> Future[T]:
+    """An answer known without asking, in the shape of one asked for (`_Feed.ends`)."""
+    done: Future[T] = Future()
+    done.set_result(value)
+    return done
 
 
 def keep_latest(
@@ -390,14 +399,10 @@ class Decoders:
         return self._topic
 
     def ends(self) -> Future[dict[TopicPartition, int] | None]:
-        done: Future[dict[TopicPartition, int] | None] = Future()
-        done.set_result(dict(self._targets))  # asked for at its start: a catch-up's ends
-        return done
+        return resolved(dict(self._targets))  # asked for at its start: a catch-up's ends
 
     def watermark(self) -> Future[Watermark | None]:
-        done: Future[Watermark | None] = Future()
-        done.set_result(None)  # a catch-up reads it before its ends (`kafka_projection.consume`)
-        return done
+        return resolved(None)  # a catch-up reads it before its ends (`kafka_projection.consume`)
 
     def read_to(self, ends: dict[TopicPartition, int], handed: dict[str, int]) -> bool:
         return all(handed.get(stream(tp)) == end for tp, end in ends.items())

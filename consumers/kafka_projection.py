@@ -69,6 +69,7 @@ from consumers.kafka_decoding import (
     decode_polled,
     decoder_count,
     keep_latest,
+    resolved,
     seek,
     stream,
     unread,
@@ -697,17 +698,13 @@ class _GroupMember:
         meanwhile (a broker slow to answer would hold the group's rebalances). Not asked
         when the member has no connection, where the probe would wait for one."""
         if _disconnected(self.consumer):
-            done: Future[dict[TopicPartition, int] | None] = Future()
-            done.set_result(None)
-            return done
+            return resolved(None)
         return _in_background(self._ask_ends)
 
     def watermark(self) -> Future[Watermark | None]:
         """Read as the ends are (`ends`)."""
         if _disconnected(self.consumer):
-            done: Future[Watermark | None] = Future()
-            done.set_result(None)
-            return done
+            return resolved(None)
         return _in_background(self._ask_watermark)
 
     def _ask_watermark(self) -> Watermark | None:

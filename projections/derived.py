@@ -222,13 +222,18 @@ def unpublished(con: duckdb.DuckDBPyConnection, until: datetime | None = None) -
 
 
 SENDING = """
+UPDATE derived_published AS p
+SET type = w.type, customer_id = w.customer_id, occurred_at = w.occurred_at::TIMESTAMPTZ,
+    standing = TRUE, acknowledged = FALSE
+FROM words AS w
+WHERE w.type <> 'DerivedEventWithdrawn' AND p.event_id = w.event_id::UUID;
+
 INSERT INTO derived_published
     (event_id, type, customer_id, occurred_at, standing, acknowledged)
 SELECT event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ, TRUE, FALSE
-FROM words WHERE type <> 'DerivedEventWithdrawn'
-ON CONFLICT (event_id) DO UPDATE SET
-    type = excluded.type, customer_id = excluded.customer_id,
-    occurred_at = excluded.occurred_at, standing = TRUE, acknowledged = FALSE;
+FROM words
+WHERE type <> 'DerivedEventWithdrawn'
+  AND event_id::UUID NOT IN (SELECT event_id FROM derived_published);
 
 UPDATE derived_published AS p
 SET standing = FALSE, acknowledged = FALSE, withdrawals = w.ordinal
@@ -296,7 +301,8 @@ def _with_words(con: duckdb.DuckDBPyConnection, words: list[Word], sql: str) -> 
 def carry_over_published(
     con: duckdb.DuckDBPyConnection, previous_version: int, *, realert: bool = False
 ) -> int:
-    """Copy what the file attached as `previous` sent into this one: a rebuild must not
+    """Copy what the file attached as `previous` sent into this one (a rebuild's, which
+    holds none yet): a rebuild must not
     alert again, and a withdrawal must know its customer and its ordinal. With `realert`
     everything counts as unacknowledged, so every derived event goes out again (and the
     withdrawals not acknowledged, under their ids). Returns how many events sent a late
@@ -307,7 +313,7 @@ def carry_over_published(
         run(
             con,
             """
-            INSERT OR IGNORE INTO derived_published
+            INSERT INTO derived_published
             SELECT event_id, type, customer_id, occurred_at, standing,
                    acknowledged AND $kept, withdrawals
             FROM previous.derived_published
@@ -318,7 +324,7 @@ def carry_over_published(
     run(
         con,
         """
-        INSERT OR IGNORE INTO derived_published
+        INSERT INTO derived_published
         SELECT p.event_id, d.type, d.customer_id, d.occurred_at, d.event_id IS NOT NULL,
                $kept, 0
         FROM previous.derived_published AS p

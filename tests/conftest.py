@@ -28,7 +28,7 @@ from consumers.store_follower import catch_up
 from domain.events import INCOMING
 from domain.ledger import Ledger, Outcome
 from projections.projector import AsOf, BatchResult
-from projections.schema import connect
+from projections.schema import KEYS, connect
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """The repository: tests run its code in child processes from here."""
@@ -225,11 +225,27 @@ Tables = dict[str, list[tuple[Any, ...]]]
 
 
 def tables(path: Path, names: tuple[str, ...] = COMPARED) -> Tables:
+    """The rows of each table, after checking every table's key unique (`schema.KEYS`:
+    not declared to DuckDB, so nothing else would notice a duplicate)."""
     con = connect(path, read_only=True)
     try:
+        assert duplicate_keys(con) == {}
         return {n: con.execute(f"SELECT * FROM {n} ORDER BY ALL").fetchall() for n in names}
     finally:
         con.close()
+
+
+def duplicate_keys(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[Any, ...]]]:
+    """Per table of `schema.KEYS`, a few keys held by more than one row (none: left out)."""
+    found = {}
+    for table, key in KEYS.items():
+        columns = ", ".join(key)
+        repeated = con.execute(
+            f"SELECT {columns}, count(*) FROM {table} GROUP BY ALL HAVING count(*) > 1 LIMIT 3"
+        ).fetchall()
+        if repeated:
+            found[table] = repeated
+    return found
 
 
 def embedded(ledger: Ledger, tmp_path: Path) -> Tables:

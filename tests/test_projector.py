@@ -19,7 +19,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import PROJECT_ROOT, accept, event
+from conftest import PROJECT_ROOT, accept, duplicate_keys, event
 
 from bootstrap import Settings
 from consumers.store_follower import catch_up, rebuild
@@ -29,7 +29,7 @@ from domain.policy import LadderPolicy
 from projections import derived
 from projections.projector import Projector
 from projections.rebuild import RebuildBehind, rebuilding
-from projections.schema import ProjectionsOutdated, connect, stored_clock
+from projections.schema import KEYS, ProjectionsOutdated, connect, create_schema, stored_clock
 
 TABLES = {
     "events",
@@ -62,7 +62,9 @@ Snapshot = dict[str, list[tuple[Any, ...]]]
 
 
 def snapshot_of(con: duckdb.DuckDBPyConnection) -> Snapshot:
-    """Every table, the carried state in schema `internal` included."""
+    """Every table, the carried state in schema `internal` included (each key checked
+    unique first: `schema.KEYS`)."""
+    assert duplicate_keys(con) == {}
     names = [
         name if schema == "main" else f"{schema}.{name}"
         for schema, name in con.execute(
@@ -470,6 +472,45 @@ def test_a_file_of_another_schema_version_is_refused_until_rebuilt(
         (*row[:4], True, True, 0) for row in alarms
     )
     assert f"{len(alarms):,} ResponseOverdue events at or before" in caplog.text
+
+
+def test_every_table_has_a_key_declared_or_listed() -> None:
+    """`KEYS` covers what DuckDB is not told: a table added without a key in either place
+    would escape the uniqueness checks."""
+    con = duckdb.connect()
+    create_schema(con)
+
+    def names(sql: str, *params: str) -> set[str]:
+        return {str(name) for (name,) in con.execute(sql, list(params)).fetchall()}
+
+    tables = names("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'")
+    declared = names(
+        "SELECT table_name FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY'"
+    )
+    assert tables - declared == set(KEYS)
+    for table, key in KEYS.items():
+        columns = names("SELECT column_name FROM duckdb_columns() WHERE table_name = ?", table)
+        assert set(key) <= columns, table
+
+
+def test_a_key_held_twice_is_found(ledger: Ledger, settings: Settings) -> None:
+    """The uniqueness check every comparison runs (`duplicate_keys`) notices a duplicate."""
+    accept(ledger, [e for events in demo_by_customer(3).values() for e in events])
+    path = settings.projections_path
+    catch_up(ledger, path)
+    con = connect(path)
+    try:
+        assert duplicate_keys(con) == {}
+        con.execute("INSERT INTO customer_profiles SELECT * FROM customer_profiles LIMIT 1")
+        con.execute(
+            "INSERT INTO derived_events SELECT * REPLACE ('x' AS customer_id) "
+            "FROM derived_events LIMIT 1"
+        )
+        found = duplicate_keys(con)
+    finally:
+        con.close()
+    assert set(found) == {"customer_profiles", "derived_events"}
+    assert found["customer_profiles"][0][-1] == 2
 
 
 def test_an_upgrade_keeps_what_was_published_and_whom_it_concerned(
