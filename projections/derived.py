@@ -230,7 +230,8 @@ WHERE w.type <> 'DerivedEventWithdrawn' AND p.event_id = w.event_id::UUID;
 
 INSERT INTO derived_published
     (event_id, type, customer_id, occurred_at, standing, acknowledged)
-SELECT event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ, TRUE, FALSE
+SELECT DISTINCT ON (event_id) event_id::UUID, type, customer_id, occurred_at::TIMESTAMPTZ,
+       TRUE, FALSE
 FROM words
 WHERE type <> 'DerivedEventWithdrawn'
   AND event_id::UUID NOT IN (SELECT event_id FROM derived_published);
@@ -314,7 +315,7 @@ def carry_over_published(
             con,
             """
             INSERT INTO derived_published
-            SELECT event_id, type, customer_id, occurred_at, standing,
+            SELECT DISTINCT ON (event_id) event_id, type, customer_id, occurred_at, standing,
                    acknowledged AND $kept, withdrawals
             FROM previous.derived_published
             """,
@@ -325,8 +326,8 @@ def carry_over_published(
         con,
         """
         INSERT INTO derived_published
-        SELECT p.event_id, d.type, d.customer_id, d.occurred_at, d.event_id IS NOT NULL,
-               $kept, 0
+        SELECT DISTINCT ON (p.event_id) p.event_id, d.type, d.customer_id, d.occurred_at,
+               d.event_id IS NOT NULL, $kept, 0
         FROM previous.derived_published AS p
         LEFT JOIN previous.derived_events AS d USING (event_id)
         """,

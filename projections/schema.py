@@ -37,12 +37,14 @@ CREATE OR REPLACE MACRO event_key(t, position) AS
 -- ISO-8601 in UTC with microseconds, as the JSON of derived events carries times.
 CREATE OR REPLACE MACRO iso(t) AS strftime(t AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ');
 
--- No table declares its key (`KEYS` in projections/schema.py): a PRIMARY KEY is an ART
--- index, which DuckDB writes out whole at every checkpoint, and a writer checkpoints each
--- time it hands the file to readers; at a million events that was most of a batch's cost.
--- The projector keeps the keys unique (each batch replaces the rows of the customers it
--- touches; the mirror appends only event ids it does not hold, in the batch's
--- transaction, one writer per file), and the tests check them wherever they compare.
+-- The large tables do not declare their keys (`KEYS` in projections/schema.py): a PRIMARY
+-- KEY is an ART index, which DuckDB writes out whole at every checkpoint, and a writer
+-- checkpoints each time it hands the file to readers (at a million events, a sixth of a
+-- rebuild's time). The writers keep the keys unique: the projector deletes and inserts,
+-- or updates, the rows of what a batch touches by their keys, the mirror appends only
+-- event ids it does not hold (in the batch's transaction, one writer per file), and the
+-- publisher writes one `derived_published` row per event. The tests check every key
+-- wherever they compare projections.
 CREATE TABLE IF NOT EXISTS events (
     position        BIGINT NOT NULL,          -- the event store's position
     event_id        UUID NOT NULL,

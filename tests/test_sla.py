@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import event, project, record
+from conftest import duplicate_keys, event, project, record
 
 from bootstrap import Settings
 from consumers.store_follower import rebuild
@@ -860,6 +860,26 @@ def test_an_old_acknowledgement_does_not_vouch_for_a_later_word(
         assert derived_events.unpublished(con) == []
         held, published, withdrawn, waiting = derived_events.publication(con)
         assert (held, withdrawn, waiting) == (published, 2, 0)
+    finally:
+        con.close()
+
+
+def test_words_handed_over_twice_are_written_down_once(ledger: Ledger, settings: Settings) -> None:
+    """`derived_published` declares no key (projections.schema.KEYS): marking the same
+    words twice in one call still leaves one row per event, and each is due once."""
+    accept(ledger, [
+        filed("x", "urgent"),
+        step("ComplaintAcknowledged", 0.25, "x"),
+        filed("later", "low", hours=30),
+    ])  # fmt: skip
+    project(ledger, settings).close()
+    con = connect(settings.projections_path)
+    try:
+        due = derived_events.unpublished(con)
+        assert due
+        derived_events.mark_sending(con, due + due)
+        assert duplicate_keys(con) == {}
+        assert len(derived_events.unpublished(con)) == len(due)  # sent, unacknowledged
     finally:
         con.close()
 
