@@ -303,12 +303,12 @@ def carry_over_published(
     con: duckdb.DuckDBPyConnection, previous_version: int, *, realert: bool = False
 ) -> int:
     """Copy what the file attached as `previous` sent into this one (a rebuild's, which
-    holds none yet): a rebuild must not
-    alert again, and a withdrawal must know its customer and its ordinal. With `realert`
-    everything counts as unacknowledged, so every derived event goes out again (and the
-    withdrawals not acknowledged, under their ids). Returns how many events sent a late
-    event had taken back in a file older than schema version 5, which kept no customer
-    to address a withdrawal to (they are never announced)."""
+    holds none yet): a rebuild must not alert again, and a withdrawal must know its
+    customer and its ordinal. With `realert` everything counts as unacknowledged, so
+    every derived event goes out again (and the withdrawals not acknowledged, under their
+    ids). Returns how many events sent a late event had taken back in a file older than
+    schema version 5, which kept no customer to address a withdrawal to (they are never
+    announced)."""
     kept = {"kept": not realert}  # acknowledged stays acknowledged
     if previous_version >= 5:
         run(
