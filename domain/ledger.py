@@ -222,6 +222,7 @@ class Ledger(Application[UUID]):
         self.reporting_currency = reporting_currency
         # Our own cache: aggregates saved by this process, dropped on any conflict.
         self._customers: dict[str, Customer] = {}
+        self._key_checked = False
 
     def construct_transcoder(self) -> Transcoder:
         transcoder = OrjsonTranscoder()
@@ -232,6 +233,7 @@ class Ledger(Application[UUID]):
 
     def record(self, events: Sequence[IncomingEvent]) -> list[Outcome]:
         """Record a batch atomically; returns one outcome per event, in order."""
+        self._check_key()
         for attempt in range(self.max_attempts):
             decision = self._decide(events)
             if self._any_stale(decision):
@@ -266,6 +268,18 @@ class Ledger(Application[UUID]):
             f"customer {events[0].customer_id}; this event was not saved, so it is safe to "
             "run again"
         )
+
+    def _check_key(self) -> None:
+        """Before its first write, read the store's first event with this process's key
+        (`MapperDeserialisationError` if it cannot): a store holds the events of one key,
+        or of none. Writing to a new customer reads no stream, so a missing or wrong key
+        would otherwise add events that the store's own key cannot read."""
+        if self._key_checked:
+            return
+        first = self.recorder.select_notifications(start=None, limit=1)
+        if first:
+            self._state(first[0].state)
+        self._key_checked = True
 
     def _decide(self, events: Sequence[IncomingEvent]) -> _Decision:
         """Decide every event against its customer's history, in order."""

@@ -1305,6 +1305,39 @@ def test_an_encrypted_store_read_with_another_key_is_refused_in_one_line(tmp_pat
     assert shown.code == 0, shown
 
 
+def test_a_new_customer_is_not_recorded_under_another_key(tmp_path: Path) -> None:
+    """Recording a new customer reads no stream, yet the store's first event is read with
+    the key before anything is written: an event under another key, or none, would make
+    the store unreadable with either (review: helper-38)."""
+    from eventsourcing.cryptography import AESCipher
+
+    newcomer = orjson.dumps(event("ContactLogged", "C-NEW", "2025-01-06T09:00:00Z", {
+        "channel": "phone", "direction": "inbound", "topic": "question"})) + b"\n"  # fmt: skip
+    key = AESCipher.create_key(16)
+    stores = {  # the store's key, then the keys that must be refused
+        "encrypted": (key, [AESCipher.create_key(16), None]),
+        "plain": (None, [key]),
+    }
+    for name, (own, others) in stores.items():
+        data = tmp_path / name
+        first = orjson.dumps(event("CustomerRegistered", "C-1", "2025-01-06T08:00:00Z",
+                                   {"name": "Ann Example"})) + b"\n"  # fmt: skip
+        own_env = {"LEDGER_CIPHER_KEY": own} if own else {}
+        assert run("ingest", "-", data_dir=data, cwd=tmp_path, env=own_env, stdin=first).code == 0
+        head = open_ledger(Settings(data_dir=data, cipher_key=own)).head()
+        for other in others:
+            env = {"LEDGER_CIPHER_KEY": other} if other else {}
+            for command in (("ingest", "-"), ("record", "ContactLogged", "--customer", "C-NEW",
+                            "--data", '{"channel": "phone", "direction": "inbound"}')):  # fmt: skip
+                refused = run(*command, data_dir=data, cwd=tmp_path, env=env, stdin=newcomer)
+                assert refused.code == 3, (name, command, refused)
+                assert "the event store cannot be read" in refused.message, refused
+        # nothing was added: the store reads whole with its own key
+        assert run("verify", data_dir=data, cwd=tmp_path, env=own_env).code == 0
+        assert run("history", "C-NEW", data_dir=data, cwd=tmp_path, env=own_env).code == 1
+        assert open_ledger(Settings(data_dir=data, cipher_key=own)).head() == head
+
+
 def test_an_outdated_file_beside_kafka_names_the_rebuild_from_kafka(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
