@@ -93,11 +93,21 @@ class Settings:
         return self.data_dir / "rejects"
 
     @property
+    def sqlite_path(self) -> Path:
+        """The embedded store's file (used when no LEDGER_EVENT_STORE is set)."""
+        return self.data_dir / "events.sqlite3"
+
+    def holds_a_ledger(self) -> bool:
+        """Whether a ledger was made here: a PostgreSQL store is taken to be there (it
+        says so itself when it is not); an embedded one, when its file is."""
+        return self.event_store is not None or self.sqlite_path.is_file()
+
+    @property
     def event_store_label(self) -> str:
         if self.event_store:
             url = urlparse(self.event_store)
             return f"postgresql://{url.hostname}:{url.port or 5432}{url.path}"
-        return f"sqlite:{self.data_dir / 'events.sqlite3'}"
+        return f"sqlite:{self.sqlite_path}"
 
     def ledger_env(self) -> dict[str, str]:
         """The `eventsourcing` environment for this configuration."""
@@ -108,7 +118,7 @@ class Settings:
         else:
             env.update(
                 PERSISTENCE_MODULE="eventsourcing.sqlite",
-                SQLITE_DBNAME=str(self.data_dir / "events.sqlite3"),
+                SQLITE_DBNAME=str(self.sqlite_path),
                 SQLITE_LOCK_TIMEOUT="30",
             )
         if self.cipher_key:

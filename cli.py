@@ -149,7 +149,7 @@ def _ledger(*, create: bool = True) -> Ledger:
     """The ledger; commands that only look (not `create`) start no new one: a mistyped
     --data-dir would otherwise look like an empty, healthy ledger."""
     settings = State.settings
-    if not create and settings.event_store is None and not settings.data_dir.is_dir():
+    if not create and not settings.holds_a_ledger():
         _fail(
             f"no ledger in {settings.data_dir} (--data-dir, LEDGER_DATA_DIR): "
             "`ledger ingest` or `ledger demo` creates one there"
@@ -176,13 +176,13 @@ def _wait_for_the_ledger(poll_seconds: float = 1.0) -> None:
     the ledger to be made, saying so once, instead of failing: a one-shot command
     refuses a data dir with no ledger (`_ledger`)."""
     settings = State.settings
-    if settings.event_store is not None or settings.data_dir.is_dir():
+    if settings.holds_a_ledger():
         return
     err.print(
         f"no ledger in {settings.data_dir} yet (--data-dir, LEDGER_DATA_DIR): waiting for "
         "the first `ledger ingest` to make it"
     )
-    while not settings.data_dir.is_dir():
+    while not settings.holds_a_ledger():
         time.sleep(poll_seconds)
 
 
@@ -1025,7 +1025,8 @@ def status(
     """Store head, projection positions and clock, relay position, lag per partition."""
     settings = State.settings
     found = pipeline_status(
-        _ledger(create=False),
+        # a consumer's data dir holds projections and no store: its head reads as 0
+        _ledger(create=settings.data_dir.is_dir()),
         event_store=settings.event_store_label,
         projections_path=settings.projections_path,
         relay_state_path=settings.relay_state_path,

@@ -934,6 +934,11 @@ def test_kafka_commands_refuse_what_would_lose_data(
     idle = run("relay", data_dir=fresh, cwd=tmp_path, env=kafka)
     assert idle.code == 3 and f"no ledger in {fresh}" in idle.message, idle
     assert not fresh.exists()
+    fresh.mkdir()  # nor in an existing directory without a store (review: helper-38)
+    idle = run("relay", data_dir=fresh, cwd=tmp_path, env=kafka)
+    assert idle.code == 3 and f"no ledger in {fresh}" in idle.message, idle
+    assert list(fresh.iterdir()) == []
+    fresh.rmdir()
 
     def relay_position() -> int:
         shown = run("status", "--json", data_dir=data, cwd=tmp_path, env=kafka)
@@ -1106,6 +1111,13 @@ def test_mistakes_start_nothing(tmp_path: Path) -> None:
         refused = run(*command, data_dir=typo, cwd=tmp_path)
         assert refused.code == 3 and f"no ledger in {typo}" in refused.message, refused
     assert not typo.exists()
+    # a directory that exists but holds no ledger is no ledger either (review: helper-38)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in [("history", "C1"), ("verify",)]:
+        refused = run(*command, data_dir=empty, cwd=tmp_path)
+        assert refused.code == 3 and f"no ledger in {empty}" in refused.message, refused
+    assert list(empty.iterdir()) == []
 
     data = tmp_path / "d"
     good = tmp_path / "good.jsonl"
