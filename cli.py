@@ -1150,6 +1150,8 @@ def demo(
     from domain.demo_history import generate_history
 
     settings = State.settings
+    if not via_kafka:
+        _refuse_beside_kafka("ledger demo --via-kafka")
     ledger = _ledger()
     if ledger.head():
         _fail(

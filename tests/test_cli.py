@@ -1118,6 +1118,12 @@ def test_mistakes_start_nothing(tmp_path: Path) -> None:
         refused = run(*command, data_dir=empty, cwd=tmp_path)
         assert refused.code == 3 and f"no ledger in {empty}" in refused.message, refused
     assert list(empty.iterdir()) == []
+    # beside a broker, the embedded demo would write the store's checkpoint into the file
+    # the consumer group projects into (review: helper-38)
+    broker = {"LEDGER_KAFKA_BOOTSTRAP": "127.0.0.1:9", "LEDGER_KAFKA_PARTITIONS": "3"}
+    refused = run("demo", "--customers", "2", data_dir=empty, cwd=tmp_path, env=broker)
+    assert refused.code == 2 and "`ledger demo --via-kafka`" in refused.message, refused
+    assert list(empty.iterdir()) == []
 
     data = tmp_path / "d"
     good = tmp_path / "good.jsonl"
