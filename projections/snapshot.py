@@ -28,8 +28,7 @@ CUSTOMER_TABLES = {
     "complaints": "SELECT * FROM complaint_sla ORDER BY filed_at, complaint_id",
     "response_waits": "SELECT * FROM response_waits ORDER BY started_at",
     "derived_events": """
-        SELECT event_id, type, occurred_at, data FROM derived_events
-        ORDER BY occurred_at, event_id""",
+        SELECT * FROM derived_events ORDER BY occurred_at, event_id""",
 }
 """What `customer_state` returns, by name: each a list of rows (column → value)."""
 
