@@ -243,7 +243,8 @@ def live_rows(con: duckdb.DuckDBPyConnection, customer_id: str) -> dict[str, lis
             [customer_id],
         ).fetchall()
     # a derived event's data as published: an object, not JSON text
-    found["derived_events"] = [(*row[:-1], orjson.loads(row[-1])) for row in found["derived_events"]]
+    derived = found["derived_events"]
+    found["derived_events"] = [(*row[:-1], orjson.loads(row[-1])) for row in derived]
     return found
 
 
