@@ -1024,9 +1024,11 @@ def status(
 ) -> None:
     """Store head, projection positions and clock, relay position, lag per partition."""
     settings = State.settings
+    # a consumer's data dir holds projections and no store: its head reads as 0, and no
+    # store is made there (a relay would take it for a ledger); a missing dir is refused
+    consumer_only = settings.data_dir.is_dir() and not settings.holds_a_ledger()
     found = pipeline_status(
-        # a consumer's data dir holds projections and no store: its head reads as 0
-        _ledger(create=settings.data_dir.is_dir()),
+        None if consumer_only else _ledger(create=False),
         event_store=settings.event_store_label,
         projections_path=settings.projections_path,
         relay_state_path=settings.relay_state_path,

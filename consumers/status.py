@@ -98,7 +98,7 @@ class PipelineStatus:
 
 
 def pipeline_status(
-    ledger: Ledger,
+    ledger: Ledger | None,
     *,
     event_store: str,
     projections_path: Path,
@@ -106,13 +106,14 @@ def pipeline_status(
     kafka: KafkaSettings | None,
     group: str | None = None,
 ) -> PipelineStatus:
-    """Read every stage's position; with a broker configured, the lag of `group` (default:
+    """Read every stage's position (`ledger` None: no store here, a consumer's data dir,
+    whose head reads as 0); with a broker configured, the lag of `group` (default:
     the configured group). An unreachable broker or a missing topic leaves the lag out,
     with the reason: the rest still tells where ingest and the relay stand. `problems`
     names what needs attention: a relay position of another store or topic, a partition
     that ends before the projected offset (the topic lost data). `dead_letters` counts
     the dead-letter topic's records (`ledger dlq list` shows them)."""
-    status = PipelineStatus(event_store, ledger.head())
+    status = PipelineStatus(event_store, 0 if ledger is None else ledger.head())
     stored: dict[str, int] = {}
     if kafka is not None:
         status.group = group or kafka.group
@@ -143,7 +144,13 @@ def pipeline_status(
         status.relay_position = relay.position
         status.relay_behind = max(status.store_head - relay.position, 0)
         try:
-            check_position(ledger, kafka, relay)
+            if ledger is not None:
+                check_position(ledger, kafka, relay)
+            elif relay.position:
+                raise RelayStateMismatch(
+                    f"the relay's position ({relay.position:,}) is of a store this data dir "
+                    f"does not hold ({event_store})"
+                )
         except RelayStateMismatch as mismatch:
             status.problems.append(str(mismatch))
         try:

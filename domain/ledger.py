@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -270,16 +271,18 @@ class Ledger(Application[UUID]):
         )
 
     def _check_key(self) -> None:
-        """Before its first write, read the store's first event with this process's key
+        """Before a write, read the store's first event with this process's key
         (`MapperDeserialisationError` if it cannot): a store holds the events of one key,
         or of none. Writing to a new customer reads no stream, so a missing or wrong key
-        would otherwise add events that the store's own key cannot read."""
+        would otherwise add events that the store's own key cannot read. Once one was
+        read it holds for good; an empty store is looked at again at each write (another
+        process may have written first)."""
         if self._key_checked:
             return
         first = self.recorder.select_notifications(start=None, limit=1)
         if first:
             self._state(first[0].state)
-        self._key_checked = True
+            self._key_checked = True
 
     def _decide(self, events: Sequence[IncomingEvent]) -> _Decision:
         """Decide every event against its customer's history, in order."""
@@ -453,7 +456,8 @@ class Ledger(Application[UUID]):
             if self.mapper.compressor:
                 stored = self.mapper.compressor.decompress(stored)
             state: dict[str, Any] = orjson.loads(stored)
-        except ValueError as error:  # another key's cipher tag, or ciphertext read as JSON
+        except (ValueError, zlib.error) as error:  # another key's cipher tag, ciphertext
+            # read as JSON, or a store's bytes decompressed that were never compressed
             raise MapperDeserialisationError(f"a stored event cannot be read: {error}") from error
         return state
 

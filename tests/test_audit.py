@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from conftest import accept, event, project
+from conftest import accept, event, project, record
 from eventsourcing.cryptography import AESCipher
 from test_cli import run
 
@@ -173,6 +173,25 @@ def test_an_encrypted_store_is_chained_over_its_events(tmp_path: Path) -> None:
     assert kept.events > 0
     assert kept.digest == readme_digest(ledger, encrypted.data_dir / "events.sqlite3")
     assert audit.verify(open_ledger(encrypted), (kept.position, kept.digest)).unaltered
+
+
+def test_a_writer_that_found_the_store_empty_checks_its_key_again(tmp_path: Path) -> None:
+    """A process that met an empty store (its first batch wrote nothing) is not taken to
+    hold the store's key for good: another process may write first, under a key (review:
+    helper-39)."""
+    from eventsourcing.persistence import MapperDeserialisationError
+
+    key = AESCipher.create_key(16)
+    plain = open_ledger(Settings(data_dir=tmp_path))
+    keyed = open_ledger(Settings(data_dir=tmp_path, cipher_key=key))
+    refund = event("PurchaseRefunded", "C-1", "2025-01-06T09:00:00Z",
+                   {"order_id": "O-404", "amount": "5.00"})  # fmt: skip
+    assert [o.status for o in record(plain, [refund])] == ["rejected"]
+    accept(keyed, [event("CustomerRegistered", "C-1", "2025-01-06T08:00:00Z", {})])
+    newcomer = event("CustomerRegistered", "C-2", "2025-01-06T10:00:00Z", {})
+    with pytest.raises(MapperDeserialisationError):
+        record(plain, [newcomer])
+    assert audit.chain(open_ledger(Settings(data_dir=tmp_path, cipher_key=key))).events == 1
 
 
 def test_a_digest_is_read_as_printed() -> None:

@@ -1124,6 +1124,11 @@ def test_mistakes_start_nothing(tmp_path: Path) -> None:
     refused = run("demo", "--customers", "2", data_dir=empty, cwd=tmp_path, env=broker)
     assert refused.code == 2 and "`ledger demo --via-kafka`" in refused.message, refused
     assert list(empty.iterdir()) == []
+    # status there (a consumer's data dir, say) reads the head as 0 and makes no store,
+    # which the commands above would take for a ledger (review: helper-39)
+    shown = run("status", "--json", data_dir=empty, cwd=tmp_path)
+    assert shown.code == 0 and shown.json()["store_head"] == 0, shown
+    assert list(empty.iterdir()) == []
 
     data = tmp_path / "d"
     good = tmp_path / "good.jsonl"
