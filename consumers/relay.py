@@ -176,8 +176,9 @@ def check_topic(settings: KafkaSettings, state: RelayState) -> dict[int, int]:
     return ends
 
 
-def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -> None:
-    """Raise `RelayStateMismatch` unless the position is of this topic and this store."""
+def check_position(ledger: Ledger | None, settings: KafkaSettings, state: RelayState) -> None:
+    """Raise `RelayStateMismatch` unless the position is of this topic and this store
+    (`ledger` None: a data dir without a store, whose head is 0)."""
     fresh_start = (
         "`ledger relay --republish --from 0` publishes this store to the topic from its beginning"
     )
@@ -188,14 +189,14 @@ def check_position(ledger: Ledger, settings: KafkaSettings, state: RelayState) -
             f"{state.topic}; if the events are to go to {settings.topic} from now on, "
             f"{fresh_start}"
         )
-    head = ledger.head()
+    head = 0 if ledger is None else ledger.head()
     if state.position > head:
         raise RelayStateMismatch(
             f"the relay's position ({state.position:,}) is beyond the event store's head "
             f"({head:,}): its position file belongs to another store (the store was "
             f"replaced, or LEDGER_EVENT_STORE changed?): {fresh_start}"
         )
-    if state.last_event is not None:
+    if state.last_event is not None and ledger is not None:  # else beyond the head, above
         position, event_id = state.last_event
         found = _event_at(ledger, position)
         if found != event_id:

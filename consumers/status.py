@@ -144,13 +144,7 @@ def pipeline_status(
         status.relay_position = relay.position
         status.relay_behind = max(status.store_head - relay.position, 0)
         try:
-            if ledger is not None:
-                check_position(ledger, kafka, relay)
-            elif relay.position:
-                raise RelayStateMismatch(
-                    f"the relay's position ({relay.position:,}) is of a store this data dir "
-                    f"does not hold ({event_store})"
-                )
+            check_position(ledger, kafka, relay)
         except RelayStateMismatch as mismatch:
             status.problems.append(str(mismatch))
         try:
